@@ -1,0 +1,34 @@
+"""Typed configuration of the decoder and its MoE feed-forward.
+
+Every field is a config key under `model.` (e.g. `model.moe.top_k=2`). The vocabulary size and the
+feature width are not keys: they come from the dataset (see `data.vocab`).
+"""
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  num_experts: int = 8            # routed experts per MoE layer
+  top_k: int = 2                  # experts each token takes (router "topk")
+  expert_hidden: int = 256        # hidden width of one expert's SwiGLU
+  backend: str = "auto"           # grouped matmul: auto | blocked | ragged_dot | dense
+  block_rows: int = 64            # rows per block of the "blocked" grouped matmul
+  load_balance_coef: float = 1e-2 # Switch/GShard load-balancing loss coefficient
+  z_loss_coef: float = 1e-3       # router z-loss coefficient
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  num_layers: int = 4             # decoder blocks
+  d_model: int = 128              # residual width
+  num_heads: int = 4              # query heads
+  num_kv_heads: int = 2           # key/value heads (GQA); divides num_heads
+  head_dim: int = 32              # width of one head
+  rope_theta: float = 10000.0     # RoPE base
+  rope_sections: tuple[int, int, int] = (8, 4, 4)  # rotary pairs for (t, h, w); sums to head_dim/2
+  qk_norm: bool = True            # RMSNorm on queries and keys
+  attention: str = "auto"         # auto | blockwise | xla | cudnn
+  attention_block: int = 128      # key/query block of the blockwise attention
+  dtype: str = "float32"          # compute dtype: float32 | bfloat16
+  param_dtype: str = "float32"    # parameter dtype
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
