@@ -1,0 +1,49 @@
+"""Handwritten digit images (scikit-learn's 1797 8x8 digits): split and patchify."""
+import dataclasses
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from data.config import DataConfig
+
+IMAGE_SIDE = 8
+PIXEL_MAX = 16.0
+SPLIT_SEED = 20240607       # fixed: the held-out images are the same for every run seed
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitImages:
+  patches_NxPxD: np.ndarray   # float32 [N, rows*cols, patch**2], pixel values in [0, 1]
+  labels_N: np.ndarray        # int32 [N], 0..9
+  indices_N: np.ndarray       # int64 [N], row in sklearn's `load_digits()` arrays
+  grid: tuple[int, int]       # (rows, cols) of patches
+
+
+def split_indices(num_images: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(train, heldout) indices into `load_digits()`; disjoint, sorted, fixed by SPLIT_SEED."""
+  if not 0.0 < heldout_fraction < 1.0:
+    raise ValueError(f"data.heldout_fraction must be in (0, 1), got {heldout_fraction}")
+  order = np.random.default_rng(SPLIT_SEED).permutation(num_images)
+  num_heldout = max(1, int(round(heldout_fraction * num_images)))
+  return np.sort(order[num_heldout:]), np.sort(order[:num_heldout])
+
+
+def patchify(images_NxHxW: np.ndarray, patch: int) -> np.ndarray:
+  """[N, H, W] -> [N, (H/p)*(W/p), p*p]; patches in row-major order, pixels row-major inside."""
+  n, h, w = images_NxHxW.shape
+  if h % patch or w % patch:
+    raise ValueError(f"data.image_patch={patch} must divide the image side {h}")
+  x = images_NxHxW.reshape(n, h // patch, patch, w // patch, patch)
+  return x.transpose(0, 1, 3, 2, 4).reshape(n, (h // patch) * (w // patch), patch * patch)
+
+
+def load_split(cfg: DataConfig) -> tuple[DigitImages, DigitImages]:
+  """(train, heldout) digit images, patchified with `cfg.image_patch`."""
+  digits = load_digits()
+  images = (digits.images / PIXEL_MAX).astype(np.float32)
+  labels = digits.target.astype(np.int32)
+  patches = patchify(images, cfg.image_patch)
+  side = IMAGE_SIDE // cfg.image_patch
+  train, heldout = split_indices(len(labels), cfg.heldout_fraction)
+  make = lambda idx: DigitImages(patches[idx], labels[idx], idx, (side, side))
+  return make(train), make(heldout)

@@ -1,0 +1,75 @@
+"""One training example as arrays: `[BOS] [image patches | audio frames] [text bytes] [EOS]`.
+
+Positions (t, h, w) follow the batch contract and start at 0 at the example's BOS:
+- text and specials: t = h = w = running index;
+- an image starting at running index s, patch (r, c): (s, s + r, s + c); afterwards the running
+  index continues at s + max(rows, cols);
+- audio frame j starting at s: t = h = w = s + j.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from data import vocab as vocab_lib
+
+
+class Media(NamedTuple):
+  """An image or a tone, ready to be placed in a sequence."""
+  tokens_M: np.ndarray        # int32 [M] unified-vocab ids (codebook id + offset)
+  features_MxF: np.ndarray    # float32 [M, F] patch / frame vectors, zero-padded to F
+  positions_Mx3: np.ndarray   # int32 [M, 3] (t, h, w) as if the media started at running index 0
+  span: int                   # how far the running index advances past the media
+  modality: int               # vocab.MOD_IMAGE or vocab.MOD_AUDIO
+
+
+class Example(NamedTuple):
+  tokens_N: np.ndarray        # int32 [N]
+  features_NxF: np.ndarray    # float32 [N, F]
+  modality_N: np.ndarray      # int8 [N]; BOS/EOS count as text
+  positions_Nx3: np.ndarray   # int32 [N, 3], running index 0 at BOS
+
+
+def pad_features(x_MxD: np.ndarray, feature_dim: int) -> np.ndarray:
+  out = np.zeros((x_MxD.shape[0], feature_dim), np.float32)
+  out[:, :x_MxD.shape[1]] = x_MxD
+  return out
+
+
+def image_media(ids_M: np.ndarray, patches_MxD: np.ndarray, grid: tuple[int, int],
+                feature_dim: int) -> Media:
+  rows, cols = grid
+  r, c = np.divmod(np.arange(rows * cols), cols)
+  positions = np.stack([np.zeros_like(r), r, c], axis=1).astype(np.int32)
+  return Media(np.asarray(ids_M, np.int32), pad_features(patches_MxD, feature_dim), positions,
+               max(rows, cols), vocab_lib.MOD_IMAGE)
+
+
+def audio_media(ids_M: np.ndarray, frames_MxD: np.ndarray, feature_dim: int) -> Media:
+  j = np.arange(len(ids_M), dtype=np.int32)
+  return Media(np.asarray(ids_M, np.int32), pad_features(frames_MxD, feature_dim),
+               np.stack([j, j, j], axis=1), len(ids_M), vocab_lib.MOD_AUDIO)
+
+
+def _text_positions(start: int, n: int) -> np.ndarray:
+  return np.repeat(np.arange(start, start + n, dtype=np.int32)[:, None], 3, axis=1)
+
+
+def make_example(text_ids: np.ndarray, feature_dim: int, media: Media | None = None,
+                 eos: bool = True) -> Example:
+  """`[BOS] [media] text [EOS]`; `eos=False` for a piece cut out of a longer document."""
+  tail = np.concatenate([text_ids, [vocab_lib.EOS]] if eos else [text_ids]).astype(np.int32)
+  if media is None:
+    head = np.asarray([vocab_lib.BOS], np.int32)
+    tokens = np.concatenate([head, tail])
+    return Example(tokens, np.zeros((len(tokens), feature_dim), np.float32),
+                   np.full(len(tokens), vocab_lib.MOD_TEXT, np.int8),
+                   _text_positions(0, len(tokens)))
+  m = len(media.tokens_M)
+  tokens = np.concatenate([[vocab_lib.BOS], media.tokens_M, tail]).astype(np.int32)
+  features = np.zeros((len(tokens), feature_dim), np.float32)
+  features[1:1 + m] = media.features_MxF
+  modality = np.full(len(tokens), vocab_lib.MOD_TEXT, np.int8)
+  modality[1:1 + m] = media.modality
+  positions = np.concatenate([_text_positions(0, 1), media.positions_Mx3 + 1,
+                              _text_positions(1 + media.span, len(tail))])
+  return Example(tokens, features, modality, positions)

@@ -1,0 +1,89 @@
+"""The unified vocabulary: `[specials | text bytes | image codes | audio codes]`.
+
+One output head predicts every modality, so every id lives in one range:
+
+  0 PAD, 1 BOS, 2 EOS, 3 reserved | 4..259 the 256 byte values | image codes | audio codes
+
+`size` is rounded up to a multiple of 128 so the embedding and the output head shard evenly;
+ids between the last audio code and `size` never appear.
+"""
+import dataclasses
+
+import numpy as np
+
+from data.config import DataConfig
+
+PAD, BOS, EOS = 0, 1, 2
+NUM_SPECIALS = 4            # PAD, BOS, EOS and one reserved id
+NUM_BYTES = 256
+SIZE_MULTIPLE = 128
+
+# Values of the `modality` array and of `Vocab.modality_of`.
+MOD_PAD, MOD_TEXT, MOD_IMAGE, MOD_AUDIO = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  image_codes: int            # number of image codebook entries
+  audio_codes: int            # number of audio codebook entries
+
+  pad: int = PAD
+  bos: int = BOS
+  eos: int = EOS
+  text_offset: int = NUM_SPECIALS
+
+  @classmethod
+  def from_config(cls, cfg: DataConfig) -> "Vocab":
+    return cls(image_codes=cfg.image_codebook, audio_codes=cfg.audio_codebook)
+
+  @property
+  def image_offset(self) -> int:
+    return self.text_offset + NUM_BYTES
+
+  @property
+  def audio_offset(self) -> int:
+    return self.image_offset + self.image_codes
+
+  @property
+  def used_size(self) -> int:
+    """One past the largest id that can appear."""
+    return self.audio_offset + self.audio_codes
+
+  @property
+  def size(self) -> int:
+    """Rows of the embedding table / columns of the output head (multiple of 128)."""
+    return -(-self.used_size // SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+  def encode_text(self, text: str | bytes) -> np.ndarray:
+    """UTF-8 bytes -> int32 ids (no BOS/EOS)."""
+    raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.frombuffer(raw, np.uint8).astype(np.int32) + self.text_offset
+
+  def decode_text(self, ids) -> bytes:
+    """Ids -> bytes; every id that is not a text byte (specials, codes) is skipped."""
+    ids = np.asarray(ids).reshape(-1)
+    return (ids[self.is_text(ids)] - self.text_offset).astype(np.uint8).tobytes()
+
+  def is_text(self, ids, xp=np):
+    """True where an id is a text byte (not a special)."""
+    ids = xp.asarray(ids)
+    return (ids >= self.text_offset) & (ids < self.image_offset)
+
+  def modality_of(self, ids, xp=np, specials_as_text: bool = False):
+    """int8 array like `ids`: 0 pad/special, 1 text, 2 image, 3 audio.
+
+    `xp` is `numpy` or `jax.numpy` (works inside jit). With `specials_as_text=True`, BOS/EOS (every
+    special except PAD) count as text, as in the batch's `modality` array and its loss weights.
+    """
+    ids = xp.asarray(ids)
+    special = MOD_TEXT if specials_as_text else MOD_PAD
+    out = xp.where(ids < self.image_offset, MOD_TEXT, MOD_IMAGE)
+    out = xp.where(ids < self.text_offset, xp.where(ids == self.pad, MOD_PAD, special), out)
+    out = xp.where(ids >= self.audio_offset, MOD_AUDIO, out)
+    return out.astype(xp.int8)
+
+  def image_ids(self, codes: np.ndarray) -> np.ndarray:
+    return np.asarray(codes, np.int32) + self.image_offset
+
+  def audio_ids(self, codes: np.ndarray) -> np.ndarray:
+    return np.asarray(codes, np.int32) + self.audio_offset

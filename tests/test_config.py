@@ -1,0 +1,65 @@
+import pathlib
+
+import pytest
+
+from train import config as config_lib
+from train.config import Config, ConfigError
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+  assert CONFIGS, "no shipped configs found"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+  cfg = config_lib.load(path)
+  assert isinstance(cfg, Config)
+
+
+def test_tiny_yaml_spells_out_the_defaults():
+  assert config_lib.load(pathlib.Path(__file__).parent.parent / "configs/tiny.yaml") == Config()
+
+
+def test_overrides_reach_nested_keys_and_convert_types():
+  cfg = config_lib.load(None, ["train.steps=50", "model.num_layers=2", "model.moe.top_k=1",
+                               "train.learning_rate=1", "model.rope_sections=[4,6,6]"])
+  assert cfg.train.steps == 50 and cfg.model.num_layers == 2 and cfg.model.moe.top_k == 1
+  assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+  assert cfg.model.rope_sections == (4, 6, 6)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.num_layer=2", "unknown config key 'model.num_layer' (did you mean 'model.num_layers'?)"),
+    ("train.stepz=5", "did you mean 'train.steps'"),
+    ("train.steps=ten", "config key 'train.steps' expects an integer, got 'ten'"),
+    ("train.steps=1.5", "config key 'train.steps' expects an integer"),
+    ("model.qk_norm=3", "config key 'model.qk_norm' expects true/false"),
+    ("train.steps=0", "config key 'train.steps' must be positive"),
+    ("model.moe.top_k=9", "config key 'model.moe.top_k' must be at most"),
+    ("model.moe.backend=fast", "config key 'model.moe.backend' must be one of"),
+    ("model.num_layers.x=1", "config key 'model.num_layers' is a value, not a section"),
+    ("train", "is not of the form key.sub=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+  with pytest.raises(ConfigError) as e:
+    config_lib.load(None, [override])
+  assert needle in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_file(tmp_path):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("model:\n  d_modle: 64\n")
+  with pytest.raises(ConfigError, match=r"unknown config key 'model.d_modle' \(did you mean 'model.d_model'\?\)"):
+    config_lib.load(bad)
+  with pytest.raises(ConfigError, match="does not exist"):
+    config_lib.load(tmp_path / "missing.yaml")
+
+
+def test_dump_round_trips(tmp_path):
+  cfg = config_lib.load(None, ["train.steps=7", "model.rope_sections=[4,6,6]"])
+  path = tmp_path / "c.yaml"
+  path.write_text(config_lib.dump(cfg))
+  assert config_lib.load(path) == cfg

@@ -1,0 +1,83 @@
+"""`omnimoe`: the command line. It parses, then delegates to train.loop; nothing else lives here.
+
+  omnimoe train  [CONFIG.yaml] [--workdir DIR] [key=value ...]
+  omnimoe eval   [CONFIG.yaml] --workdir DIR [key=value ...]
+  omnimoe config [CONFIG.yaml] [key=value ...]
+
+Exit codes: 0 done, 2 bad config or arguments, 3 bad data, 4 non-finite loss.
+"""
+import argparse
+import json
+import pathlib
+import sys
+
+from train import config as config_lib
+
+EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_NONFINITE = 0, 2, 3, 4
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="omnimoe", description="Train a multimodal sparse MoE transformer.")
+  sub = p.add_subparsers(dest="command", required=True)
+  for name, help_ in [("train", "train (or resume) a run"),
+                      ("eval", "evaluate the latest checkpoint of a run"),
+                      ("config", "print the resolved config")]:
+    s = sub.add_parser(name, help=help_)
+    s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
+                   help="an optional YAML config first, then key.sub=value overrides")
+    if name != "config":
+      s.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+  return p
+
+
+def _split(args: list[str]) -> tuple[str | None, list[str]]:
+  """First argument without '=' is the config file; the rest must be overrides."""
+  path = None
+  if args and "=" not in args[0]:
+    path, args = args[0], args[1:]
+  for a in args:
+    if "=" not in a:
+      raise config_lib.ConfigError(f"unexpected argument '{a}': give one config file, then key=value")
+  return path, args
+
+
+def _fail(code: int, message: str) -> int:
+  print(f"omnimoe: error: {message}", file=sys.stderr)
+  return code
+
+
+def main(argv: list[str] | None = None) -> int:
+  ns = _parser().parse_args(argv)
+  try:
+    path, overrides = _split(ns.args)
+    workdir = getattr(ns, "workdir", None)
+    if ns.command == "eval" and path is None and workdir and (pathlib.Path(workdir) / "config.yaml").is_file():
+      path = str(pathlib.Path(workdir) / "config.yaml")   # the run's own resolved config
+    cfg = config_lib.load(path, overrides)
+  except config_lib.ConfigError as e:
+    return _fail(EXIT_USAGE, str(e))
+
+  if ns.command == "config":
+    print(config_lib.dump(cfg), end="")
+    return EXIT_OK
+  if ns.command == "eval" and not workdir:
+    return _fail(EXIT_USAGE, "eval needs --workdir DIR (the run to evaluate)")
+  workdir = workdir or f"runs/{pathlib.Path(path).stem if path else 'tiny'}"
+
+  from train import loop  # heavy imports (jax) only once the arguments are known to be good
+  try:
+    if ns.command == "train":
+      summary = loop.train(cfg, workdir)
+      print(summary.describe())
+    else:
+      step, metrics = loop.evaluate(cfg, workdir)
+      print(json.dumps({"step": step, **metrics}, indent=1))
+  except loop.WorkdirError as e:
+    return _fail(EXIT_USAGE, str(e))
+  except loop.NonFiniteLoss as e:
+    return _fail(EXIT_NONFINITE, str(e))
+  return EXIT_OK
+
+
+if __name__ == "__main__":
+  sys.exit(main())

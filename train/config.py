@@ -1,0 +1,246 @@
+"""The run configuration: YAML in `configs/` -> typed, validated dataclasses.
+
+Precedence: dataclass defaults (the tiny CPU run) < the YAML file < `key.sub=value` overrides.
+Every mistake a user can make here raises `ConfigError` with one line naming the key; the command
+line turns it into exit code 2.
+"""
+import dataclasses
+import difflib
+import pathlib
+import typing
+
+import yaml
+
+from data.config import DataConfig
+from model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+  """A bad config key or value; the message is one line meant for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 200                # optimizer steps of the whole run
+  batch_size: int = 32            # global batch, in packed rows of data.seq_len tokens
+  seed: int = 0                   # seeds parameters, data order and eval draws
+  learning_rate: float = 3e-3     # peak AdamW learning rate
+  warmup_steps: int = 20          # linear warmup from 0 to the peak
+  min_lr_ratio: float = 0.1       # cosine decay ends at learning_rate * min_lr_ratio
+  weight_decay: float = 0.01      # AdamW decoupled weight decay (matrices only)
+  b1: float = 0.9                 # AdamW beta1
+  b2: float = 0.95                # AdamW beta2
+  grad_clip: float = 1.0          # global gradient-norm clip (0 = off)
+  log_every: int = 10             # steps between metrics.jsonl lines
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 50           # save every N steps (and always at the end)
+  keep: int = 3                   # newest checkpoints kept on disk
+  async_save: bool = True         # write checkpoints in the background
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every_steps: int = 100          # evaluate every N steps (and always at the end); 0 = only at end
+  batch_size: int = 32            # rows per eval batch
+  num_batches: int = 4            # held-out mixed batches for eval/loss
+  max_new_tokens: int = 8         # greedy decoding budget for the cross-modal word
+  image_limit: int = 0            # held-out images to caption (0 = all)
+  audio_limit: int = 300          # fresh tones to caption
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+def _is_config(tp) -> bool:
+  return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+  """Every dotted key of a config class, leaves and sections."""
+  keys = []
+  for name, tp in _field_types(cls).items():
+    key = prefix + name
+    keys.append(key)
+    if _is_config(tp):
+      keys += all_keys(tp, key + ".")
+  return keys
+
+
+def _unknown(key: str) -> ConfigError:
+  close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+  hint = f" (did you mean '{close[0]}'?)" if close else ""
+  return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, tp, value):
+  """Checks `value` against the field type `tp`; returns it converted (list -> tuple, int -> float)."""
+  def bad():
+    return ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise bad()
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad()
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise bad()
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise bad()
+    return value
+  if typing.get_origin(tp) is tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+      raise bad()
+    if len(args) == 2 and args[1] is Ellipsis:
+      args = (args[0],) * len(value)
+    if len(args) != len(value):
+      raise bad()
+    return tuple(_coerce(key, a, v) for a, v in zip(args, value))
+  raise ConfigError(f"config key '{key}' has a type the loader does not know: {tp}")
+
+
+def _type_name(tp) -> str:
+  if typing.get_origin(tp) is tuple:
+    return "a list [" + ", ".join(_type_name(a) for a in typing.get_args(tp)) + "]"
+  return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _build(cls, values: dict, prefix: str = ""):
+  if not isinstance(values, dict):
+    raise ConfigError(f"config key '{prefix.rstrip('.')}' is a section; give it key: value pairs")
+  types_ = _field_types(cls)
+  kwargs = {}
+  for name, value in values.items():
+    key = prefix + str(name)
+    if name not in types_:
+      raise _unknown(key)
+    tp = types_[name]
+    kwargs[name] = _build(tp, value, key + ".") if _is_config(tp) else _coerce(key, tp, value)
+  return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+  parts = key.split(".")
+  node, cls = tree, Config
+  for i, part in enumerate(parts):
+    types_ = _field_types(cls) if cls else {}
+    if part not in types_:
+      raise _unknown(key)
+    tp = types_[part]
+    if i == len(parts) - 1:
+      node[part] = value
+    else:
+      if not _is_config(tp):
+        raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a value, not a section")
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a section")
+      cls = tp
+
+
+def parse_override(text: str) -> tuple[str, typing.Any]:
+  """`model.num_layers=2` -> ('model.num_layers', 2); the value is read as YAML."""
+  if "=" not in text:
+    raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+  key, raw = text.split("=", 1)
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError:
+    raise ConfigError(f"override '{text}': the value is not valid YAML") from None
+  return key.strip(), value
+
+
+def load(path: str | pathlib.Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+  """Reads a YAML config (or the defaults when `path` is None) and applies overrides."""
+  tree: dict = {}
+  if path is not None:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ConfigError(f"config file '{path}' does not exist")
+    try:
+      tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      line = getattr(getattr(e, "problem_mark", None), "line", None)
+      where = f" (line {line + 1})" if line is not None else ""
+      raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+      raise ConfigError(f"config file '{path}' must hold key: value pairs at the top")
+  for text in overrides:
+    key, value = parse_override(text)
+    _set_dotted(tree, key, value)
+  cfg = _build(Config, tree)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg: Config) -> None:
+  """Checks values that are well-typed but impossible, naming the key."""
+  def need(ok: bool, key: str, what: str):
+    if not ok:
+      raise ConfigError(f"config key '{key}' {what}")
+  m, moe = cfg.model, cfg.model.moe
+  for key, value in [("model.num_layers", m.num_layers), ("model.d_model", m.d_model),
+                     ("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),
+                     ("model.head_dim", m.head_dim), ("model.moe.num_experts", moe.num_experts),
+                     ("model.moe.top_k", moe.top_k), ("model.moe.expert_hidden", moe.expert_hidden),
+                     ("model.moe.block_rows", moe.block_rows), ("train.steps", cfg.train.steps),
+                     ("train.batch_size", cfg.train.batch_size), ("data.seq_len", cfg.data.seq_len),
+                     ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                     ("checkpoint.keep", cfg.checkpoint.keep),
+                     ("eval.batch_size", cfg.eval.batch_size), ("train.log_every", cfg.train.log_every)]:
+    need(value > 0, key, f"must be positive, got {value}")
+  need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+       f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
+  need(m.head_dim % 2 == 0, "model.head_dim", f"must be even, got {m.head_dim}")
+  need(sum(m.rope_sections) == m.head_dim // 2, "model.rope_sections",
+       f"must sum to model.head_dim/2={m.head_dim // 2}, got {list(m.rope_sections)}")
+  need(moe.top_k <= moe.num_experts, "model.moe.top_k",
+       f"must be at most model.moe.num_experts={moe.num_experts}, got {moe.top_k}")
+  need(moe.backend in ("auto", "blocked", "ragged_dot", "dense"), "model.moe.backend",
+       f"must be one of auto, blocked, ragged_dot, dense; got '{moe.backend}'")
+  need(m.attention in ("auto", "blockwise", "xla", "cudnn"), "model.attention",
+       f"must be one of auto, blockwise, xla, cudnn; got '{m.attention}'")
+  for key, value in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
+    need(value in ("float32", "bfloat16"), key, f"must be float32 or bfloat16, got '{value}'")
+  need(cfg.train.learning_rate > 0, "train.learning_rate", "must be positive")
+  need(0 <= cfg.train.warmup_steps, "train.warmup_steps", "must be >= 0")
+  need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio", "must lie in [0, 1]")
+  need(0 < cfg.data.heldout_fraction < 1, "data.heldout_fraction", "must lie in (0, 1)")
+  need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
+  weights = (cfg.data.weight_image, cfg.data.weight_audio, cfg.data.weight_text)
+  need(min(weights) >= 0 and sum(weights) > 0, "data.weight_text",
+       "mixture weights (data.weight_image/audio/text) must be >= 0 and not all zero")
+
+
+def to_dict(cfg) -> dict:
+  """A plain nested dict (tuples as lists), ready for YAML or JSON."""
+  def plain(x):
+    if isinstance(x, dict):
+      return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    return x
+  return plain(dataclasses.asdict(cfg))
+
+
+def dump(cfg: Config) -> str:
+  return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,105 @@
+"""Evaluation: held-out loss by modality, text bits per byte, and cross-modal word accuracy.
+
+Cross-modal accuracy: a held-out image (or a freshly drawn tone) followed by the prompt
+"the digit " is decoded greedily; a row counts as correct when the text before the first EOS is
+exactly the digit's English word.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import data
+from data.vocab import EOS
+from train.config import Config
+from train.state import Setup, merge
+from train.step import MODALITIES, make_eval_step
+
+
+@dataclasses.dataclass
+class EvalData:
+  mixed: list            # held-out mixed batches (batch contract)
+  text: list             # held-out text, weights on byte targets only
+  prompts: dict          # modality name -> data.PromptSet
+
+
+def load_eval_data(cfg: Config) -> EvalData:
+  e, seed = cfg.eval, cfg.train.seed
+  return EvalData(
+      mixed=data.eval_batches(cfg.data, batch_size=e.batch_size, seed=seed, num_batches=e.num_batches),
+      text=data.heldout_text_batches(cfg.data, batch_size=e.batch_size, seed=seed),
+      prompts={"image": data.prompt_set(cfg.data, modality="image", seed=seed,
+                                        max_new_tokens=e.max_new_tokens, limit=e.image_limit or None),
+               "audio": data.prompt_set(cfg.data, modality="audio", seed=seed,
+                                        max_new_tokens=e.max_new_tokens, limit=e.audio_limit or None)})
+
+
+def make_greedy_decode(setup: Setup, *, prompt_len: int, max_new_tokens: int):
+  """A jitted function (params, batch, next_position) -> generated ids [N, max_new_tokens]."""
+  def decode(params, batch, next_position_N):
+    model = merge(setup, params)
+
+    def write(j, batch):
+      logits_NxLxV, _ = model(batch)
+      logits_NxV = jax.lax.dynamic_index_in_dim(logits_NxLxV, prompt_len - 1 + j, 1, keepdims=False)
+      token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+      at = prompt_len + j
+      pos_Nx3 = jnp.repeat((next_position_N + j)[:, None], 3, axis=1).astype(jnp.int32)
+      return dict(
+          batch,
+          tokens=batch["tokens"].at[:, at].set(token_N),
+          modality=batch["modality"].at[:, at].set(1),
+          segment_ids=batch["segment_ids"].at[:, at].set(1),
+          positions=batch["positions"].at[:, at].set(pos_Nx3))
+
+    batch = jax.lax.fori_loop(0, max_new_tokens, write, batch)
+    return batch["tokens"][:, prompt_len:prompt_len + max_new_tokens]
+  return jax.jit(decode)
+
+
+def word_accuracy(decode, params, prompts, vocab) -> float:
+  """Share of prompts whose greedy continuation is exactly the answer word, then EOS."""
+  batch = {k: jnp.asarray(v) for k, v in prompts.batch.items()}
+  generated = np.asarray(decode(params, batch, jnp.asarray(prompts.next_position)))
+  correct = 0
+  for row, answer in zip(generated, prompts.answers):
+    ends = np.flatnonzero(row == EOS)
+    if len(ends) == 0:
+      continue
+    correct += vocab.decode_text(row[:ends[0]]) == answer.encode()
+  return correct / len(prompts.answers)
+
+
+class Evaluator:
+  """Holds the eval sets and compiled functions of one run; `__call__(params)` -> metrics dict."""
+
+  def __init__(self, cfg: Config, setup: Setup, vocab):
+    self.cfg, self.setup, self.vocab = cfg, setup, vocab
+    self.sets = load_eval_data(cfg)
+    self.eval_step = make_eval_step(cfg, setup, lambda ids: vocab.modality_of(ids, xp=jnp))
+    self.decoders = {
+        name: make_greedy_decode(setup, prompt_len=p.prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
+        for name, p in self.sets.prompts.items()}
+
+  def _sums(self, params, batches) -> dict:
+    total: dict = {}
+    for batch in batches:
+      out = jax.device_get(self.eval_step(params, batch))
+      for k, v in out.items():
+        total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+  def __call__(self, params) -> dict:
+    metrics = {}
+    s = self._sums(params, self.sets.mixed)
+    metrics["eval/loss"] = s["ce_sum"] / max(s["weight_sum"], 1e-9)
+    for name in MODALITIES:
+      if s[f"weight_sum/{name}"] > 0:
+        metrics[f"eval/loss/{name}"] = s[f"ce_sum/{name}"] / s[f"weight_sum/{name}"]
+    t = self._sums(params, self.sets.text)
+    metrics["eval/text_bits_per_byte"] = t["ce_sum"] / max(t["weight_sum"], 1e-9) / math.log(2)
+    for name, key in (("image", "eval/image_to_text_accuracy"), ("audio", "eval/audio_to_text_accuracy")):
+      metrics[key] = word_accuracy(self.decoders[name], params, self.sets.prompts[name], self.vocab)
+    return metrics

@@ -1,0 +1,214 @@
+"""The training run: resume or init, step, log, evaluate, checkpoint, stop cleanly.
+
+Metrics are fetched one step late, so the host never waits on the step it just dispatched, except
+right before a checkpoint or an evaluation, whose state must be known to be finite.
+"""
+import dataclasses
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+
+import data
+from train import config as config_lib
+from train.checkpoint import Checkpoints
+from train.config import Config
+from train.evaluate import Evaluator
+from train.mesh import batch_sharding, global_batch, make_mesh
+from train.metrics import MetricsWriter, Progress
+from train.state import init_state, make_setup
+from train.step import make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+  def __init__(self, step: int, last_good: int | None):
+    where = f"step {last_good}" if last_good is not None else "none saved yet"
+    super().__init__(f"non-finite loss at step {step}; stopped. Last good checkpoint: {where}")
+    self.step, self.last_good = step, last_good
+
+
+class WorkdirError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Summary:
+  workdir: pathlib.Path
+  step: int
+  final_loss: float | None
+  eval: dict
+  wall_s: float
+  stopped_early: bool = False
+  already_done: bool = False
+
+  def describe(self) -> str:
+    w = self.workdir
+    if self.already_done:
+      head = f"run in {w} already finished at step {self.step}; nothing to do"
+    elif self.stopped_early:
+      head = f"stopped at step {self.step} (SIGTERM); checkpoint saved, rerun the same command to resume"
+    else:
+      head = f"finished {self.step} steps in {self.wall_s / 60:.1f} min"
+    lines = [head]
+    if self.final_loss is not None:
+      lines.append(f"  final train loss     {self.final_loss:.4f}")
+    for k, v in sorted(self.eval.items()):
+      lines.append(f"  {k:<32s} {v:.4f}")
+    lines += [f"  checkpoints          {w / 'checkpoints'}",
+              f"  metrics              {w / 'metrics.jsonl'}",
+              f"  tensorboard          {w / 'tensorboard'}",
+              f"  resolved config      {w / 'config.yaml'}"]
+    return "\n".join(lines)
+
+
+def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+  path = pathlib.Path(workdir).absolute()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f"cannot write to workdir '{path}': {e.strerror or e}") from None
+  return path
+
+
+class _StopFlag:
+  """Turns SIGTERM into a request to checkpoint and exit at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _metrics_line(raw: dict, *, tokens: int, seconds: float) -> dict:
+  out = {}
+  for k, v in raw.items():
+    v = np.asarray(v)
+    if k == "expert_load":
+      for i, row in enumerate(v):
+        out[f"moe/expert_load/layer_{i}"] = row
+    else:
+      out[k] = float(v)
+  out["tokens_per_s"] = tokens / max(seconds, 1e-9)
+  return out
+
+
+def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) -> Summary:
+  t_start = time.time()
+  workdir = prepare_workdir(workdir)
+  lead = jax.process_index() == 0
+  if lead:
+    (workdir / "config.yaml").write_text(config_lib.dump(cfg))
+
+  mesh = make_mesh()
+  info = data.dataset_info(cfg.data, cfg.train.seed)
+  dims = dict(vocab_size=info.vocab.size, feature_dim=info.feature_dim)
+  setup = make_setup(cfg, mesh, **dims)
+  ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                      async_save=cfg.checkpoint.async_save)
+  batches = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  latest = ckpts.latest_step()
+  if latest is not None:
+    state, data_state = ckpts.restore(latest, setup)
+    batches.set_state(data_state)
+  else:
+    state = init_state(cfg, setup, **dims)
+  start, total = int(state["step"]), cfg.train.steps
+  if start >= total:
+    ckpts.close()
+    return Summary(workdir, start, None, {}, time.time() - t_start, already_done=True)
+
+  train_step = make_train_step(cfg, setup, batch_sharding(mesh))
+  evaluator = Evaluator(cfg, setup, info.vocab)
+  writer = MetricsWriter(workdir, enabled=lead)
+  bar = Progress(start=start, total=total, enabled=progress and lead)
+  if latest is not None:
+    bar.message(f"resumed from {workdir / 'checkpoints' / str(latest)}")
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  pending = None                      # (step, device metrics) not yet fetched
+  window = [start, time.time()]       # first step and start time of the tokens/s window
+  last_loss, last_eval = None, {}
+
+  def flush():
+    """Fetches the pending step's metrics, stops on a non-finite loss, logs every log_every."""
+    nonlocal pending, last_loss
+    if pending is None:
+      return
+    step, raw = pending
+    pending = None
+    raw = jax.device_get(raw)
+    loss = float(raw["loss"])
+    if not (math.isfinite(loss) and math.isfinite(float(raw["grad_norm"]))):
+      ckpts.wait()
+      raise NonFiniteLoss(step, ckpts.latest_step())
+    last_loss = loss
+    if step % cfg.train.log_every == 0 or step == total:
+      now = time.time()
+      line = _metrics_line(raw, tokens=tokens_per_step * (step - window[0]), seconds=now - window[1])
+      writer.write(step, line)
+      bar.update(step, line)
+      window[:] = [step, now]
+
+  try:
+    with _StopFlag() as stop:
+      for step in range(start + 1, total + 1):
+        batch = global_batch(next(batches), mesh)
+        state, raw = train_step(state, batch)
+        flush()
+        pending = (step, raw)
+        eval_due = step == total or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)
+        save_due = step == total or step % cfg.checkpoint.every_steps == 0 or stop.requested
+        if eval_due or save_due:
+          flush()
+        if save_due:
+          ckpts.save(step, state, batches.get_state())
+        if eval_due:
+          last_eval = evaluator(state["params"])
+          writer.write(step, last_eval)
+          bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
+        if eval_due or save_due:
+          window[:] = [step, time.time()]
+        if stop.requested:
+          break
+      flush()
+  finally:
+    ckpts.close()
+    writer.close()
+    bar.close()
+  return Summary(workdir, int(state["step"]), last_loss, last_eval, time.time() - t_start,
+                 stopped_early=int(state["step"]) < total)
+
+
+def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict]:
+  """Evaluates the latest checkpoint in `workdir`; returns (step, metrics)."""
+  workdir = pathlib.Path(workdir).absolute()
+  ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=False)
+  latest = ckpts.latest_step()
+  if latest is None:
+    raise WorkdirError(f"no checkpoint in '{workdir / 'checkpoints'}' to evaluate")
+  mesh = make_mesh()
+  info = data.dataset_info(cfg.data, cfg.train.seed)
+  setup = make_setup(cfg, mesh, vocab_size=info.vocab.size, feature_dim=info.feature_dim)
+  state, _ = ckpts.restore(latest, setup)
+  ckpts.close()
+  return latest, Evaluator(cfg, setup, info.vocab)(state["params"])

@@ -1,0 +1,78 @@
+"""The train state, created already sharded: eval_shape -> shardings -> jitted init.
+
+The state is a plain dict pytree, so optax, orbax and `jax.tree` treat it alike:
+  params     nested dict of arrays (the Decoder's nnx.Param values)
+  opt_state  optax AdamW state
+  step       int32 scalar, optimizer steps taken
+  rng        uint32[2] PRNG key for anything stochastic
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from model.decoder import Decoder
+from model.sharding import param_shardings
+from train.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything static about a run's state: how to rebuild the model and how the state is laid out."""
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  abstract_state: dict     # ShapeDtypeStructs of the state
+  shardings: dict          # NamedShardings of the state, same tree
+
+
+def learning_rate_schedule(cfg: Config) -> optax.Schedule:
+  t = cfg.train
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.learning_rate * t.min_lr_ratio)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  t = cfg.train
+  decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(learning_rate_schedule(cfg), b1=t.b1, b2=t.b2,
+                      weight_decay=t.weight_decay, mask=decay_matrices)
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+
+
+def _new_model(cfg: Config, vocab_size: int, feature_dim: int, seed: int) -> Decoder:
+  return Decoder(cfg.model, vocab_size=vocab_size, feature_dim=feature_dim, rngs=nnx.Rngs(seed))
+
+
+def make_setup(cfg: Config, mesh: Mesh, *, vocab_size: int, feature_dim: int) -> Setup:
+  graphdef, abstract_params = nnx.split(
+      nnx.eval_shape(lambda: _new_model(cfg, vocab_size, feature_dim, 0)))
+  params_sh = nnx.to_pure_dict(param_shardings(abstract_params, mesh))
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  optimizer = make_optimizer(cfg)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  replicated = NamedSharding(mesh, P())
+  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, params_sh,
+                                 transform_non_params=lambda _: replicated)
+  abstract_state = {"params": abstract_params, "opt_state": abstract_opt,
+                    "step": jax.ShapeDtypeStruct((), jnp.int32),
+                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  shardings = {"params": params_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+  return Setup(graphdef, optimizer, abstract_state, shardings)
+
+
+def init_state(cfg: Config, setup: Setup, *, vocab_size: int, feature_dim: int) -> dict:
+  """Initialises parameters and optimizer directly into their shardings (no host copy)."""
+  def init():
+    seed = cfg.train.seed
+    params = nnx.to_pure_dict(nnx.state(_new_model(cfg, vocab_size, feature_dim, seed)))
+    return {"params": params, "opt_state": setup.optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed + 1)}
+  return jax.jit(init, out_shardings=setup.shardings)()
+
+
+def merge(setup: Setup, params: dict) -> Decoder:
+  return nnx.merge(setup.graphdef, params)

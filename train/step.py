@@ -1,0 +1,67 @@
+"""The pure train and eval steps: `(state, batch) -> (state, metrics)`, jitted once each."""
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.config import Config
+from train.state import Setup, learning_rate_schedule, merge
+
+MODALITIES = ("text", "image", "audio")   # modality codes 1, 2, 3 of the batch contract
+
+
+def cross_entropy_BxL(logits_BxLxV, targets_BxL):
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), targets_BxL)
+
+
+def loss_fn(params, batch, *, setup: Setup, cfg: Config):
+  """Weighted next-token cross entropy plus the MoE auxiliary losses."""
+  logits_BxLxV, aux = merge(setup, params)(batch)
+  weights_BxL = batch["loss_weights"]
+  ce = jnp.sum(cross_entropy_BxL(logits_BxLxV, batch["targets"]) * weights_BxL)
+  ce = ce / jnp.maximum(jnp.sum(weights_BxL), 1e-9)
+  moe = cfg.model.moe
+  total = ce + moe.load_balance_coef * aux["load_balance_loss"] + moe.z_loss_coef * aux["router_z_loss"]
+  return total, {"ce_loss": ce, "load_balance_loss": aux["load_balance_loss"],
+                 "router_z_loss": aux["router_z_loss"], "expert_load": aux["expert_load"]}
+
+
+def make_train_step(cfg: Config, setup: Setup, batch_sharding):
+  schedule = learning_rate_schedule(cfg)
+
+  def train_step(state, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, aux), grads = grad_fn(state["params"], batch, setup=setup, cfg=cfg)
+    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": jax.random.fold_in(state["rng"], state["step"])}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state["step"]), **aux}
+    return new_state, metrics
+
+  batch_shardings = jax.tree.map(lambda _: batch_sharding, _BATCH_KEYS)
+  return jax.jit(train_step, in_shardings=(setup.shardings, batch_shardings),
+                 out_shardings=(setup.shardings, None), donate_argnums=(0,))
+
+
+_BATCH_KEYS = {k: None for k in
+               ("tokens", "features", "modality", "segment_ids", "positions", "targets", "loss_weights")}
+
+
+def make_eval_step(cfg: Config, setup: Setup, modality_of):
+  """Sums of weighted cross entropy and of weights, split by the modality of the target token.
+
+  `modality_of(ids)` maps vocabulary ids to modality codes (data.vocab); sums, not means, so that
+  batches add up exactly.
+  """
+  def eval_step(params, batch):
+    logits_BxLxV, _ = merge(setup, params)(batch)
+    ce_BxL = cross_entropy_BxL(logits_BxLxV, batch["targets"]) * batch["loss_weights"]
+    target_mod_BxL = modality_of(batch["targets"])
+    out = {"ce_sum": jnp.sum(ce_BxL), "weight_sum": jnp.sum(batch["loss_weights"])}
+    for code, name in enumerate(MODALITIES, start=1):
+      mask = (target_mod_BxL == code).astype(jnp.float32)
+      out[f"ce_sum/{name}"] = jnp.sum(ce_BxL * mask)
+      out[f"weight_sum/{name}"] = jnp.sum(batch["loss_weights"] * mask)
+    return out
+  return jax.jit(eval_step)
