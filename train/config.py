@@ -49,6 +49,7 @@ class EvalConfig:
   max_new_tokens: int = 8         # greedy decoding budget for the cross-modal word
   image_limit: int = 0            # held-out images to caption (0 = all)
   audio_limit: int = 300          # fresh tones to caption
+  text_limit: int = 0             # held-out text batches for bits per byte (0 = all)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ def load_eval_data(cfg: Config) -> EvalData:
   e, seed = cfg.eval, cfg.train.seed
   return EvalData(
       mixed=data.eval_batches(cfg.data, batch_size=e.batch_size, seed=seed, num_batches=e.num_batches),
-      text=data.heldout_text_batches(cfg.data, batch_size=e.batch_size, seed=seed),
+      text=data.heldout_text_batches(cfg.data, batch_size=e.batch_size, seed=seed)[:e.text_limit or None],
       prompts={"image": data.prompt_set(cfg.data, modality="image", seed=seed,
                                         max_new_tokens=e.max_new_tokens, limit=e.image_limit or None),
                "audio": data.prompt_set(cfg.data, modality="audio", seed=seed,

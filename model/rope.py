@@ -1,0 +1,35 @@
+"""Multimodal rotary position embedding (M-RoPE, Qwen2-VL style).
+
+A head of width Dh has Dh/2 rotary frequency pairs, frequency i = theta^(-2i/Dh). The pairs are split
+into contiguous sections (t, h, w) = `rope_sections`; the pairs of a section are rotated by that
+component of `positions`. Text has t = h = w, where M-RoPE equals a 1-D RoPE. Pairs are laid out
+"half-rotated" (pair i is (x[i], x[i + Dh/2])), as in Llama / Qwen.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rope_angles(positions_BxLx3: jax.Array, head_dim: int, sections: Sequence[int],
+                theta: float) -> jax.Array:
+  """Rotation angle of every pair: float32 [B, L, Dh/2]."""
+  half = head_dim // 2
+  if sum(sections) != half or head_dim % 2:
+    raise ValueError(f"rope_sections {tuple(sections)} must sum to head_dim/2 = {half}")
+  inv_freq_P = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / head_dim)
+  component_P = np.repeat(np.arange(len(sections)), sections)      # which of t/h/w per pair
+  pos_BxLxP = jnp.take(positions_BxLx3.astype(jnp.float32), component_P, axis=-1)
+  return pos_BxLxP * jnp.asarray(inv_freq_P, jnp.float32)
+
+
+def apply_rope(x_BxLxHxD: jax.Array, angles_BxLxP: jax.Array) -> jax.Array:
+  """Rotates every head of x by the angles (computed in float32, returned in x's dtype)."""
+  half = x_BxLxHxD.shape[-1] // 2
+  cos = jnp.cos(angles_BxLxP)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxP)[:, :, None, :]
+  x = x_BxLxHxD.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)

@@ -1,0 +1,165 @@
+"""The command line end to end: train, resume, exact resume after SIGKILL, eval, config, bad input."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train.cli import main
+
+ROOT = pathlib.Path(__file__).parent.parent
+# A model small enough that a few steps take seconds on 2 cores.
+SMALL = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",
+         "model.head_dim=16", "model.rope_sections=[4,2,2]", "model.moe.num_experts=4",
+         "model.moe.expert_hidden=32", "data.seq_len=64", "train.batch_size=8",
+         "eval.batch_size=8", "eval.num_batches=1", "eval.image_limit=16", "eval.audio_limit=16",
+         "eval.text_limit=2", "train.log_every=1"]
+
+
+def run_cli(*args, **kw):
+  return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=ROOT, capture_output=True,
+                        text=True, **kw)
+
+
+def metrics(workdir):
+  return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir):
+  import orbax.checkpoint as ocp
+  ckpt = pathlib.Path(workdir).absolute() / "checkpoints"
+  step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  with ocp.StandardCheckpointer() as c:
+    return step, c.restore(ckpt / str(step) / "state")["params"]
+
+
+@pytest.mark.slow
+def test_train_resume_eval_end_to_end(tmp_path, capsys):
+  wd = tmp_path / "run"
+  assert main(["train", *SMALL, "train.steps=4", "checkpoint.every_steps=2", "eval.every_steps=2",
+               "--workdir", str(wd)]) == 0
+  out = capsys.readouterr().out
+  assert "finished 4 steps" in out and str(wd / "metrics.jsonl") in out
+  rows = metrics(wd)
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  for r in train_rows:
+    assert {"loss", "tokens_per_s", "load_balance_loss", "router_z_loss"} <= set(r)
+  eval_rows = [r for r in rows if "eval/loss" in r]
+  assert [r["step"] for r in eval_rows] == [2, 4]
+  for key in ("eval/image_to_text_accuracy", "eval/audio_to_text_accuracy", "eval/text_bits_per_byte",
+              "eval/loss/text", "eval/loss/image", "eval/loss/audio"):
+    assert key in eval_rows[-1]
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+  assert list((wd / "tensorboard").iterdir())
+
+  # The same command again: the run is finished, says so, exits 0.
+  assert main(["train", *SMALL, "train.steps=4", "--workdir", str(wd)]) == 0
+  assert "already finished at step 4" in capsys.readouterr().out
+  # More steps: resumes from step 4, not from scratch.
+  assert main(["train", *SMALL, "train.steps=6", "checkpoint.every_steps=2", "eval.every_steps=0",
+               "--workdir", str(wd)]) == 0
+  assert [r["step"] for r in metrics(wd) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  # eval of the latest checkpoint uses the run's own saved config.
+  assert main(["eval", "--workdir", str(wd)]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["step"] == 6 and 0 <= result["eval/image_to_text_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_resume_is_bit_identical(tmp_path):
+  args = [*SMALL, "train.steps=8", "checkpoint.every_steps=2", "eval.every_steps=0",
+          "checkpoint.async_save=false"]
+  full = run_cli("train", *args, "--workdir", str(tmp_path / "full"))
+  assert full.returncode == 0, full.stderr
+
+  killed_dir = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "train.cli", "train", *args, "--workdir",
+                           str(killed_dir)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed_dir / "checkpoints" / "4").is_dir() and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint at step 4 within 5 minutes"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps_done = [r["step"] for r in metrics(killed_dir) if "loss" in r]
+  assert steps_done and steps_done[-1] < 8, "the run finished before it could be killed"
+
+  resumed = run_cli("train", *args, "--workdir", str(killed_dir))
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resumed from" in resumed.stderr
+  final = lambda wd: [r for r in metrics(wd) if "loss" in r][-1]
+  assert final(killed_dir)["step"] == 8
+  assert final(killed_dir)["loss"] == final(tmp_path / "full")["loss"]
+  step_a, params_a = final_params(tmp_path / "full")
+  step_b, params_b = final_params(killed_dir)
+  assert step_a == step_b == 8
+  import jax
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_config_command_prints_resolved_config(capsys):
+  assert main(["config", str(ROOT / "configs/tiny.yaml"), "model.num_layers=2"]) == 0
+  out = capsys.readouterr().out
+  assert "num_layers: 2" in out and "seq_len: 128" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "model.num_layer=2"], "unknown config key 'model.num_layer' (did you mean 'model.num_layers'?)"),
+    (["train", "train.steps=abc"], "config key 'train.steps' expects an integer"),
+    (["config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["eval"], "eval needs --workdir"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, needle):
+  proc = run_cli(*args)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().count("\n") == 0, proc.stderr
+  assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  proc = run_cli("train", *SMALL, "train.steps=1", "--workdir", str(blocker / "run"))
+  assert proc.returncode == 2
+  assert "cannot write to workdir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_exits_4_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+  import data
+  real = data.train_iterator
+
+  class Poisoned:
+    """Yields the real batches, with NaN features from the 5th batch on."""
+    def __init__(self, *a, **kw):
+      self.inner, self.count = real(*a, **kw), 0
+    def __next__(self):
+      batch = dict(next(self.inner))
+      self.count += 1
+      if self.count >= 5:
+        batch["features"] = np.full_like(batch["features"], np.nan)
+      return batch
+    def get_state(self):
+      return self.inner.get_state()
+    def set_state(self, s):
+      self.inner.set_state(s)
+
+  monkeypatch.setattr(data, "train_iterator", Poisoned)
+  wd = tmp_path / "nan"
+  code = main(["train", *SMALL, "train.steps=8", "checkpoint.every_steps=2", "eval.every_steps=0",
+               "--workdir", str(wd)])
+  err = capsys.readouterr().err
+  assert code == 4
+  assert "non-finite loss at step 5" in err and "Last good checkpoint: step 4" in err
+  step, params = final_params(wd)
+  assert step == 4
+  import jax
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
