@@ -73,7 +73,8 @@ class DefaultDataset:
 def validate(cfg: DataConfig) -> None:
   weights = (cfg.weight_image, cfg.weight_audio, cfg.weight_text)
   if min(weights) < 0 or sum(weights) <= 0:
-    raise ValueError(f"data.weight_image/audio/text must be >= 0 with a positive sum, got {weights}")
+    raise ValueError(f"data.weight_image/audio/text must be >= 0 with a positive sum, "
+                     f"got {weights}")
   for name in ("image_codebook", "audio_codebook", "n_mels", "frame_hop", "sample_rate"):
     if getattr(cfg, name) <= 0:
       raise ValueError(f"data.{name} must be positive, got {getattr(cfg, name)}")
@@ -134,8 +135,8 @@ def _check_fits(ds: DefaultDataset) -> None:
                         for row in table.ids for c in row)
   longest = 2 + max(ds.patches_per_image, ds.frames_per_tone) + longest_caption
   if ds.cfg.seq_len < longest:
-    raise ValueError(f"data.seq_len={ds.cfg.seq_len} is shorter than the longest image/tone example "
-                     f"({longest} tokens); raise it or use larger data.image_patch")
+    raise ValueError(f"data.seq_len={ds.cfg.seq_len} is shorter than the longest image/tone "
+                     f"example ({longest} tokens); raise it or use a larger data.image_patch")
 
 
 @functools.lru_cache(maxsize=16)

@@ -20,8 +20,8 @@ JITTER = 0.015              # relative frequency jitter (uniform, each component
 SNR_DB = 10.0               # signal-to-noise ratio of the added Gaussian noise
 AMPLITUDE = (0.3, 1.0)      # peak amplitude range of the clean tone
 
-# Log-mel: log(power + LOG_FLOOR), then (x - LOG_MEAN) / LOG_SCALE. Fixed constants (not fitted), so a
-# frame's features never depend on other data; chosen so features over tones are about N(0, 1).
+# Log-mel: log(power + LOG_FLOOR), then (x - LOG_MEAN) / LOG_SCALE. Fixed constants (not fitted), so
+# a frame's features never depend on other data; chosen so features over tones are about N(0, 1).
 LOG_FLOOR = 1e-6
 LOG_MEAN = -9.0
 LOG_SCALE = 2.0
@@ -75,7 +75,7 @@ def mel_filterbank(sample_rate: int, frame_len: int, n_mels: int) -> np.ndarray:
 
 
 def log_mel(wave: np.ndarray, cfg: DataConfig) -> np.ndarray:
-  """float32 [frames, n_mels] normalised log-mel features of a waveform (Hann window, no padding)."""
+  """float32 [frames, n_mels] normalised log-mel of a waveform (Hann window, no padding)."""
   frames = num_frames(cfg)
   starts = np.arange(frames) * cfg.frame_hop
   window = np.hanning(cfg.frame_len + 1)[:-1].astype(np.float32)   # periodic Hann

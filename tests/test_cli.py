@@ -151,6 +151,8 @@ def test_non_finite_loss_exits_4_and_keeps_last_good_checkpoint(tmp_path, monkey
       return self.inner.get_state()
     def set_state(self, s):
       self.inner.set_state(s)
+    def close(self):
+      self.inner.close()
 
   monkeypatch.setattr(data, "train_iterator", Poisoned)
   wd = tmp_path / "nan"

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       step, metrics = loop.evaluate(cfg, workdir)
       print(json.dumps({"step": step, **metrics}, indent=1))
-  except loop.WorkdirError as e:
+  except (loop.WorkdirError, config_lib.ConfigError) as e:
     return _fail(EXIT_USAGE, str(e))
   except loop.NonFiniteLoss as e:
     return _fail(EXIT_NONFINITE, str(e))

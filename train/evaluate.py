@@ -78,7 +78,7 @@ class Evaluator:
   def __init__(self, cfg: Config, setup: Setup, vocab):
     self.cfg, self.setup, self.vocab = cfg, setup, vocab
     self.sets = load_eval_data(cfg)
-    self.eval_step = make_eval_step(cfg, setup, lambda ids: vocab.modality_of(ids, xp=jnp))
+    self.eval_step = make_eval_step(cfg, setup, lambda ids: vocab.modality_of(ids, xp=jnp, specials_as_text=True))
     self.decoders = {
         name: make_greedy_decode(setup, prompt_len=p.prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
         for name, p in self.sets.prompts.items()}

@@ -119,14 +119,17 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
     (workdir / "config.yaml").write_text(config_lib.dump(cfg))
 
   mesh = make_mesh()
-  info = data.dataset_info(cfg.data, cfg.train.seed)
+  try:  # the data package checks its own keys and names them in a ValueError
+    info = data.dataset_info(cfg.data, cfg.train.seed)
+    batches = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   dims = dict(vocab_size=info.vocab.size, feature_dim=info.feature_dim)
   setup = make_setup(cfg, mesh, **dims)
   ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
-  batches = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
   latest = ckpts.latest_step()
   if latest is not None:
     state, data_state = ckpts.restore(latest, setup)
@@ -136,6 +139,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
   start, total = int(state["step"]), cfg.train.steps
   if start >= total:
     ckpts.close()
+    batches.close()
     return Summary(workdir, start, None, {}, time.time() - t_start, already_done=True)
 
   train_step = make_train_step(cfg, setup, batch_sharding(mesh))
@@ -192,6 +196,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
           break
       flush()
   finally:
+    batches.close()
     ckpts.close()
     writer.close()
     bar.close()

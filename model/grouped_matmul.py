@@ -1,0 +1,189 @@
+"""Grouped matmul: rows grouped by expert, each group times its own expert's weight matrix.
+
+Two ways in:
+  * `grouped_matmul(x_MxK, w_ExKxN, group_sizes_E, ...)`: rows of x already sorted by expert.
+  * `plan_dispatch(expert_SxK, ...)` -> `Dispatch`, then `dispatch`, `Dispatch.matmul` (any number
+    of times) and `combine`: the MoE layer does the bookkeeping (sort, padding, block experts) once
+    per layer and reuses it for the gate, up and down matmuls.
+
+Source row s (a token) has K assignments a = s*K + j, each to one expert. Row layouts (R rows):
+  dense, ragged_dot  R = A = S*K: assignments sorted by expert, groups back to back.
+  blocked            R = nb * block_rows, nb = ceil((A + E*(block_rows-1)) / block_rows): each
+                     expert's group starts on a block boundary and is padded to whole blocks, so
+                     every block has one expert. Empty rows are zeros.
+
+Backends:
+  dense       oracle: every expert on every row, then select (E times the FLOPs; tests only)
+  ragged_dot  jax.lax.ragged_dot (XLA:CPU computes every expert densely: slow there)
+  blocked     pure JAX: one batched matmul einsum('bik,bkn->bin', x_blocks, w[block_expert])
+  auto        blocked on CPU; ragged_dot on GPU/TPU (tokamax later)
+
+Gradients avoid scatters (slow on XLA:CPU): the row moves have custom VJPs that gather through the
+inverse permutation, and the blocked weight gradient sums per-block products with a one-hot matmul.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "dense", "ragged_dot", "blocked")
+
+
+def resolve_backend(backend: str) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown grouped-matmul backend {backend!r}; choose from {BACKENDS}")
+  if backend != "auto":
+    return backend
+  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def _take_rows(x_SxD, idx_R):
+  return jnp.take(x_SxD, idx_R, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def _move_rows(x_SxD, idx_R, inverse_SxG):
+  """out[r] = x[idx[r]] (0 where idx is out of range). inverse_SxG lists, for every source row,
+  the (up to G) output rows that read it (out of range = none): the VJP is a gather, not a scatter."""
+  return _take_rows(x_SxD, idx_R)
+
+
+def _move_rows_fwd(x_SxD, idx_R, inverse_SxG):
+  return _take_rows(x_SxD, idx_R), (idx_R, inverse_SxG)
+
+
+def _move_rows_bwd(res, dout_RxD):
+  idx_R, inverse_SxG = res
+  S, G = inverse_SxG.shape
+  dx = _take_rows(dout_RxD, inverse_SxG.reshape(S * G)).reshape(S, G, -1).sum(axis=1)
+  return dx, None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
+@jax.custom_vjp
+def _blocked_matmul(x_NxBxK, w_ExKxN, block_expert_N):
+  return jnp.einsum("bik,bkn->bin", x_NxBxK, jnp.take(w_ExKxN, block_expert_N, axis=0))
+
+
+def _blocked_matmul_fwd(x_NxBxK, w_ExKxN, block_expert_N):
+  return _blocked_matmul(x_NxBxK, w_ExKxN, block_expert_N), (x_NxBxK, w_ExKxN, block_expert_N)
+
+
+def _blocked_matmul_bwd(res, dy_NxBxN):
+  x_NxBxK, w_ExKxN, block_expert_N = res
+  dx = jnp.einsum("bin,bkn->bik", dy_NxBxN, jnp.take(w_ExKxN, block_expert_N, axis=0))
+  dw_NxKxN = jnp.einsum("bik,bin->bkn", x_NxBxK, dy_NxBxN)
+  onehot_NxE = jax.nn.one_hot(block_expert_N, w_ExKxN.shape[0], dtype=dw_NxKxN.dtype)
+  dw = jnp.einsum("be,bkn->ekn", onehot_NxE, dw_NxKxN)
+  return dx, dw.astype(w_ExKxN.dtype), None
+
+
+_blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+  """Where every assignment lives in the row layout of one backend (see module docstring)."""
+  backend: str = dataclasses.field(metadata=dict(static=True))     # dense|ragged_dot|blocked
+  block_rows: int = dataclasses.field(metadata=dict(static=True))  # rows per block (blocked)
+  num_experts: int = dataclasses.field(metadata=dict(static=True))
+  group_sizes_E: jax.Array     # int32: valid assignments per expert
+  slot_SxK: jax.Array          # int32: layout row of each assignment; R for invalid ones
+  assign_R: jax.Array          # int32: assignment held by each layout row; A for empty rows
+  expert_R: jax.Array          # int32: expert of each layout row; E for empty rows
+  block_expert_N: jax.Array | None  # int32: expert of each block (blocked layout only)
+
+  @property
+  def num_rows(self) -> int:
+    return self.assign_R.shape[0]
+
+  def matmul(self, x_RxK: jax.Array, w_ExKxN: jax.Array) -> jax.Array:
+    """Each layout row times its expert's matrix; empty rows give 0. Output in x's dtype."""
+    w = w_ExKxN.astype(x_RxK.dtype)
+    if self.backend == "blocked":
+      x_NxBxK = x_RxK.reshape(-1, self.block_rows, x_RxK.shape[-1])
+      return _blocked_matmul(x_NxBxK, w, self.block_expert_N).reshape(x_RxK.shape[0], -1)
+    if self.backend == "ragged_dot":
+      y = jax.lax.ragged_dot(x_RxK, w, self.group_sizes_E)
+    else:  # dense oracle
+      y_ExRxN = jnp.einsum("rk,ekn->ern", x_RxK, w)
+      y = jnp.take_along_axis(
+          y_ExRxN, jnp.minimum(self.expert_R, self.num_experts - 1)[None, :, None], axis=0)[0]
+    return jnp.where((self.expert_R < self.num_experts)[:, None], y, 0).astype(x_RxK.dtype)
+
+
+def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Array | None = None,
+                  backend: str = "auto", block_rows: int = 64) -> Dispatch:
+  """Bookkeeping for S source rows with K assignments each (invalid ones take no row)."""
+  backend = resolve_backend(backend)
+  S, K = expert_SxK.shape
+  A, E = S * K, num_experts
+  expert_A = expert_SxK.reshape(A).astype(jnp.int32)
+  if valid_SxK is not None:
+    expert_A = jnp.where(valid_SxK.reshape(A), expert_A, E)   # invalid ones sort last
+  order_A = jnp.argsort(expert_A, stable=True)                # sorted position -> assignment
+  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
+  group_sizes_E = jnp.zeros((E + 1,), jnp.int32).at[expert_A].add(1)[:E]
+  valid_A = expert_A < E
+
+  if backend == "blocked":
+    br = block_rows
+    nb = -(-(A + E * (br - 1)) // br)
+    R = nb * br
+    e_A = jnp.minimum(expert_A, E - 1)
+    start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    padded_end_E = jnp.cumsum(-(-group_sizes_E // br) * br)
+    padded_start_E = padded_end_E - (-(-group_sizes_E // br) * br)
+    slot_A = jnp.where(valid_A, sorted_pos_A - start_E[e_A] + padded_start_E[e_A], R)
+    assign_R = jnp.full((R,), A, jnp.int32).at[slot_A].set(
+        jnp.arange(A, dtype=jnp.int32), mode="drop")
+    block_expert_N = jnp.minimum(
+        jnp.searchsorted(padded_end_E, jnp.arange(nb) * br, side="right"), E - 1)
+    block_expert_N = block_expert_N.astype(jnp.int32)
+  else:
+    R = A
+    slot_A = jnp.where(valid_A, sorted_pos_A, R)
+    assign_R = jnp.where(valid_A[order_A], order_A, A).astype(jnp.int32)
+    block_expert_N = None
+  expert_R = jnp.take(expert_A, assign_R, mode="fill", fill_value=E)
+  return Dispatch(backend, block_rows, E, group_sizes_E, slot_A.reshape(S, K).astype(jnp.int32),
+                  assign_R, expert_R, block_expert_N)
+
+
+def dispatch(plan: Dispatch, x_SxD: jax.Array) -> jax.Array:
+  """Source rows -> layout rows [R, D] (empty rows are 0)."""
+  K = plan.slot_SxK.shape[1]
+  source_R = jnp.where(plan.assign_R < plan.slot_SxK.size, plan.assign_R // K, x_SxD.shape[0])
+  return _move_rows(x_SxD, source_R, plan.slot_SxK)
+
+
+def gather_assignments(plan: Dispatch, y_RxD: jax.Array) -> jax.Array:
+  """Layout rows -> one row per assignment [S*K, D] (invalid assignments are 0)."""
+  return _move_rows(y_RxD, plan.slot_SxK.reshape(-1), plan.assign_R[:, None])
+
+
+def combine(plan: Dispatch, y_RxD: jax.Array, weights_SxK: jax.Array) -> jax.Array:
+  """Weighted sum of each source row's K expert outputs: [S, D]."""
+  S, K = weights_SxK.shape
+  y_SxKxD = gather_assignments(plan, y_RxD).reshape(S, K, -1)
+  return jnp.einsum("skd,sk->sd", y_SxKxD, weights_SxK.astype(y_RxD.dtype))
+
+
+def grouped_matmul(x_MxK: jax.Array, w_ExKxN: jax.Array, group_sizes_E: jax.Array, *,
+                   backend: str = "auto", block_rows: int = 64) -> jax.Array:
+  """Rows of x sorted by expert (group e = the next group_sizes_E[e] rows; sum <= M) -> [M, N].
+
+  Rows past sum(group_sizes_E) give 0.
+  """
+  M = x_MxK.shape[0]
+  E = w_ExKxN.shape[0]
+  ends_E = jnp.cumsum(group_sizes_E.astype(jnp.int32))
+  expert_Mx1 = jnp.searchsorted(ends_E, jnp.arange(M), side="right").astype(jnp.int32)[:, None]
+  plan = plan_dispatch(expert_Mx1, E, valid_SxK=expert_Mx1 < E, backend=backend,
+                       block_rows=block_rows)
+  if plan.backend == "blocked":
+    return gather_assignments(plan, plan.matmul(dispatch(plan, x_MxK), w_ExKxN))
+  return plan.matmul(x_MxK, w_ExKxN)       # already in sorted layout: no row moves needed

@@ -1,0 +1,46 @@
+"""Self-attention block: GQA projections, optional QK-norm, M-RoPE, then `attend`."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.attention import attend
+from model.config import ModelConfig
+from model.norm import RMSNorm
+from model.rope import apply_rope
+from model.sharding import constrain, param
+
+
+class SelfAttention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if H % K:
+      raise ValueError(f"model.num_heads={H} must be a multiple of model.num_kv_heads={K}")
+    self.cfg = cfg
+    self.dtype = jnp.dtype(cfg.dtype)
+    normal = jax.nn.initializers.normal
+    pd = cfg.param_dtype
+    self.wq_DxHxDh = param(rngs, normal(D ** -0.5), (D, H, Dh), ("embed", "heads", "kv"), pd)
+    self.wk_DxKxDh = param(rngs, normal(D ** -0.5), (D, K, Dh), ("embed", "heads", "kv"), pd)
+    self.wv_DxKxDh = param(rngs, normal(D ** -0.5), (D, K, Dh), ("embed", "heads", "kv"), pd)
+    self.wo_HxDhxD = param(rngs, normal((H * Dh) ** -0.5), (H, Dh, D), ("heads", "kv", "embed"),
+                          pd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(Dh, dtype=cfg.dtype, param_dtype=pd, names=("kv",), rngs=rngs)
+      self.k_norm = RMSNorm(Dh, dtype=cfg.dtype, param_dtype=pd, names=("kv",), rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
+               angles_BxLxP: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dt = self.dtype
+    x = x_BxLxD.astype(dt)
+    q_BxLxHxD = jnp.einsum("bld,dhk->blhk", x, self.wq_DxHxDh[...].astype(dt))
+    k_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.wk_DxKxDh[...].astype(dt))
+    v_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.wv_DxKxDh[...].astype(dt))
+    if cfg.qk_norm:
+      q_BxLxHxD, k_BxLxKxD = self.q_norm(q_BxLxHxD), self.k_norm(k_BxLxKxD)
+    q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, angles_BxLxP), ("batch", "length", "act_heads", None))
+    k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, angles_BxLxP), ("batch", "length", "act_heads", None))
+    o_BxLxHxD = attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL,
+                       implementation=cfg.attention, block=cfg.attention_block)
+    return jnp.einsum("blhk,hkd->bld", o_BxLxHxD, self.wo_HxDhxD[...].astype(dt))

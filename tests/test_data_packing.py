@@ -1,0 +1,150 @@
+"""Packing invariants, checked against an independent walk over each row (the oracle)."""
+import numpy as np
+import pytest
+
+from data import default_dataset, sampler
+from data.config import DataConfig
+from data.examples import audio_media, image_media, make_example
+from data.packing import pack
+from data.pipeline import TrainBatchFn, loss_weight_table
+from data.vocab import BOS, EOS, MOD_AUDIO, MOD_IMAGE, MOD_TEXT
+
+CFG = DataConfig(loss_weight_text=1.0, loss_weight_image=0.5, loss_weight_audio=2.0)
+
+
+@pytest.fixture(scope="module")
+def ds():
+  return default_dataset.build(CFG)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  return TrainBatchFn(CFG, seed=3, batch_size=24, process_index=0, process_count=1)(5)
+
+
+def oracle_positions(modality_L, segment_ids_L, grid):
+  """Positions per the contract table, from modality and segment ids alone."""
+  rows, cols = grid
+  out = np.zeros((len(modality_L), 3), np.int32)
+  i = 0
+  while i < len(modality_L) and segment_ids_L[i] > 0:
+    start, s = i, 0
+    while i < len(modality_L) and segment_ids_L[i] == segment_ids_L[start]:
+      m = modality_L[i]
+      if m == MOD_IMAGE:
+        for k in range(rows * cols):
+          r, c = divmod(k, cols)
+          out[i + k] = (s, s + r, s + c)
+        i, s = i + rows * cols, s + max(rows, cols)
+      elif m == MOD_AUDIO:
+        j = i
+        while (j < len(modality_L) and modality_L[j] == MOD_AUDIO
+               and segment_ids_L[j] == segment_ids_L[i]):
+          out[j] = s + (j - i)
+          j += 1
+        i, s = j, s + (j - i)
+      else:
+        out[i] = s
+        i, s = i + 1, s + 1
+  return out
+
+
+def test_pack_small_example_by_hand():
+  f = 4
+  text = make_example(np.array([10, 11], np.int32), f)                     # BOS a b EOS
+  img = image_media(np.array([300, 301, 302, 303]), np.ones((4, 4), np.float32), (2, 2), f)
+  with_image = make_example(np.array([12], np.int32), f, img)                # BOS 4 patches c EOS
+  out = pack([[text, with_image]], seq_len=12, feature_dim=f,
+             loss_weight_by_modality=np.array([0, 1.0, 0.5, 2.0], np.float32))
+  np.testing.assert_array_equal(out["tokens"][0],
+                                [BOS, 10, 11, EOS, BOS, 300, 301, 302, 303, 12, EOS, 0])
+  np.testing.assert_array_equal(out["segment_ids"][0], [1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 0])
+  np.testing.assert_array_equal(out["modality"][0], [1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 0])
+  np.testing.assert_array_equal(out["targets"][0],
+                                [10, 11, EOS, 0, 300, 301, 302, 303, 12, EOS, 0, 0])
+  np.testing.assert_array_equal(out["loss_weights"][0],
+                                [1, 1, 1, 0, .5, .5, .5, .5, 1, 1, 0, 0])
+  np.testing.assert_array_equal(out["positions"][0, :, 0], [0, 1, 2, 3, 0, 1, 1, 1, 1, 3, 4, 0])
+  np.testing.assert_array_equal(out["positions"][0, :, 1], [0, 1, 2, 3, 0, 1, 1, 2, 2, 3, 4, 0])
+  np.testing.assert_array_equal(out["positions"][0, :, 2], [0, 1, 2, 3, 0, 1, 2, 1, 2, 3, 4, 0])
+  assert np.all(out["features"][0, 5:9] == 1) and np.all(out["features"][0, :5] == 0)
+
+
+def test_audio_positions_by_hand():
+  audio = audio_media(np.array([400, 401, 402]), np.ones((3, 2), np.float32), 4)
+  ex = make_example(np.array([20], np.int32), 4, audio)
+  np.testing.assert_array_equal(ex.positions_Nx3[:, 0], [0, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(ex.positions_Nx3[:, 1], ex.positions_Nx3[:, 0])
+  np.testing.assert_array_equal(ex.modality_N, [1, 3, 3, 3, 1, 1])
+
+
+def test_pack_refuses_overflow():
+  ex = make_example(np.arange(10, 20, dtype=np.int32), 4)
+  with pytest.raises(ValueError, match="do not fit"):
+    pack([[ex, ex]], seq_len=20, feature_dim=4, loss_weight_by_modality=np.ones(4, np.float32))
+
+
+def test_no_example_token_lost_or_duplicated(ds, batch):
+  """Each row is exactly its drawn examples back to back, then padding."""
+  for row in range(24):
+    rng = sampler.row_rng(sampler.TRAIN_STREAM, 3, 5 * 24 + row)
+    examples = sampler.sample_row(ds, ds.train, rng)
+    tokens = np.concatenate([e.tokens_N for e in examples])
+    n = len(tokens)
+    np.testing.assert_array_equal(batch["tokens"][row, :n], tokens)
+    np.testing.assert_array_equal(batch["features"][row, :n],
+                                  np.concatenate([e.features_NxF for e in examples]))
+    assert np.all(batch["tokens"][row, n:] == 0) and np.all(batch["segment_ids"][row, n:] == 0)
+    assert batch["segment_ids"][row, n - 1] == len(examples)
+
+
+def test_segments_contiguous_and_start_with_bos(batch):
+  for row in batch["segment_ids"]:
+    used = row[row > 0]
+    assert np.all(np.diff(used) >= 0) and np.all(np.diff(used) <= 1) and used[0] == 1
+    assert np.all(row[len(used):] == 0)               # padding only at the end
+  starts = np.zeros_like(batch["segment_ids"], bool)
+  starts[:, 0] = batch["segment_ids"][:, 0] > 0
+  starts[:, 1:] = batch["segment_ids"][:, 1:] != batch["segment_ids"][:, :-1]
+  starts &= batch["segment_ids"] > 0
+  assert np.all(batch["tokens"][starts] == BOS)
+  assert np.sum(batch["tokens"] == BOS) == starts.sum()
+
+
+def test_targets_and_loss_weights(batch):
+  seg, tok, tgt, w = batch["segment_ids"], batch["tokens"], batch["targets"], batch["loss_weights"]
+  for r in range(seg.shape[0]):
+    for i in range(seg.shape[1]):
+      has_next = i + 1 < seg.shape[1] and seg[r, i] > 0 and seg[r, i + 1] == seg[r, i]
+      if has_next:
+        assert tgt[r, i] == tok[r, i + 1]
+        expected = {MOD_TEXT: 1.0, MOD_IMAGE: 0.5, MOD_AUDIO: 2.0}[batch["modality"][r, i + 1]]
+        assert w[r, i] == expected
+      else:
+        assert tgt[r, i] == 0 and w[r, i] == 0
+
+
+def test_positions_follow_contract(ds, batch):
+  for r in range(batch["tokens"].shape[0]):
+    expected = oracle_positions(batch["modality"][r], batch["segment_ids"][r], ds.image_grid)
+    np.testing.assert_array_equal(batch["positions"][r], expected)
+
+
+def test_features_zero_on_text_and_modality_matches_vocab(ds, batch):
+  text_like = batch["modality"] <= MOD_TEXT
+  assert np.all(batch["features"][text_like] == 0)
+  assert np.all(np.abs(batch["features"][batch["modality"] == MOD_AUDIO]).sum(-1) > 0)
+  assert batch["features"][batch["modality"] == MOD_IMAGE].max() > 0.5   # (blank patches exist)
+  from_vocab = ds.vocab.modality_of(batch["tokens"], specials_as_text=True)
+  np.testing.assert_array_equal(batch["modality"], from_vocab)
+
+
+def test_rows_are_well_filled_and_mixed(batch):
+  assert (batch["segment_ids"] == 0).mean() < 0.1
+  for m in (MOD_TEXT, MOD_IMAGE, MOD_AUDIO):
+    assert (batch["modality"] == m).mean() > 0.05
+  assert np.all(batch["tokens"] < default_dataset.build(CFG).vocab.used_size)
+
+
+def test_loss_weight_table():
+  np.testing.assert_array_equal(loss_weight_table(CFG), [0.0, 1.0, 0.5, 2.0])
