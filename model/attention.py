@@ -30,16 +30,15 @@ def segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
 def _xla(q, k, v, seg):
   B, L, H, D = q.shape
   K = k.shape[2]
-  q5 = q.reshape(B, L, K, H // K, D)
-  s = jnp.einsum("blkgd,bskd->bkgls", q5, k, preferred_element_type=jnp.float32) * D ** -0.5
-  mask = segment_mask(seg)[:, None, None]
-  s = jnp.where(mask, s, -1e30)
-  m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
-  p = jnp.where(mask, jnp.exp(s - m), 0.0)
-  denom = p.sum(axis=-1)                                   # [B,K,G,L]; 0 only on padding rows
+  q5 = q.reshape(B, L, K, H // K, D) * jnp.asarray(D ** -0.5, q.dtype)
+  s = jnp.einsum("blkgd,bskd->bkgls", q5, k, preferred_element_type=jnp.float32)
+  # Additive mask: masked scores become ~-1e30, so exp() gives exactly 0 for them in every row
+  # that has a visible key (each valid query sees itself). Padding rows are zeroed at the end.
+  s = s + jnp.where(segment_mask(seg), 0.0, -1e30)[:, None, None]
+  p = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
   o = jnp.einsum("bkgls,bskd->blkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  denom = jnp.where(denom > 0, denom, 1.0).transpose(0, 3, 1, 2)[..., None]
-  return (o / denom).reshape(B, L, H, D).astype(q.dtype)
+  o = o / p.sum(axis=-1).transpose(0, 3, 1, 2)[..., None]
+  return jnp.where((seg > 0)[:, :, None, None], o.reshape(B, L, H, D), 0).astype(q.dtype)
 
 
 def _cudnn(q, k, v, seg):

@@ -16,7 +16,7 @@ from model.moe import MoE
 from model.norm import RMSNorm
 from model.rope import rope_angles
 from model.self_attention import SelfAttention
-from model.sharding import constrain, param
+from model.sharding import constrain, param, require_auto_axes
 
 ACT = ("batch", "length", "act_embed")
 
@@ -32,8 +32,10 @@ class Block(nnx.Module):
     self.moe = MoE(cfg.d_model, cfg.moe, **kw)
 
   def __call__(self, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP):
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, angles_BxLxP)
-    y_BxLxD, aux = self.moe(self.moe_norm(x_BxLxD), segment_ids_BxL, modality_BxL)
+    with jax.named_scope("attention"):
+      x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, angles_BxLxP)
+    with jax.named_scope("moe"):
+      y_BxLxD, aux = self.moe(self.moe_norm(x_BxLxD), segment_ids_BxL, modality_BxL)
     return constrain(x_BxLxD + y_BxLxD, ACT), aux
 
 
@@ -51,20 +53,23 @@ class Decoder(nnx.Module):
 
   def __call__(self, batch: dict) -> tuple[jax.Array, dict]:
     cfg = self.cfg
+    require_auto_axes(batch["segment_ids"])
     segment_ids_BxL = jnp.asarray(batch["segment_ids"], jnp.int32)
     modality_BxL = jnp.asarray(batch["modality"], jnp.int32)
     angles_BxLxP = rope_angles(jnp.asarray(batch["positions"]), cfg.head_dim, cfg.rope_sections,
                                cfg.rope_theta)
-    x_BxLxD = self.embed(jnp.asarray(batch["tokens"], jnp.int32), jnp.asarray(batch["features"]),
-                         modality_BxL)
+    with jax.named_scope("embed"):
+      x_BxLxD = self.embed(jnp.asarray(batch["tokens"], jnp.int32),
+                           jnp.asarray(batch["features"]), modality_BxL)
     x_BxLxD = constrain(x_BxLxD, ACT)
     auxes = []
     for block in self.blocks:
       x_BxLxD, aux = block(x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP)
       auxes.append(aux)
-    h_BxLxD = self.final_norm(x_BxLxD)
-    logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, self.head_DxV[...].astype(h_BxLxD.dtype),
-                              preferred_element_type=jnp.float32)
+    with jax.named_scope("head"):
+      h_BxLxD = self.final_norm(x_BxLxD)
+      logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, self.head_DxV[...].astype(h_BxLxD.dtype),
+                                preferred_element_type=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
     stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}
     aux = dict(stacked, load_balance_loss=stacked["load_balance_loss"].mean(),

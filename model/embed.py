@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.sharding import param
+from model.sharding import constrain, param
 
 IMAGE, AUDIO = 2, 3
 
@@ -28,7 +28,10 @@ class MultimodalEmbed(nnx.Module):
                           param_dtype)
 
   def __call__(self, tokens_BxL, features_BxLxF, modality_BxL) -> jax.Array:
-    text_BxLxD = jnp.take(self.table_VxD[...], tokens_BxL, axis=0).astype(self.dtype)
+    # Gather the FSDP-sharded width first: a row lookup cannot use `fsdp` for both the table's width
+    # and the tokens' batch (GSPMD would replicate everything).
+    table_VxD = constrain(self.table_VxD[...], ("vocab", None))
+    text_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
     proj = self.proj_MxFxD[...].astype(self.dtype)
     bias = self.bias_MxD[...].astype(self.dtype)
     feats = features_BxLxF.astype(self.dtype)

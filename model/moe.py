@@ -45,15 +45,18 @@ class MoE(nnx.Module):
     x_TxD = x_BxLxD.reshape(T, D).astype(self.dtype)
     valid_T = segment_ids_BxL.reshape(T) > 0
 
-    logits_TxE = x_TxD.astype(jnp.float32) @ self.router_DxE[...]
-    probs_TxE, expert_TxK, weight_TxK = top_k_routing(logits_TxE, K)
-    aux = balance_stats(logits_TxE, probs_TxE, expert_TxK, valid_T,
-                        None if modality_BxL is None else modality_BxL.reshape(T))
-
-    plan = gmm.plan_dispatch(expert_TxK, E, backend=cfg.backend, block_rows=cfg.block_rows)
-    x_RxD = gmm.dispatch(plan, x_TxD)
-    gate_RxH = plan.matmul(x_RxD, self.w_gate_ExDxH[...])
-    up_RxH = plan.matmul(x_RxD, self.w_up_ExDxH[...])
-    y_RxD = plan.matmul(jax.nn.silu(gate_RxH) * up_RxH, self.w_down_ExHxD[...])
-    y_TxD = gmm.combine(plan, y_RxD, weight_TxK)
+    with jax.named_scope("router"):
+      logits_TxE = x_TxD.astype(jnp.float32) @ self.router_DxE[...]
+      probs_TxE, expert_TxK, weight_TxK = top_k_routing(logits_TxE, K)
+      aux = balance_stats(logits_TxE, probs_TxE, expert_TxK, valid_T,
+                          None if modality_BxL is None else modality_BxL.reshape(T))
+    with jax.named_scope("dispatch"):
+      plan = gmm.plan_dispatch(expert_TxK, E, backend=cfg.backend, block_rows=cfg.block_rows)
+      x_RxD = gmm.dispatch(plan, x_TxD)
+    with jax.named_scope("experts"):
+      gate_RxH = plan.matmul(x_RxD, self.w_gate_ExDxH[...])
+      up_RxH = plan.matmul(x_RxD, self.w_up_ExDxH[...])
+      y_RxD = plan.matmul(jax.nn.silu(gate_RxH) * up_RxH, self.w_down_ExHxD[...])
+    with jax.named_scope("combine"):
+      y_TxD = gmm.combine(plan, y_RxD, weight_TxK)
     return y_TxD.reshape(B, L, D).astype(self.dtype), aux

@@ -26,10 +26,10 @@ def rope_angles(positions_BxLx3: jax.Array, head_dim: int, sections: Sequence[in
 
 def apply_rope(x_BxLxHxD: jax.Array, angles_BxLxP: jax.Array) -> jax.Array:
   """Rotates every head of x by the angles (computed in float32, returned in x's dtype)."""
-  half = x_BxLxHxD.shape[-1] // 2
-  cos = jnp.cos(angles_BxLxP)[:, :, None, :]
-  sin = jnp.sin(angles_BxLxP)[:, :, None, :]
-  x = x_BxLxHxD.astype(jnp.float32)
-  x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxHxD.dtype)
+  B, L, H, D = x_BxLxHxD.shape
+  cos = jnp.cos(angles_BxLxP)[:, :, None, None, :]
+  sin = jnp.sin(angles_BxLxP)[:, :, None, None, :]
+  x = x_BxLxHxD.astype(jnp.float32).reshape(B, L, H, 2, D // 2)    # halves (x1, x2)
+  # (x1, x2) -> (-x2, x1) without a concatenate: flip the halves axis and negate the first.
+  rotated = jnp.flip(x, axis=3) * jnp.asarray([-1.0, 1.0], jnp.float32)[:, None]
+  return (x * cos + rotated * sin).reshape(B, L, H, D).astype(x_BxLxHxD.dtype)

@@ -9,6 +9,8 @@ from model.norm import RMSNorm
 from model.rope import apply_rope
 from model.sharding import constrain, param
 
+HEADS = ("batch", "length", "act_heads", None)
+
 
 class SelfAttention(nnx.Module):
 
@@ -34,13 +36,16 @@ class SelfAttention(nnx.Module):
     cfg = self.cfg
     dt = self.dtype
     x = x_BxLxD.astype(dt)
-    q_BxLxHxD = jnp.einsum("bld,dhk->blhk", x, self.wq_DxHxDh[...].astype(dt))
-    k_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.wk_DxKxDh[...].astype(dt))
-    v_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.wv_DxKxDh[...].astype(dt))
-    if cfg.qk_norm:
-      q_BxLxHxD, k_BxLxKxD = self.q_norm(q_BxLxHxD), self.k_norm(k_BxLxKxD)
-    q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, angles_BxLxP), ("batch", "length", "act_heads", None))
-    k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, angles_BxLxP), ("batch", "length", "act_heads", None))
-    o_BxLxHxD = attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL,
-                       implementation=cfg.attention, block=cfg.attention_block)
+    with jax.named_scope("qkv"):
+      q_BxLxHxD = jnp.einsum("bld,dhk->blhk", x, self.wq_DxHxDh[...].astype(dt))
+      k_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.wk_DxKxDh[...].astype(dt))
+      v_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.wv_DxKxDh[...].astype(dt))
+      if cfg.qk_norm:
+        q_BxLxHxD, k_BxLxKxD = self.q_norm(q_BxLxHxD), self.k_norm(k_BxLxKxD)
+    with jax.named_scope("rope"):
+      q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, angles_BxLxP), HEADS)
+      k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, angles_BxLxP), HEADS)
+    with jax.named_scope("attend"):
+      o_BxLxHxD = attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL,
+                         implementation=cfg.attention, block=cfg.attention_block)
     return jnp.einsum("blhk,hkd->bld", o_BxLxHxD, self.wo_HxDhxD[...].astype(dt))

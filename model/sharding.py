@@ -104,6 +104,17 @@ def constrain(x: jax.Array, names: Names, rules=LOGICAL_RULES) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def require_auto_axes(x: jax.Array) -> None:
+  """Fails clearly on Explicit mesh axes (jax.make_mesh's default in jax 0.10): the model is
+  written for GSPMD propagation and needs `axis_types=(jax.sharding.AxisType.Auto,) * 5`."""
+  meshes = [jax.sharding.get_abstract_mesh(), getattr(jax.typeof(x).sharding, "mesh", None)]
+  for mesh in meshes:
+    if mesh is not None and not mesh.empty and mesh.explicit_axes:
+      raise ValueError(
+          f"the model needs a mesh with AxisType.Auto axes, got Explicit axes {mesh.explicit_axes}; "
+          "build it with jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))")
+
+
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Names,
           dtype) -> nnx.Param:
   """An nnx.Param initialised with `init(key, shape, dtype)` and tagged with logical axis names."""

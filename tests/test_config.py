@@ -24,7 +24,9 @@ def test_tiny_yaml_spells_out_the_defaults():
 
 def test_overrides_reach_nested_keys_and_convert_types():
   cfg = config_lib.load(None, ["train.steps=50", "model.num_layers=2", "model.moe.top_k=1",
-                               "train.learning_rate=1", "model.rope_sections=[4,6,6]"])
+                               "train.learning_rate=1", "model.rope_sections=[4,6,6]",
+                               "train.weight_decay=1e-4"])
+  assert cfg.train.weight_decay == 1e-4
   assert cfg.train.steps == 50 and cfg.model.num_layers == 2 and cfg.model.moe.top_k == 1
   assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
   assert cfg.model.rope_sections == (4, 6, 6)
@@ -35,6 +37,7 @@ def test_overrides_reach_nested_keys_and_convert_types():
     ("train.stepz=5", "did you mean 'train.steps'"),
     ("train.steps=ten", "config key 'train.steps' expects an integer, got 'ten'"),
     ("train.steps=1.5", "config key 'train.steps' expects an integer"),
+    ("train.learning_rate=fast", "config key 'train.learning_rate' expects a number, got 'fast'"),
     ("model.qk_norm=3", "config key 'model.qk_norm' expects true/false"),
     ("train.steps=0", "config key 'train.steps' must be positive"),
     ("model.moe.top_k=9", "config key 'model.moe.top_k' must be at most"),
