@@ -30,15 +30,18 @@ def segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
 def _xla(q, k, v, seg):
   B, L, H, D = q.shape
   K = k.shape[2]
-  q5 = q.reshape(B, L, K, H // K, D) * jnp.asarray(D ** -0.5, q.dtype)
-  s = jnp.einsum("blkgd,bskd->bkgls", q5, k, preferred_element_type=jnp.float32)
-  # Additive mask: masked scores become ~-1e30, so exp() gives exactly 0 for them in every row
+  # Head-major layouts ([B, K, G, L, D]) keep every matmul a plain batched matmul.
+  q_BxKxGxLxD = (q * jnp.asarray(D ** -0.5, q.dtype)).reshape(B, L, K, H // K, D)
+  q_BxKxGxLxD = q_BxKxGxLxD.transpose(0, 2, 3, 1, 4)
+  k_BxKxLxD, v_BxKxLxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  s = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxLxD, k_BxKxLxD, preferred_element_type=jnp.float32)
+  # Additive mask: masked scores become ~-1e30, so softmax gives exactly 0 for them in every row
   # that has a visible key (each valid query sees itself). Padding rows are zeroed at the end.
   s = s + jnp.where(segment_mask(seg), 0.0, -1e30)[:, None, None]
-  p = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
-  o = jnp.einsum("bkgls,bskd->blkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  o = o / p.sum(axis=-1).transpose(0, 3, 1, 2)[..., None]
-  return jnp.where((seg > 0)[:, :, None, None], o.reshape(B, L, H, D), 0).astype(q.dtype)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  o = jnp.einsum("bkgls,bksd->bkgld", p, v_BxKxLxD, preferred_element_type=jnp.float32)
+  o = o.transpose(0, 3, 1, 2, 4).reshape(B, L, H, D)
+  return jnp.where((seg > 0)[:, :, None, None], o, 0).astype(q.dtype)
 
 
 def _cudnn(q, k, v, seg):

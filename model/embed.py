@@ -1,8 +1,8 @@
 """Input embedding of the unified sequence.
 
-Text and specials (modality 0 pad, 1 text) look up `tokens` in a table over the vocabulary; image (2)
-and audio (3) positions project their continuous `features` with a per-modality linear embedder plus
-a learned per-modality bias. The modality picks which one each position gets.
+Text and specials (modality 0 pad, 1 text) look up `tokens` in a table over the vocabulary;
+image (2) and audio (3) positions project their continuous `features` with a per-modality linear
+embedder plus a learned per-modality bias. The modality picks which one each position gets.
 """
 import jax
 import jax.numpy as jnp

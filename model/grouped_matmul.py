@@ -8,9 +8,9 @@ Two ways in:
 
 Source row s (a token) has K assignments a = s*K + j, each to one expert. Row layouts (R rows):
   dense, ragged_dot  R = A = S*K: assignments sorted by expert, groups back to back.
-  blocked            R = nb * block_rows, nb = ceil((A + E*(block_rows-1)) / block_rows): each
-                     expert's group starts on a block boundary and is padded to whole blocks, so
-                     every block has one expert. Empty rows are zeros.
+  blocked            R = nb * br, nb = ceil((A + E*(br-1)) / br), br = min(block_rows, A // E):
+                     each expert's group starts on a block boundary and is padded to whole
+                     blocks, so every block has one expert. Empty rows are zeros.
 
 Backends:
   dense       oracle: every expert on every row, then select (E times the FLOPs; tests only)
@@ -43,8 +43,10 @@ def _take_rows(x_SxD, idx_R):
 
 @jax.custom_vjp
 def _move_rows(x_SxD, idx_R, inverse_SxG):
-  """out[r] = x[idx[r]] (0 where idx is out of range). inverse_SxG lists, for every source row,
-  the (up to G) output rows that read it (out of range = none): the VJP is a gather, not a scatter."""
+  """out[r] = x[idx[r]] (0 where idx is out of range).
+
+  inverse_SxG lists, for every source row, the (up to G) output rows that read it (out of range =
+  none), so the VJP is a gather, not a scatter."""
   return _take_rows(x_SxD, idx_R)
 
 
@@ -88,7 +90,7 @@ _blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
 class Dispatch:
   """Where every assignment lives in the row layout of one backend (see module docstring)."""
   backend: str = dataclasses.field(metadata=dict(static=True))     # dense|ragged_dot|blocked
-  block_rows: int = dataclasses.field(metadata=dict(static=True))  # rows per block (blocked)
+  block_rows: int = dataclasses.field(metadata=dict(static=True))  # rows per block used
   num_experts: int = dataclasses.field(metadata=dict(static=True))
   group_sizes_E: jax.Array     # int32: valid assignments per expert
   slot_SxK: jax.Array          # int32: layout row of each assignment; R for invalid ones
@@ -130,7 +132,8 @@ def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Arr
   valid_A = expert_A < E
 
   if backend == "blocked":
-    br = block_rows
+    # Small batches (eval, decode) get smaller blocks so padding stays <= A rows.
+    br = max(1, min(block_rows, A // E))
     nb = -(-(A + E * (br - 1)) // br)
     R = nb * br
     e_A = jnp.minimum(expert_A, E - 1)
@@ -144,12 +147,12 @@ def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Arr
         jnp.searchsorted(padded_end_E, jnp.arange(nb) * br, side="right"), E - 1)
     block_expert_N = block_expert_N.astype(jnp.int32)
   else:
-    R = A
+    R, br = A, block_rows
     slot_A = jnp.where(valid_A, sorted_pos_A, R)
     assign_R = jnp.where(valid_A[order_A], order_A, A).astype(jnp.int32)
     block_expert_N = None
   expert_R = jnp.take(expert_A, assign_R, mode="fill", fill_value=E)
-  return Dispatch(backend, block_rows, E, group_sizes_E, slot_A.reshape(S, K).astype(jnp.int32),
+  return Dispatch(backend, br, E, group_sizes_E, slot_A.reshape(S, K).astype(jnp.int32),
                   assign_R, expert_R, block_expert_N)
 
 

@@ -1,9 +1,9 @@
 """Multimodal rotary position embedding (M-RoPE, Qwen2-VL style).
 
-A head of width Dh has Dh/2 rotary frequency pairs, frequency i = theta^(-2i/Dh). The pairs are split
-into contiguous sections (t, h, w) = `rope_sections`; the pairs of a section are rotated by that
-component of `positions`. Text has t = h = w, where M-RoPE equals a 1-D RoPE. Pairs are laid out
-"half-rotated" (pair i is (x[i], x[i + Dh/2])), as in Llama / Qwen.
+A head of width Dh has Dh/2 rotary frequency pairs, frequency i = theta^(-2i/Dh). The pairs are
+split into contiguous sections (t, h, w) = `rope_sections`; the pairs of a section are rotated by
+that component of `positions`. Text has t = h = w, where M-RoPE equals a 1-D RoPE. Pairs are laid
+out "half-rotated" (pair i is (x[i], x[i + Dh/2])), as in Llama / Qwen.
 """
 from typing import Sequence
 

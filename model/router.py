@@ -10,7 +10,9 @@ MODALITIES = ("text", "image", "audio")   # modality ids 1, 2, 3 of the batch co
 
 
 def top_k_routing(logits_TxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """softmax over experts, top-k, weights renormalised to sum 1: (probs_TxE, expert_TxK, weight_TxK)."""
+  """Softmax over experts, top-k, weights renormalised to sum 1.
+
+  Returns (probs_TxE, expert_TxK, weight_TxK)."""
   probs_TxE = jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1)
   top_p_TxK, expert_TxK = jax.lax.top_k(probs_TxE, k)
   weight_TxK = top_p_TxK / jnp.sum(top_p_TxK, axis=-1, keepdims=True)
@@ -29,7 +31,7 @@ def balance_stats(logits_TxE: jax.Array, probs_TxE: jax.Array, expert_TxK: jax.A
   K = expert_TxK.shape[1]
   v_T = valid_T.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(v_T), 1.0)
-  onehot_TxE = jnp.sum(jax.nn.one_hot(expert_TxK, E, dtype=jnp.float32), axis=1)   # counts per token
+  onehot_TxE = jnp.sum(jax.nn.one_hot(expert_TxK, E, dtype=jnp.float32), axis=1)  # per token
   counts_E = jnp.sum(onehot_TxE * v_T[:, None], axis=0)
   load_E = counts_E / (n * K)
   mean_prob_E = jnp.sum(probs_TxE * v_T[:, None], axis=0) / n

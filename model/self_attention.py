@@ -37,9 +37,14 @@ class SelfAttention(nnx.Module):
     dt = self.dtype
     x = x_BxLxD.astype(dt)
     with jax.named_scope("qkv"):
-      q_BxLxHxD = jnp.einsum("bld,dhk->blhk", x, self.wq_DxHxDh[...].astype(dt))
-      k_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.wk_DxKxDh[...].astype(dt))
-      v_BxLxKxD = jnp.einsum("bld,dhk->blhk", x, self.wv_DxKxDh[...].astype(dt))
+      # One matmul for q, k and v (weights concatenated along the heads axis).
+      w_DxNxDh = jnp.concatenate(
+          [self.wq_DxHxDh[...], self.wk_DxKxDh[...], self.wv_DxKxDh[...]], axis=1).astype(dt)
+      qkv_BxLxNxDh = jnp.einsum("bld,dnk->blnk", x, w_DxNxDh)
+      H, K = cfg.num_heads, cfg.num_kv_heads
+      q_BxLxHxD = qkv_BxLxNxDh[:, :, :H]
+      k_BxLxKxD = qkv_BxLxNxDh[:, :, H:H + K]
+      v_BxLxKxD = qkv_BxLxNxDh[:, :, H + K:]
       if cfg.qk_norm:
         q_BxLxHxD, k_BxLxKxD = self.q_norm(q_BxLxHxD), self.k_norm(k_BxLxKxD)
     with jax.named_scope("rope"):

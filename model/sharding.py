@@ -52,7 +52,8 @@ def logical_to_mesh_spec(names: Names, rules=LOGICAL_RULES) -> PartitionSpec:
   return PartitionSpec(*out)
 
 
-def fit_spec(spec: PartitionSpec, shape: Sequence[int], axis_sizes: dict[str, int]) -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape: Sequence[int],
+             axis_sizes: dict[str, int]) -> PartitionSpec:
   """Drops mesh axes that are absent, reused, or do not divide their dimension."""
   used: set[str] = set()
   out = []
@@ -75,7 +76,7 @@ def _names_of(v: nnx.Variable, ndim: int) -> Names:
 
 
 def param_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
-  """NamedSharding for every Variable of an `nnx.State` (same tree, Variables keep their metadata)."""
+  """NamedSharding for every Variable of an `nnx.State` (same tree; Variables keep metadata)."""
   axis_sizes = dict(mesh.shape)
 
   def one(x):
@@ -111,7 +112,8 @@ def require_auto_axes(x: jax.Array) -> None:
   for mesh in meshes:
     if mesh is not None and not mesh.empty and mesh.explicit_axes:
       raise ValueError(
-          f"the model needs a mesh with AxisType.Auto axes, got Explicit axes {mesh.explicit_axes}; "
+          "the model needs a mesh with AxisType.Auto axes, got Explicit axes "
+          f"{mesh.explicit_axes}; "
           "build it with jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))")
 
 

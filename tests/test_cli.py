@@ -65,6 +65,7 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
   assert main(["train", *SMALL, "train.steps=6", "checkpoint.every_steps=2", "eval.every_steps=0",
                "--workdir", str(wd)]) == 0
   assert [r["step"] for r in metrics(wd) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  assert "finished 6 steps" in capsys.readouterr().out
   # eval of the latest checkpoint uses the run's own saved config.
   assert main(["eval", "--workdir", str(wd)]) == 0
   result = json.loads(capsys.readouterr().out)

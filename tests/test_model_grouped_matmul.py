@@ -65,12 +65,14 @@ def test_backend_matches_dense_forward_and_grads(backend, block_rows):
 
 def test_blocked_layout_bookkeeping():
   """Each block holds one expert; groups start on block boundaries; the buffer is static."""
-  br = 4
-  expert_SxK = jnp.asarray([[2, 0], [2, 3], [0, 2], [2, 2], [3, 0]], jnp.int32)
-  plan = gmm.plan_dispatch(expert_SxK, E, backend="blocked", block_rows=br)
-  A = expert_SxK.size
+  expert_SxK = jnp.asarray([[2, 0], [2, 3], [0, 2], [2, 2], [3, 0]] * 2, jnp.int32)
+  plan = gmm.plan_dispatch(expert_SxK, E, backend="blocked", block_rows=4)
+  A, br = expert_SxK.size, plan.block_rows
+  assert br == 4
   assert plan.num_rows == -(-(A + E * (br - 1)) // br) * br
-  np.testing.assert_array_equal(plan.group_sizes_E, [3, 0, 5, 2])
+  np.testing.assert_array_equal(plan.group_sizes_E, [6, 0, 10, 4])
+  # A small batch gets smaller blocks (padding stays bounded by the number of assignments).
+  assert gmm.plan_dispatch(expert_SxK[:4], E, backend="blocked", block_rows=64).block_rows == 2
   slots = np.asarray(plan.slot_SxK).reshape(-1)
   assert len(set(slots.tolist())) == A
   block_expert = np.asarray(plan.block_expert_N)
