@@ -42,6 +42,7 @@ class Split:
   image_labels: np.ndarray               # int32 [N]
   image_indices: np.ndarray              # rows of sklearn's load_digits()
   text_pieces: tuple[tuple[np.ndarray, bool], ...]  # (text ids, ends its document)
+  pixels_NxHxW: np.ndarray               # float32 [N, 8, 8] the images behind `images`
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,12 +70,23 @@ class DefaultDataset:
     codes = kmeans.assign(frames, self.audio_codebook_KxD)
     return audio_media(self.vocab.audio_ids(codes), frames, self.feature_dim)
 
+  def shifted_image(self, split: Split, i: int, rng: np.random.Generator) -> Media:
+    """Image `i` of `split` moved by up to `image_shift` pixels each way (training augmentation)."""
+    s = self.cfg.image_shift
+    dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
+    pixels = digits.shift(split.pixels_NxHxW[i], dy, dx)
+    patches = digits.patchify(pixels[None], self.cfg.image_patch)[0]
+    codes = kmeans.assign(patches, self.image_codebook_KxD)
+    return image_media(self.vocab.image_ids(codes), patches, self.image_grid, self.feature_dim)
+
 
 def validate(cfg: DataConfig) -> None:
   weights = (cfg.weight_image, cfg.weight_audio, cfg.weight_text)
   if min(weights) < 0 or sum(weights) <= 0:
     raise ValueError(f"data.weight_image/audio/text must be >= 0 with a positive sum, "
                      f"got {weights}")
+  if cfg.image_shift < 0:
+    raise ValueError(f"data.image_shift must be >= 0, got {cfg.image_shift}")
   for name in ("image_codebook", "audio_codebook", "n_mels", "frame_hop", "sample_rate"):
     if getattr(cfg, name) <= 0:
       raise ValueError(f"data.{name} must be positive, got {getattr(cfg, name)}")
@@ -121,9 +133,9 @@ def build(cfg: DataConfig) -> DefaultDataset:
       frames_per_tone=dtmf.num_frames(cfg),
       patches_per_image=train_images.patches_NxPxD.shape[1], image_grid=train_images.grid,
       train=Split(image_split(train_images), train_images.labels_N, train_images.indices_N,
-                  train_text),
+                  train_text, train_images.pixels_NxHxW),
       heldout=Split(image_split(heldout_images), heldout_images.labels_N,
-                    heldout_images.indices_N, heldout_text),
+                    heldout_images.indices_N, heldout_text, heldout_images.pixels_NxHxW),
       image_captions=_caption_table(vocab, captions_lib.IMAGE_TEMPLATES),
       audio_captions=_caption_table(vocab, captions_lib.AUDIO_TEMPLATES))
   _check_fits(ds)

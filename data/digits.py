@@ -17,6 +17,7 @@ class DigitImages:
   labels_N: np.ndarray        # int32 [N], 0..9
   indices_N: np.ndarray       # int64 [N], row in sklearn's `load_digits()` arrays
   grid: tuple[int, int]       # (rows, cols) of patches
+  pixels_NxHxW: np.ndarray    # float32 [N, 8, 8], the images the patches were cut from
 
 
 def split_indices(num_images: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +38,15 @@ def patchify(images_NxHxW: np.ndarray, patch: int) -> np.ndarray:
   return x.transpose(0, 1, 3, 2, 4).reshape(n, (h // patch) * (w // patch), patch * patch)
 
 
+def shift(image_HxW: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  """The image moved by (dy, dx) pixels; what moves out is lost, what moves in is zero (background)."""
+  h, w = image_HxW.shape
+  out = np.zeros_like(image_HxW)
+  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
+      image_HxW[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
+  return out
+
+
 def load_split(cfg: DataConfig) -> tuple[DigitImages, DigitImages]:
   """(train, heldout) digit images, patchified with `cfg.image_patch`."""
   digits = load_digits()
@@ -45,5 +55,5 @@ def load_split(cfg: DataConfig) -> tuple[DigitImages, DigitImages]:
   patches = patchify(images, cfg.image_patch)
   side = IMAGE_SIDE // cfg.image_patch
   train, heldout = split_indices(len(labels), cfg.heldout_fraction)
-  make = lambda idx: DigitImages(patches[idx], labels[idx], idx, (side, side))
+  make = lambda idx: DigitImages(patches[idx], labels[idx], idx, (side, side), images[idx])
   return make(train), make(heldout)

@@ -33,7 +33,10 @@ def mixture_cumulative(ds: DefaultDataset) -> np.ndarray:
 
 
 def sample_row(ds: DefaultDataset, split: Split, rng: np.random.Generator) -> list[Example]:
-  """The examples of one row, in order; together at most `seq_len` tokens."""
+  """The examples of one row, in order; together at most `seq_len` tokens.
+
+  Training images (`split is ds.train`) are shifted by up to `image_shift` pixels.
+  """
   cumulative = mixture_cumulative(ds)
   f = ds.feature_dim
   examples, space, misses = [], ds.cfg.seq_len, 0
@@ -55,7 +58,9 @@ def sample_row(ds: DefaultDataset, split: Split, rng: np.random.Generator) -> li
       if 2 + ds.patches_per_image + len(caption) > space:
         misses += 1
         continue
-      example = make_example(caption, f, split.images[i])
+      augment = split is ds.train and ds.cfg.image_shift > 0
+      media = ds.shifted_image(split, i, rng) if augment else split.images[i]
+      example = make_example(caption, f, media)
     else:
       digit = int(rng.integers(10))
       caption = ds.audio_captions.draw(digit, rng)

@@ -59,24 +59,45 @@ def test_image_features_are_scaled_patches(ds):
   assert codes.min() >= 0 and codes.max() < CFG.image_codebook
 
 
+def _shifted_keys(split, cfg):
+  """Patch bytes of every image of `split` under every shift the augmentation may draw."""
+  s = cfg.image_shift
+  keys = set()
+  for pixels in split.pixels_NxHxW:
+    for dy in range(-s, s + 1):
+      for dx in range(-s, s + 1):
+        keys.add(digits.patchify(digits.shift(pixels, dy, dx)[None], cfg.image_patch)[0].tobytes())
+  return keys
+
+
 def test_heldout_images_never_appear_in_training(ds):
-  """Every image segment in training batches is a training image and never a held-out one."""
-  key = lambda feats: feats[:, :CFG.image_patch ** 2].tobytes()
-  train = {key(m.features_MxF) for m in ds.train.images}
-  heldout = {key(m.features_MxF) for m in ds.heldout.images}
+  """Every image segment in training batches is a (shifted) training image, never a held-out one."""
+  train, heldout = _shifted_keys(ds.train, CFG), _shifted_keys(ds.heldout, CFG)
   assert not train & heldout
   it = data.train_iterator(CFG, batch_size=16, seed=0)
-  seen = 0
+  seen, unshifted = 0, 0
+  originals = {m.features_MxF[:, :CFG.image_patch ** 2].tobytes() for m in ds.train.images}
   for _ in range(4):
     batch = next(it)
     for row in range(16):
       for seg in np.unique(batch["segment_ids"][row])[1:]:
         where = (batch["segment_ids"][row] == seg) & (batch["modality"][row] == MOD_IMAGE)
         if where.any():
-          assert key(batch["features"][row][where]) in train
+          key = batch["features"][row][where][:, :CFG.image_patch ** 2].tobytes()
+          assert key in train and key not in heldout
+          unshifted += key in originals
           seen += 1
   it.close()
   assert seen > 20
+  assert unshifted < seen, "image_shift > 0 but no training image was shifted"
+
+
+def test_shift_moves_pixels_and_fills_zeros():
+  image = np.arange(64, dtype=np.float32).reshape(8, 8) + 1
+  moved = digits.shift(image, 1, -2)
+  np.testing.assert_array_equal(moved[1:, :6], image[:7, 2:])
+  assert (moved[0] == 0).all() and (moved[:, 6:] == 0).all()
+  np.testing.assert_array_equal(digits.shift(image, 0, 0), image)
 
 
 def test_codebooks_use_many_codes_and_build_fast():
