@@ -19,6 +19,6 @@ class DataConfig:
   loss_weight_text: float = 1.0   # loss weight of positions whose target is text
   loss_weight_image: float = 1.0  # ... whose target is an image code
   loss_weight_audio: float = 1.0  # ... whose target is an audio code
-  image_shift: int = 1           # training images move by up to this many pixels (zero fill); 0 = off
+  image_shift: int = 0           # training images move by up to this many pixels (zero fill); 0 = off
   heldout_fraction: float = 0.2   # share of digit images and text documents held out for eval
   prefetch: int = 2               # batches prepared ahead in a background thread (0 = none)
