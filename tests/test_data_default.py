@@ -53,8 +53,9 @@ def test_image_features_are_scaled_patches(ds):
   i = 5
   media = ds.train.images[i]
   expected = digits.patchify(images[ds.train.image_indices[i]][None], CFG.image_patch)[0]
-  np.testing.assert_allclose(media.features_MxF[:, :4], expected, rtol=1e-6)
-  assert np.all(media.features_MxF[:, 4:] == 0)
+  d = CFG.image_patch ** 2
+  np.testing.assert_allclose(media.features_MxF[:, :d], expected, rtol=1e-6)
+  assert np.all(media.features_MxF[:, d:] == 0)
   assert 0.0 <= media.features_MxF.min() and media.features_MxF.max() <= 1.0
   codes = media.tokens_M - ds.vocab.image_offset
   assert codes.min() >= 0 and codes.max() < CFG.image_codebook
@@ -111,7 +112,7 @@ def test_codebooks_use_many_codes_and_build_fast():
   start = time.perf_counter()
   ds = default_dataset.build.__wrapped__(DataConfig(image_codebook=32, audio_codebook=48))
   assert time.perf_counter() - start < 5.0
-  assert ds.image_codebook_KxD.shape == (32, 4) and ds.audio_codebook_KxD.shape == (48, 24)
+  assert ds.image_codebook_KxD.shape == (32, ds.cfg.image_patch ** 2) and ds.audio_codebook_KxD.shape == (48, 24)
   image_codes = np.concatenate([m.tokens_M for m in ds.train.images]) - ds.vocab.image_offset
   assert len(np.unique(image_codes)) == 32
   rng = np.random.default_rng(0)

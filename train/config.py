@@ -6,6 +6,7 @@ line turns it into exit code 2.
 """
 import dataclasses
 import difflib
+import math
 import pathlib
 import typing
 
@@ -21,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 200                # optimizer steps of the whole run
+  steps: int = 300                # optimizer steps of the whole run
   batch_size: int = 32            # global batch, in packed rows of data.seq_len tokens
   seed: int = 0                   # seeds parameters, data order and eval draws
   learning_rate: float = 3e-3     # peak AdamW learning rate
@@ -117,16 +118,43 @@ def _coerce(key: str, tp, value):
     if not isinstance(value, (list, tuple)):
       raise bad()
     if len(args) == 2 and args[1] is Ellipsis:
-      args = (args[0],) * len(value)
+      return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
     if len(args) != len(value):
       raise bad()
     return tuple(_coerce(key, a, v) for a, v in zip(args, value))
+  if _is_config(tp):   # an item of a list of small records, e.g. data.sources[0]
+    return _build_item(key, tp, value)
   raise ConfigError(f"config key '{key}' has a type the loader does not know: {tp}")
+
+
+def _build_item(key: str, cls, value):
+  """A list item given as `{field: value, ...}`, or a bare value for the first field."""
+  fields = dataclasses.fields(cls)
+  if not isinstance(value, dict):
+    if isinstance(value, (dict, list, tuple)) or value is None:
+      raise ConfigError(f"config key '{key}' expects {_type_name(cls)}, got {value!r}")
+    value = {fields[0].name: value}
+  types_ = _field_types(cls)
+  for name in value:
+    if name not in types_:
+      close = difflib.get_close_matches(str(name), list(types_), n=1, cutoff=0.5)
+      hint = f" (did you mean '{key}.{close[0]}'?)" if close else ""
+      raise ConfigError(f"unknown config key '{key}.{name}'{hint}")
+  missing = [f.name for f in fields if f.name not in value
+             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"config key '{key}' needs '{missing[0]}'")
+  return cls(**{name: _coerce(f"{key}.{name}", types_[name], v) for name, v in value.items()})
 
 
 def _type_name(tp) -> str:
   if typing.get_origin(tp) is tuple:
-    return "a list [" + ", ".join(_type_name(a) for a in typing.get_args(tp)) + "]"
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return f"a list of {_type_name(args[0])}"
+    return "a list [" + ", ".join(_type_name(a) for a in args) + "]"
+  if _is_config(tp):
+    return "{" + ", ".join(f"{name}: {_type_name(t)}" for name, t in _field_types(tp).items()) + "}"
   return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -223,6 +251,22 @@ def validate(cfg: Config) -> None:
        f"must be at most model.moe.num_experts={moe.num_experts}, got {moe.top_k}")
   need(moe.backend in ("auto", "blocked", "ragged_dot", "dense"), "model.moe.backend",
        f"must be one of auto, blocked, ragged_dot, dense; got '{moe.backend}'")
+  need(moe.router in ("topk", "dynamic"), "model.moe.router",
+       f"must be topk or dynamic; got '{moe.router}'")
+  if moe.router == "dynamic":
+    need(1 <= moe.k_min <= moe.k_max, "model.moe.k_min",
+         f"must lie in 1..model.moe.k_max={moe.k_max}, got {moe.k_min}")
+    need(moe.k_max <= moe.num_experts, "model.moe.k_max",
+         f"must be at most model.moe.num_experts={moe.num_experts}, got {moe.k_max}")
+    need(0 < moe.target_active_fraction <= 1, "model.moe.target_active_fraction",
+         f"must lie in (0, 1], got {moe.target_active_fraction}")
+    need(moe.k_min / moe.num_experts <= moe.target_active_fraction <= moe.k_max / moe.num_experts,
+         "model.moe.target_active_fraction",
+         f"must lie in [k_min/num_experts, k_max/num_experts] = [{moe.k_min / moe.num_experts:.4g}, "
+         f"{moe.k_max / moe.num_experts:.4g}], got {moe.target_active_fraction}")
+  need(0 < moe.threshold_init <= 1, "model.moe.threshold_init",
+       f"must lie in (0, 1], got {moe.threshold_init}")
+  need(moe.threshold_rate >= 0, "model.moe.threshold_rate", f"must be >= 0, got {moe.threshold_rate}")
   need(m.attention in ("auto", "blockwise", "xla", "cudnn"), "model.attention",
        f"must be one of auto, blockwise, xla, cudnn; got '{m.attention}'")
   for key, value in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
@@ -235,6 +279,12 @@ def validate(cfg: Config) -> None:
   weights = (cfg.data.weight_image, cfg.data.weight_audio, cfg.data.weight_text)
   need(min(weights) >= 0 and sum(weights) > 0, "data.weight_text",
        "mixture weights (data.weight_image/audio/text) must be >= 0 and not all zero")
+  for i, source in enumerate(cfg.data.sources):
+    need(bool(source.path.strip()), f"data.sources[{i}].path", "must not be empty")
+    need(math.isfinite(source.weight) and source.weight >= 0, f"data.sources[{i}].weight",
+         f"must be a number >= 0, got {source.weight}")
+  need(not cfg.data.sources or sum(s.weight for s in cfg.data.sources) > 0, "data.sources",
+       "needs a source with a positive weight (or [] for the default dataset)")
 
 
 def to_dict(cfg) -> dict:

@@ -3,6 +3,10 @@
 Cross-modal accuracy: a held-out image (or a freshly drawn tone) followed by the prompt
 "the digit " is decoded greedily; a row counts as correct when the text before the first EOS is
 exactly the digit's English word.
+
+Held-out loss covers every source of the run (data.eval_batches). Bits per byte and cross-modal
+accuracy are measured on the default dataset, so a run without a `default` source skips them and
+says so in `Evaluator.notes` (see `default_dataset_evals`).
 """
 import dataclasses
 import math
@@ -18,31 +22,50 @@ from train.state import Setup, merge
 from train.step import MODALITIES, make_eval_step
 
 
+NO_DEFAULT_NOTE = ("eval: data.sources has no 'default' source, so eval/text_bits_per_byte and "
+                   "eval/{image,audio}_to_text_accuracy (default-dataset metrics) are skipped; "
+                   "eval/loss is measured on the held-out records of the prepared sources")
+
+
 @dataclasses.dataclass
 class EvalData:
-  mixed: list            # held-out mixed batches (batch contract)
-  text: list             # held-out text, weights on byte targets only
-  prompts: dict          # modality name -> data.PromptSet
+  mixed: list            # held-out mixed batches (batch contract), every source of the run
+  text: list             # held-out text, weights on byte targets only (default dataset)
+  prompts: dict          # modality name -> data.PromptSet (default dataset)
+  notes: tuple = ()      # what was skipped and why, for the user
 
 
 def load_eval_data(cfg: Config) -> EvalData:
   e, seed = cfg.eval, cfg.train.seed
-  return EvalData(
-      mixed=data.eval_batches(cfg.data, batch_size=e.batch_size, seed=seed, num_batches=e.num_batches),
-      text=data.heldout_text_batches(cfg.data, batch_size=e.batch_size, seed=seed)[:e.text_limit or None],
-      prompts={"image": data.prompt_set(cfg.data, modality="image", seed=seed,
-                                        max_new_tokens=e.max_new_tokens, limit=e.image_limit or None),
-               "audio": data.prompt_set(cfg.data, modality="audio", seed=seed,
-                                        max_new_tokens=e.max_new_tokens, limit=e.audio_limit or None)})
+  # Held-out loss weighs every modality 1, whatever weights training uses.
+  unit = dataclasses.replace(cfg.data, loss_weight_text=1.0, loss_weight_image=1.0,
+                             loss_weight_audio=1.0)
+  mixed = data.eval_batches(unit, batch_size=e.batch_size, seed=seed, num_batches=e.num_batches)
+  return EvalData(mixed, *default_dataset_evals(cfg))
+
+
+def default_dataset_evals(cfg: Config) -> tuple[list, dict, tuple]:
+  """(held-out text batches, cross-modal prompt sets, notes) of the default dataset; empty, with a
+  note, when the run does not read the default dataset."""
+  if not data.has_default_source(cfg.data):
+    return [], {}, (NO_DEFAULT_NOTE,)
+  e, seed = cfg.eval, cfg.train.seed
+  text = data.heldout_text_batches(cfg.data, batch_size=e.batch_size, seed=seed)[:e.text_limit or None]
+  prompts = {"image": data.prompt_set(cfg.data, modality="image", seed=seed,
+                                      max_new_tokens=e.max_new_tokens, limit=e.image_limit or None),
+             "audio": data.prompt_set(cfg.data, modality="audio", seed=seed,
+                                      max_new_tokens=e.max_new_tokens, limit=e.audio_limit or None)}
+  return text, prompts, ()
 
 
 def make_greedy_decode(setup: Setup, *, prompt_len: int, max_new_tokens: int):
-  """A jitted function (params, batch, next_position) -> generated ids [N, max_new_tokens]."""
-  def decode(params, batch, next_position_N):
+  """A jitted function (params, batch, next_position, router=None) -> generated ids
+  [N, max_new_tokens]."""
+  def decode(params, batch, next_position_N, router=None):
     model = merge(setup, params)
 
     def write(j, batch):
-      logits_NxLxV, _ = model(batch)
+      logits_NxLxV, _ = model(batch, router)
       logits_NxV = jax.lax.dynamic_index_in_dim(logits_NxLxV, prompt_len - 1 + j, 1, keepdims=False)
       token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
       at = prompt_len + j
@@ -59,10 +82,10 @@ def make_greedy_decode(setup: Setup, *, prompt_len: int, max_new_tokens: int):
   return jax.jit(decode)
 
 
-def word_accuracy(decode, params, prompts, vocab) -> float:
+def word_accuracy(decode, params, prompts, vocab, router=None) -> float:
   """Share of prompts whose greedy continuation is exactly the answer word, then EOS."""
   batch = {k: jnp.asarray(v) for k, v in prompts.batch.items()}
-  generated = np.asarray(decode(params, batch, jnp.asarray(prompts.next_position)))
+  generated = np.asarray(decode(params, batch, jnp.asarray(prompts.next_position), router))
   correct = 0
   for row, answer in zip(generated, prompts.answers):
     ends = np.flatnonzero(row == EOS)
@@ -73,7 +96,8 @@ def word_accuracy(decode, params, prompts, vocab) -> float:
 
 
 class Evaluator:
-  """Holds the eval sets and compiled functions of one run; `__call__(params)` -> metrics dict."""
+  """Holds the eval sets and compiled functions of one run; `__call__(params, router=None)` ->
+  metrics dict (`router`: the train state's router controller state, where it has one)."""
 
   def __init__(self, cfg: Config, setup: Setup, vocab):
     self.cfg, self.setup, self.vocab = cfg, setup, vocab
@@ -83,23 +107,32 @@ class Evaluator:
         name: make_greedy_decode(setup, prompt_len=p.prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
         for name, p in self.sets.prompts.items()}
 
-  def _sums(self, params, batches) -> dict:
+  def _sums(self, params, batches, router) -> dict:
     total: dict = {}
     for batch in batches:
-      out = jax.device_get(self.eval_step(params, batch))
+      out = jax.device_get(self.eval_step(params, batch, router))
       for k, v in out.items():
         total[k] = total.get(k, 0.0) + float(v)
     return total
 
-  def __call__(self, params) -> dict:
+  @property
+  def notes(self) -> tuple:
+    """What this run's eval skips and why (one line each)."""
+    return self.sets.notes
+
+  def __call__(self, params, router=None) -> dict:
     metrics = {}
-    s = self._sums(params, self.sets.mixed)
-    metrics["eval/loss"] = s["ce_sum"] / max(s["weight_sum"], 1e-9)
+    s = self._sums(params, self.sets.mixed, router)
+    if s.get("weight_sum", 0.0) > 0:
+      metrics["eval/loss"] = s["ce_sum"] / s["weight_sum"]
     for name in MODALITIES:
-      if s[f"weight_sum/{name}"] > 0:
+      if s.get(f"weight_sum/{name}", 0.0) > 0:
         metrics[f"eval/loss/{name}"] = s[f"ce_sum/{name}"] / s[f"weight_sum/{name}"]
-    t = self._sums(params, self.sets.text)
-    metrics["eval/text_bits_per_byte"] = t["ce_sum"] / max(t["weight_sum"], 1e-9) / math.log(2)
+    if self.sets.text:
+      t = self._sums(params, self.sets.text, router)
+      metrics["eval/text_bits_per_byte"] = t["ce_sum"] / max(t["weight_sum"], 1e-9) / math.log(2)
     for name, key in (("image", "eval/image_to_text_accuracy"), ("audio", "eval/audio_to_text_accuracy")):
-      metrics[key] = word_accuracy(self.decoders[name], params, self.sets.prompts[name], self.vocab)
+      if name in self.sets.prompts:
+        metrics[key] = word_accuracy(self.decoders[name], params, self.sets.prompts[name], self.vocab,
+                                     router)
     return metrics
