@@ -1,11 +1,21 @@
 """Typed configuration of the data pipeline; every field is a config key under `data.`."""
 import dataclasses
 
+DEFAULT_SOURCE = "default"      # the `path` that names the embedded default dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One entry of `data.sources`."""
+  path: str                       # a folder written by `omnimoe prepare`, or `default`
+  weight: float = 1.0             # mixture weight: share of examples drawn from this source
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  sources: tuple[Source, ...] = ()  # [{path, weight}, ...]; [] = the embedded default dataset only
   seq_len: int = 128              # packed row length L
-  image_patch: int = 2            # image patch side in pixels (digits are 8x8)
+  image_patch: int = 4            # image patch side in pixels (digits are 8x8: a 2x2 grid)
   image_codebook: int = 64        # k-means codes for image patches
   audio_codebook: int = 64        # k-means codes for audio frames
   sample_rate: int = 8000         # audio sample rate (Hz)
@@ -13,12 +23,24 @@ class DataConfig:
   frame_len: int = 256            # STFT window (samples)
   frame_hop: int = 128            # STFT hop (samples)
   tone_seconds: float = 0.2       # duration of one synthesized DTMF tone
-  weight_image: float = 0.4       # mixture weight of image+caption examples
-  weight_audio: float = 0.4       # mixture weight of tone+caption examples
+  weight_image: float = 0.55      # mixture weight of image+caption examples
+  weight_audio: float = 0.25      # mixture weight of tone+caption examples
   weight_text: float = 0.2        # mixture weight of text-only examples
   loss_weight_text: float = 1.0   # loss weight of positions whose target is text
-  loss_weight_image: float = 1.0  # ... whose target is an image code
+  loss_weight_image: float = 0.0  # ... an image code (0: predicting patches overfits 1.4k images)
   loss_weight_audio: float = 1.0  # ... whose target is an audio code
   image_shift: int = 0           # training images move by up to this many pixels (zero fill); 0 = off
   heldout_fraction: float = 0.2   # share of digit images and text documents held out for eval
   prefetch: int = 2               # batches prepared ahead in a background thread (0 = none)
+  image_side: int = 8             # `omnimoe prepare`: images are resized to side x side pixels
+  image_channels: int = 1         # `omnimoe prepare`: 1 = grayscale, 3 = RGB (channels innermost)
+
+
+def image_patch_dim(cfg: DataConfig) -> int:
+  """Width of one image patch vector: channels * patch * patch."""
+  return cfg.image_channels * cfg.image_patch ** 2
+
+
+def feature_dim(cfg: DataConfig) -> int:
+  """F, the width of the batch's `features`: the wider of an image patch and an audio frame."""
+  return max(image_patch_dim(cfg), cfg.n_mels)
