@@ -14,6 +14,7 @@ import yaml
 
 from data.config import DataConfig
 from model.config import ModelConfig
+from train.mesh_config import MeshConfig
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,7 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 
 def _is_config(tp) -> bool:
@@ -83,6 +85,10 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str) -> ConfigError:
+  axis = key.removeprefix("mesh.across_racks.")
+  if axis != key and axis in ("expert", "tensor", "context"):
+    return ConfigError(f"config key '{key}': the {axis} axis must stay inside one rack (fast domain); "
+                       f"set 'mesh.within_rack.{axis}' instead")
   close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
   hint = f" (did you mean '{close[0]}'?)" if close else ""
   return ConfigError(f"unknown config key '{key}'{hint}")

@@ -17,10 +17,11 @@ from train import config as config_lib
 from train.checkpoint import Checkpoints
 from train.config import Config
 from train.evaluate import Evaluator
-from train.mesh import batch_sharding, global_batch, make_mesh
+from train.mesh import batch_sharding, check_batch, global_batch, make_mesh
 from train.metrics import MetricsWriter, Progress
 from train.state import init_state, make_setup
-from train.step import make_train_step
+from model.router import MODALITIES
+from train.step import MOE_STATS, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -98,15 +99,40 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _metrics_line(raw: dict, *, tokens: int, seconds: float) -> dict:
+def _moe_metrics(raw: dict) -> dict:
+  """Per-layer MoE statistics [L, ...] -> metrics.jsonl keys (see README.md, "Sparse MoE").
+
+  A modality with no tokens in the step's batch gets no keys (rather than a misleading 0)."""
   out = {}
-  for k, v in raw.items():
-    v = np.asarray(v)
-    if k == "expert_load":
-      for i, row in enumerate(v):
-        out[f"moe/expert_load/layer_{i}"] = row
-    else:
-      out[k] = float(v)
+  load_LxMxE = np.asarray(raw["expert_load_by_modality"])
+  present_M = load_LxMxE.sum(axis=(0, 2)) > 0
+  for i, row in enumerate(np.asarray(raw["expert_load"])):
+    out[f"moe/expert_load/layer_{i}"] = row
+  for name, values in (("active_fraction", raw["active_fraction"]),
+                       ("router_entropy", raw["router_entropy"]),
+                       ("threshold", raw.get("router_threshold"))):
+    if values is None:
+      continue
+    values = np.asarray(values)
+    out[f"moe/{name}"] = float(values.mean())
+    for i, v in enumerate(values):
+      out[f"moe/{name}/layer_{i}"] = float(v)
+  for m, modality in enumerate(MODALITIES):
+    if not present_M[m]:
+      continue
+    for name in ("active_fraction", "router_entropy"):
+      per_layer = np.asarray(raw[f"{name}_by_modality"])[:, m]
+      out[f"moe/{name}/{modality}"] = float(per_layer.mean())
+      for i, v in enumerate(per_layer):
+        out[f"moe/{name}/{modality}/layer_{i}"] = float(v)
+    for i, row in enumerate(load_LxMxE[:, m]):
+      out[f"moe/expert_load/{modality}/layer_{i}"] = row
+  return out
+
+
+def _metrics_line(raw: dict, *, tokens: int, seconds: float) -> dict:
+  out = {k: float(np.asarray(v)) for k, v in raw.items() if k not in (*MOE_STATS, "router_threshold")}
+  out.update(_moe_metrics(raw))
   out["tokens_per_s"] = tokens / max(seconds, 1e-9)
   return out
 
@@ -118,7 +144,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
   if lead:
     (workdir / "config.yaml").write_text(config_lib.dump(cfg))
 
-  mesh = make_mesh()
+  mesh = make_mesh(cfg.mesh)
+  check_batch(mesh, cfg.train.batch_size)
   try:  # the data package checks its own keys and names them in a ValueError
     info = data.dataset_info(cfg.data, cfg.train.seed)
     batches = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -146,6 +173,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
   evaluator = Evaluator(cfg, setup, info.vocab)
   writer = MetricsWriter(workdir, enabled=lead)
   bar = Progress(start=start, total=total, enabled=progress and lead)
+  for note in evaluator.notes:
+    bar.message(note)
   if latest is not None:
     bar.message(f"resumed from {workdir / 'checkpoints' / str(latest)}")
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -187,7 +216,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
         if save_due:
           ckpts.save(step, state, batches.get_state())
         if eval_due:
-          last_eval = evaluator(state["params"])
+          last_eval = evaluator(state["params"], state.get("router"))
           writer.write(step, last_eval)
           bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
         if eval_due or save_due:
@@ -204,16 +233,21 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
                  stopped_early=int(state["step"]) < total)
 
 
-def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict]:
-  """Evaluates the latest checkpoint in `workdir`; returns (step, metrics)."""
+def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict, tuple]:
+  """Evaluates the latest checkpoint in `workdir`; returns (step, metrics, notes on what eval
+  skipped)."""
   workdir = pathlib.Path(workdir).absolute()
   ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=False)
   latest = ckpts.latest_step()
   if latest is None:
     raise WorkdirError(f"no checkpoint in '{workdir / 'checkpoints'}' to evaluate")
-  mesh = make_mesh()
-  info = data.dataset_info(cfg.data, cfg.train.seed)
+  mesh = make_mesh(cfg.mesh)
+  try:  # the data package checks its own keys and names them in a ValueError
+    info = data.dataset_info(cfg.data, cfg.train.seed)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   setup = make_setup(cfg, mesh, vocab_size=info.vocab.size, feature_dim=info.feature_dim)
   state, _ = ckpts.restore(latest, setup)
   ckpts.close()
-  return latest, Evaluator(cfg, setup, info.vocab)(state["params"])
+  evaluator = Evaluator(cfg, setup, info.vocab)
+  return latest, evaluator(state["params"], state.get("router")), evaluator.notes
