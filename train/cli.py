@@ -1,8 +1,10 @@
-"""`omnimoe`: the command line. It parses, then delegates to train.loop; nothing else lives here.
+"""`omnimoe`: the command line. It parses, then delegates to train.loop or data.prepare; nothing
+else lives here.
 
-  omnimoe train  [CONFIG.yaml] [--workdir DIR] [key=value ...]
-  omnimoe eval   [CONFIG.yaml] --workdir DIR [key=value ...]
-  omnimoe config [CONFIG.yaml] [key=value ...]
+  omnimoe train   [CONFIG.yaml] [--workdir DIR] [key=value ...]
+  omnimoe eval    [CONFIG.yaml] --workdir DIR [key=value ...]
+  omnimoe prepare MANIFEST.jsonl --out DIR [--skip-bad] [CONFIG.yaml] [key=value ...]
+  omnimoe config  [CONFIG.yaml] [key=value ...]
 
 Exit codes: 0 done, 2 bad config or arguments, 3 bad data, 4 non-finite loss.
 """
@@ -21,13 +23,35 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   for name, help_ in [("train", "train (or resume) a run"),
                       ("eval", "evaluate the latest checkpoint of a run"),
+                      ("prepare", "turn a JSONL manifest of text/image/audio files into a "
+                                  "prepared folder (ArrayRecord shards, codebooks, card.json)"),
                       ("config", "print the resolved config")]:
     s = sub.add_parser(name, help=help_)
+    if name == "prepare":
+      s.add_argument("manifest", metavar="MANIFEST.jsonl", help="one example per line")
+      s.add_argument("--out", required=True, help="the prepared folder to write")
+      s.add_argument("--skip-bad", action="store_true",
+                     help="skip bad lines (listed in card.json) instead of stopping with exit 3")
     s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                    help="an optional YAML config first, then key.sub=value overrides")
-    if name != "config":
+    if name in ("train", "eval"):
       s.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+      s.add_argument("--coordinator-address", metavar="HOST:PORT",
+                     help="multi-host: address of process 0 (all processes pass the same)")
+      s.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+      s.add_argument("--process-id", type=int, help="multi-host: this process's index")
   return p
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+  """Like parse_args, but overrides may also follow options (`CONFIG --workdir D key=value`)."""
+  parser = _parser()
+  ns, extra = parser.parse_known_args(argv)
+  stray = [a for a in extra if a.startswith("-") or "=" not in a]
+  if stray:
+    parser.error(f"unrecognized arguments: {' '.join(stray)}")
+  ns.args = [*ns.args, *extra]
+  return ns
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -46,8 +70,20 @@ def _fail(code: int, message: str) -> int:
   return code
 
 
+def _prepare(ns: argparse.Namespace, cfg) -> int:
+  from data import prepare  # no jax needed to prepare data
+  try:
+    card = prepare.prepare(ns.manifest, ns.out, cfg.data, skip_bad=ns.skip_bad)
+  except prepare.BadData as e:
+    return _fail(EXIT_DATA, f"bad data: {e}")
+  except ValueError as e:   # PrepareError, or data settings that cannot work
+    return _fail(EXIT_USAGE, str(e))
+  print(prepare.summary(card, ns.out))
+  return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
-  ns = _parser().parse_args(argv)
+  ns = _parse(argv)
   try:
     path, overrides = _split(ns.args)
     workdir = getattr(ns, "workdir", None)
@@ -60,18 +96,25 @@ def main(argv: list[str] | None = None) -> int:
   if ns.command == "config":
     print(config_lib.dump(cfg), end="")
     return EXIT_OK
+  if ns.command == "prepare":
+    return _prepare(ns, cfg)
   if ns.command == "eval" and not workdir:
     return _fail(EXIT_USAGE, "eval needs --workdir DIR (the run to evaluate)")
   workdir = workdir or f"runs/{pathlib.Path(path).stem if path else 'tiny'}"
 
-  from train import loop  # heavy imports (jax) only once the arguments are known to be good
+  from train import distributed, loop  # heavy imports (jax) only once the arguments are good
+  try:
+    distributed.initialize(ns.coordinator_address, ns.num_processes, ns.process_id)
+  except ValueError as e:
+    return _fail(EXIT_USAGE, str(e))
   try:
     if ns.command == "train":
       summary = loop.train(cfg, workdir)
       print(summary.describe())
     else:
-      step, metrics = loop.evaluate(cfg, workdir)
-      print(json.dumps({"step": step, **metrics}, indent=1))
+      step, metrics, notes = loop.evaluate(cfg, workdir)
+      print(json.dumps({"step": step, **metrics, **({"notes": list(notes)} if notes else {})},
+                       indent=1))
   except (loop.WorkdirError, config_lib.ConfigError) as e:
     return _fail(EXIT_USAGE, str(e))
   except loop.NonFiniteLoss as e:

@@ -1,0 +1,58 @@
+"""Two processes x 4 CPU devices on 127.0.0.1 compute what one process x 8 devices does."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+ARGS = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.head_dim=16", "model.rope_sections=[4,2,2]", "model.moe.num_experts=4",
+        "model.moe.expert_hidden=32", "data.seq_len=64", "train.batch_size=8", "train.steps=3",
+        "train.log_every=1", "eval.image_limit=16", "eval.audio_limit=16", "eval.text_limit=1",
+        "eval.num_batches=1", "eval.batch_size=8", "checkpoint.every_steps=3"]
+
+
+def env(devices: int) -> dict:
+  e = dict(os.environ, JAX_PLATFORMS="cpu")
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return e
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def train_cmd(workdir, *extra):
+  return [sys.executable, "-m", "train.cli", "train", *ARGS, "--workdir", str(workdir), *extra]
+
+
+def losses(workdir):
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  one = subprocess.run(train_cmd(tmp_path / "one"), cwd=ROOT, env=env(8), capture_output=True,
+                       text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-2000:]
+
+  port = free_port()
+  procs = [subprocess.Popen(train_cmd(tmp_path / "two", "--coordinator-address", f"127.0.0.1:{port}",
+                                      "--num-processes", "2", "--process-id", str(i)),
+                            cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+  assert len(a) == len(b) == 3
+  assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+  assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
