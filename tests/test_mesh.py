@@ -85,3 +85,35 @@ def test_bad_meshes_are_refused_in_one_line(overrides, needle):
   with pytest.raises(ConfigError, match=needle) as e:
     make_mesh(config_lib.load(None, overrides).mesh)
   assert "\n" not in str(e.value)
+
+
+def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
+  from train.checkpoint import Checkpoints
+  cfg = config_lib.load(None, [*SMALL, *MESHES["data2_expert4"]])
+  mesh8, setup8, state8, _, _ = losses_and_grads(MESHES["data2_expert4"], steps=2)
+  ckpts = Checkpoints(tmp_path / "ckpt", keep=1, async_save=False)
+  ckpts.save(2, state8, {})
+  ckpts.wait()
+  info = data.dataset_info(cfg.data, cfg.train.seed)
+  dims = dict(vocab_size=info.vocab.size, feature_dim=info.feature_dim)
+  it = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+  for _ in range(2):
+    next(it)
+  batch = next(it)
+  it.close()
+
+  def next_loss(mesh, setup, state):
+    step = make_train_step(cfg, setup, batch_sharding(mesh))
+    return float(step(state, global_batch(batch, mesh))[1]["loss"])
+
+  expected = next_loss(mesh8, setup8, state8)
+  for overrides, devices in [(["mesh.within_rack.data=1", "mesh.within_rack.expert=4"], jax.devices()[:4]),
+                             ([], jax.devices()[:1])]:
+    small = config_lib.load(None, [*SMALL, *overrides])
+    mesh = make_mesh(small.mesh, devices)
+    setup = make_setup(small, mesh, **dims)
+    state, _ = ckpts.restore(2, setup)
+    assert int(state["step"]) == 2
+    assert all(len(leaf.sharding.device_set) == len(devices) for leaf in jax.tree.leaves(state))
+    assert next_loss(mesh, setup, state) == pytest.approx(expected, rel=1e-5)
+  ckpts.close()
