@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                       ("eval", "evaluate the latest checkpoint of a run"),
                       ("prepare", "turn a JSONL manifest of text/image/audio files into a "
                                   "prepared folder (ArrayRecord shards, codebooks, card.json)"),
+                      ("plan", "per-device memory, FLOPs per token and collective bytes of a "
+                               "config's mesh, from an ahead-of-time compile on simulated devices"),
                       ("config", "print the resolved config")]:
     s = sub.add_parser(name, help=help_)
     if name == "prepare":
@@ -34,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="skip bad lines (listed in card.json) instead of stopping with exit 3")
     s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                    help="an optional YAML config first, then key.sub=value overrides")
+    if name == "plan":
+      s.add_argument("--devices", type=int,
+                     help="simulated CPU devices (default: what the mesh sizes and rack_size imply)")
     if name in ("train", "eval"):
       s.add_argument("--workdir", help="run directory (default: runs/<config name>)")
       s.add_argument("--coordinator-address", metavar="HOST:PORT",
@@ -82,6 +87,32 @@ def _prepare(ns: argparse.Namespace, cfg) -> int:
   return EXIT_OK
 
 
+def _plan_devices(cfg) -> int:
+  """Devices a mesh spells out: racks (across sizes, or 1) x devices per rack (within sizes or rack_size)."""
+  import math
+  across, within = vars(cfg.mesh.across_racks).values(), vars(cfg.mesh.within_rack).values()
+  per_rack = cfg.mesh.rack_size or (math.prod(within) if -1 not in within else 1)
+  return (math.prod(across) if -1 not in across else 1) * per_rack
+
+
+def _plan(ns: argparse.Namespace, cfg) -> int:
+  import os
+  devices = ns.devices or _plan_devices(cfg)
+  os.environ["JAX_PLATFORMS"] = "cpu"   # read when the first backend starts, not at import
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={devices}")
+  import jax
+  from train import plan
+  if len(jax.devices()) != devices:
+    return _fail(EXIT_USAGE, f"plan needs {devices} simulated devices but JAX already started with "
+                             f"{len(jax.devices())}; run it as its own command")
+  try:
+    print(plan.describe(plan.plan(cfg)))
+  except config_lib.ConfigError as e:
+    return _fail(EXIT_USAGE, str(e))
+  return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
   ns = _parse(argv)
   try:
@@ -98,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
   if ns.command == "prepare":
     return _prepare(ns, cfg)
+  if ns.command == "plan":
+    return _plan(ns, cfg)
   if ns.command == "eval" and not workdir:
     return _fail(EXIT_USAGE, "eval needs --workdir DIR (the run to evaluate)")
   workdir = workdir or f"runs/{pathlib.Path(path).stem if path else 'tiny'}"

@@ -1,0 +1,46 @@
+"""`omnimoe plan`: figures read back from an ahead-of-time compile."""
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train import config as config_lib
+from train.mesh import make_mesh
+from train.plan import collective_bytes, plan
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_collective_bytes_counts_an_all_reduce():
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.ShapeDtypeStruct((8, 256), jnp.float32, sharding=NamedSharding(mesh, P("d")))
+  compiled = jax.jit(lambda x: x.sum(0), out_shardings=NamedSharding(mesh, P())).lower(x).compile()
+  got = collective_bytes(compiled.as_text())
+  assert got["all-reduce"] == 256 * 4, got      # one f32[256] partial sum per device
+  assert got["all-to-all"] == 0
+
+
+def test_plan_of_an_expert_parallel_mesh():
+  cfg = config_lib.load(None, ["mesh.within_rack.data=2", "mesh.within_rack.expert=4",
+                               "model.num_layers=1"])
+  p = plan(cfg)
+  assert p["mesh"]["expert"] == 4 and p["devices"] == 8
+  # Expert weights are split 4 ways, the rest replicated: per-device bytes are between 1/4 and all.
+  total = p["parameters"] * 4
+  assert total / 4 < p["param_bytes_per_device"] < total
+  extra = p["optimizer_bytes_per_device"] - 2 * p["param_bytes_per_device"]   # AdamW mu and nu
+  assert 0 <= extra <= 64                                                      # + step counters
+  assert p["flops_per_token"] > 6 * 0.5e6 and p["activation_bytes_per_device"] > 0
+
+
+def test_plan_command_simulates_the_devices_the_mesh_needs():
+  out = subprocess.run([sys.executable, "-m", "train.cli", "plan", "model.num_layers=1",
+                        "mesh.within_rack.data=2", "mesh.within_rack.expert=2"],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "mesh: data 2 x expert 2 (4 devices)" in out.stdout
+  assert "FLOPs per token" in out.stdout and "all-reduce" in out.stdout

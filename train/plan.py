@@ -1,0 +1,100 @@
+"""`omnimoe plan`: what a config costs on its mesh, from an ahead-of-time compile on simulated devices.
+
+Nothing is allocated and no step runs: the train step is lowered with abstract inputs and compiled
+for the mesh, then XLA's own analyses are read back:
+- parameters and optimizer state per device, from the shardings the rules give;
+- activations per device: the compiled step's temporary buffers (`memory_analysis().temp_size`);
+- FLOPs per token: `cost_analysis()["flops"]` of the per-device program x devices / tokens per step;
+- collective bytes per device per step, by kind, summed from the compiled program's collectives.
+The compile is for the CPU backend, so figures are those of XLA:CPU's partitioning and buffer
+assignment; on GPU/TPU the same partitioning holds while fusion and memory reuse differ.
+"""
+import math
+import re
+
+import jax
+import numpy as np
+
+from train.config import Config
+
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_OP = re.compile(r"=\s*(\(.*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES)
+                 + r")(?:-start)?\(")
+_SHAPE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes of the results of each kind of collective in an HLO module (per device)."""
+  out = {k: 0 for k in COLLECTIVES}
+  for shape, kind in _OP.findall(hlo_text):
+    for dtype, dims in _SHAPE.findall(shape):
+      n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+      out[kind] += n * _DTYPE_BYTES.get(dtype, 4)
+  return out
+
+
+def _bytes_per_device(tree, shardings) -> int:
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+    total += math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def plan(cfg: Config) -> dict:
+  """Compiles the train step for `cfg`'s mesh on the devices present and returns the figures."""
+  import data
+  from train.mesh import batch_sharding, check_batch, make_mesh
+  from train.state import make_setup
+  from train.step import make_train_step
+
+  mesh = make_mesh(cfg.mesh)
+  check_batch(mesh, cfg.train.batch_size)
+  info = data.dataset_info(cfg.data, cfg.train.seed)
+  setup = make_setup(cfg, mesh, vocab_size=info.vocab.size, feature_dim=info.feature_dim)
+  step = make_train_step(cfg, setup, batch_sharding(mesh))
+  b, l, f = cfg.train.batch_size, cfg.data.seq_len, info.feature_dim
+  batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in {
+      "tokens": ((b, l), np.int32), "features": ((b, l, f), np.float32),
+      "modality": ((b, l), np.int8), "segment_ids": ((b, l), np.int32),
+      "positions": ((b, l, 3), np.int32), "targets": ((b, l), np.int32),
+      "loss_weights": ((b, l), np.float32)}.items()}
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       setup.abstract_state, setup.shardings)
+  compiled = step.lower(state, batch).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  devices = mesh.devices.size
+  params = setup.abstract_state["params"]
+  return {
+      "mesh": dict(mesh.shape),
+      "devices": devices,
+      "parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+      "param_bytes_per_device": _bytes_per_device(params, setup.shardings["params"]),
+      "optimizer_bytes_per_device": _bytes_per_device(setup.abstract_state["opt_state"],
+                                                      setup.shardings["opt_state"]),
+      "activation_bytes_per_device": int(memory.temp_size_in_bytes),
+      "flops_per_token": float(cost.get("flops", 0.0)) * devices / (b * l),
+      "tokens_per_step": b * l,
+      "collective_bytes_per_device_per_step": collective_bytes(compiled.as_text()),
+  }
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(p: dict) -> str:
+  mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items() if v > 1) or "one device"
+  lines = [f"mesh: {mesh} ({p['devices']} devices)",
+           f"parameters:                {p['parameters'] / 1e6:.1f} M",
+           f"params per device:         {_gib(p['param_bytes_per_device'])}",
+           f"optimizer per device:      {_gib(p['optimizer_bytes_per_device'])}",
+           f"activations per device:    {_gib(p['activation_bytes_per_device'])} (compiled step's temporaries)",
+           f"FLOPs per token:           {p['flops_per_token'] / 1e9:.3f} GFLOP (forward + backward)",
+           f"tokens per step:           {p['tokens_per_step']}",
+           "collectives per device per step:"]
+  lines += [f"  {k:<20s} {_gib(v)}" for k, v in p["collective_bytes_per_device_per_step"].items()]
+  return "\n".join(lines)
