@@ -1,22 +1,26 @@
-"""omnimoe data: the embedded default dataset (digit images, DTMF tones, captions, text) on grain.
+"""omnimoe data: the embedded default dataset (digit images, DTMF tones, captions, text) and
+prepared folders of the user's own files (`omnimoe prepare`), mixed by weight, on grain.
 
 Public API (the trainer depends on these names):
   dataset_info(cfg, seed) -> DatasetInfo(vocab, feature_dim)
   train_iterator(cfg, *, batch_size, seed, process_index=0, process_count=1) -> grain iterator
   eval_batches(cfg, *, batch_size, seed, num_batches) -> list of batches
+  has_default_source(cfg) -> bool: whether the two default-dataset evals below apply
   heldout_text_batches(cfg, *, batch_size, seed) -> list of batches (bits per byte)
   prompt_set(cfg, *, modality, seed, max_new_tokens, limit=None) -> PromptSet
 """
 from data.captions import EVAL_PROMPT
 from data.config import DataConfig
-from data.default_dataset import DatasetInfo, dataset_info
+from data.default_dataset import DatasetInfo
 from data.heldout_text import heldout_text_batches
 from data.packing import BATCH_KEYS
-from data.pipeline import eval_batches, train_iterator
+from data.pipeline import dataset_info, eval_batches, train_iterator
 from data.prompts import PromptSet, prompt_set
+from data.sources import has_default as has_default_source
 from data.vocab import Vocab
 
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DatasetInfo", "EVAL_PROMPT", "PromptSet", "Vocab",
-    "dataset_info", "eval_batches", "heldout_text_batches", "prompt_set", "train_iterator",
+    "dataset_info", "eval_batches", "has_default_source", "heldout_text_batches", "prompt_set",
+    "train_iterator",
 ]

@@ -12,7 +12,7 @@ import numpy as np
 
 from data import captions as captions_lib
 from data import digits, dtmf, kmeans, text_corpus
-from data.config import DataConfig
+from data.config import DataConfig, feature_dim as feature_dim_of
 from data.examples import Media, audio_media, image_media
 from data.vocab import Vocab
 
@@ -111,7 +111,7 @@ def _text_split(cfg: DataConfig, vocab: Vocab):
 def build(cfg: DataConfig) -> DefaultDataset:
   validate(cfg)
   vocab = Vocab.from_config(cfg)
-  feature_dim = max(cfg.image_patch ** 2, cfg.n_mels)
+  feature_dim = feature_dim_of(cfg)
   train_images, heldout_images = digits.load_split(cfg)
   train_patches = train_images.patches_NxPxD.reshape(-1, cfg.image_patch ** 2)
   image_codebook = kmeans.fit(train_patches, cfg.image_codebook, CODEBOOK_SEED)

@@ -75,8 +75,15 @@ def mel_filterbank(sample_rate: int, frame_len: int, n_mels: int) -> np.ndarray:
 
 
 def log_mel(wave: np.ndarray, cfg: DataConfig) -> np.ndarray:
-  """float32 [frames, n_mels] normalised log-mel of a waveform (Hann window, no padding)."""
-  frames = num_frames(cfg)
+  """float32 [frames, n_mels] normalised log-mel of a waveform (Hann window, no padding).
+
+  frames = 1 + (len(wave) - frame_len) // frame_hop: every whole window; the tail is dropped.
+  Used for synthesized tones and for audio files (`data.audio_io`) alike.
+  """
+  if len(wave) < cfg.frame_len:
+    raise ValueError(f"a waveform of {len(wave)} samples is shorter than one frame "
+                     f"(data.frame_len={cfg.frame_len})")
+  frames = 1 + (len(wave) - cfg.frame_len) // cfg.frame_hop
   starts = np.arange(frames) * cfg.frame_hop
   window = np.hanning(cfg.frame_len + 1)[:-1].astype(np.float32)   # periodic Hann
   segments = wave[starts[:, None] + np.arange(cfg.frame_len)] * window

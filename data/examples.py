@@ -73,3 +73,38 @@ def make_example(text_ids: np.ndarray, feature_dim: int, media: Media | None = N
   positions = np.concatenate([_text_positions(0, 1), media.positions_Mx3 + 1,
                               _text_positions(1 + media.span, len(tail))])
   return Example(tokens, features, modality, positions)
+
+
+def make_sequence(parts, feature_dim: int, eos: bool = True) -> Example:
+  """`[BOS] part part ... [EOS]` for parts in any order: int32 text ids or Media.
+
+  Positions follow the same rules as `make_example` (each part starts at the running index, media
+  advance it by their span), so `make_sequence([media, text_ids], F)` is `make_example(text_ids,
+  F, media)`. `eos=False` for a piece cut out of a longer text.
+  """
+  tokens = [np.asarray([vocab_lib.BOS], np.int32)]
+  features = [np.zeros((1, feature_dim), np.float32)]
+  modality = [np.full(1, vocab_lib.MOD_TEXT, np.int8)]
+  positions = [_text_positions(0, 1)]
+  start = 1
+  for part in parts:
+    if isinstance(part, Media):
+      tokens.append(part.tokens_M)
+      features.append(part.features_MxF)
+      modality.append(np.full(len(part.tokens_M), part.modality, np.int8))
+      positions.append(part.positions_Mx3 + start)
+      start += part.span
+    else:
+      n = len(part)
+      tokens.append(np.asarray(part, np.int32))
+      features.append(np.zeros((n, feature_dim), np.float32))
+      modality.append(np.full(n, vocab_lib.MOD_TEXT, np.int8))
+      positions.append(_text_positions(start, n))
+      start += n
+  if eos:
+    tokens.append(np.asarray([vocab_lib.EOS], np.int32))
+    features.append(np.zeros((1, feature_dim), np.float32))
+    modality.append(np.full(1, vocab_lib.MOD_TEXT, np.int8))
+    positions.append(_text_positions(start, 1))
+  return Example(np.concatenate(tokens), np.concatenate(features), np.concatenate(modality),
+                 np.concatenate(positions).astype(np.int32))

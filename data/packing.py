@@ -12,6 +12,12 @@ BATCH_KEYS = ("tokens", "features", "modality", "segment_ids", "positions", "tar
               "loss_weights")
 
 
+def loss_weight_table(cfg) -> np.ndarray:
+  """float32 [4]: loss weight of a target of modality 0 (pad), 1 (text), 2 (image), 3 (audio)."""
+  return np.asarray([0.0, cfg.loss_weight_text, cfg.loss_weight_image, cfg.loss_weight_audio],
+                    np.float32)
+
+
 def pack(rows: list[list[Example]], seq_len: int, feature_dim: int,
          loss_weight_by_modality: np.ndarray) -> dict[str, np.ndarray]:
   """Rows of examples -> batch dict (numpy, [B, L, ...]); each row's examples must fit in L.

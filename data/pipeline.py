@@ -7,24 +7,33 @@ i, and global row r of batch i is drawn from `default_rng([TRAIN_STREAM, seed, i
   together give exactly the 1-host batch;
 - resuming on a different number of hosts continues the same global stream.
 Prefetch: grain's thread pool (`ReadOptions`) keeps `cfg.prefetch` batches in flight.
+
+That is the default dataset alone (`data.sources` empty or only `default`). With a prepared folder
+among the sources, `train_iterator`, `eval_batches` and `dataset_info` hand over to data/mixture.py
+(same signatures, same batch contract; see data/sources.py for how sources combine).
 """
 import dataclasses
+import functools
 
 import grain
 import numpy as np
 
-from data import sampler
+from data import default_dataset, mixture, sampler
+from data import sources as sources_lib
 from data.config import DataConfig
-from data.default_dataset import DefaultDataset, Split, build
-from data.packing import pack
+from data.default_dataset import DatasetInfo, DefaultDataset, Split, build
+from data.packing import loss_weight_table, pack
 
 NUM_BATCHES = 1 << 62       # effectively endless; the stream never repeats a row
 
 
-def loss_weight_table(cfg: DataConfig) -> np.ndarray:
-  """float32 [4]: loss weight of a target of modality 0 (pad), 1 (text), 2 (image), 3 (audio)."""
-  return np.asarray([0.0, cfg.loss_weight_text, cfg.loss_weight_image, cfg.loss_weight_audio],
-                    np.float32)
+@functools.lru_cache(maxsize=16)
+def dataset_info(cfg: DataConfig, seed: int) -> DatasetInfo:
+  """Vocabulary and feature width of the run's data (checks every source; cached)."""
+  if sources_lib.is_default_only(cfg):
+    return default_dataset.dataset_info(cfg, seed)
+  mix = sources_lib.resolve(cfg)
+  return DatasetInfo(mix.vocab, mix.feature_dim)
 
 
 def mixture_batch(ds: DefaultDataset, split: Split, stream: int, seed: int,
@@ -68,6 +77,9 @@ def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int, process_index
   Supports `get_state()` / `set_state()`; call `close()` when done to stop the prefetch threads.
   """
   _check_sharding(batch_size, process_index, process_count)
+  if not sources_lib.is_default_only(cfg):
+    return mixture.train_iterator(cfg, batch_size=batch_size, seed=seed,
+                                  process_index=process_index, process_count=process_count)
   build(cfg)   # build (and validate) once here, not inside a prefetch thread
   batch_fn = TrainBatchFn(cfg, seed, batch_size, process_index, process_count)
   dataset = grain.MapDataset.range(NUM_BATCHES).map(batch_fn)
@@ -79,6 +91,8 @@ def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int, process_index
 def eval_batches(cfg: DataConfig, *, batch_size: int, seed: int,
                  num_batches: int) -> list[dict[str, np.ndarray]]:
   """Held-out mixture batches: held-out images, fresh tones (own RNG stream), held-out text."""
+  if not sources_lib.is_default_only(cfg):
+    return mixture.eval_batches(cfg, batch_size=batch_size, seed=seed, num_batches=num_batches)
   ds = build(cfg)
   return [mixture_batch(ds, ds.heldout, sampler.EVAL_STREAM, seed,
                         range(b * batch_size, (b + 1) * batch_size)) for b in range(num_batches)]

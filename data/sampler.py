@@ -10,6 +10,8 @@ An example that fits in the space left is appended. A text piece that does not f
 space left (without EOS) and ends the row, provided at least MIN_TEXT_FILL positions remain; an
 image or tone that does not fit is skipped. The row ends after MAX_MISSES skips in a row.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from data.default_dataset import DefaultDataset, Split
@@ -21,6 +23,7 @@ MIN_TEXT_FILL = 8
 
 # Independent random streams: rng = default_rng([stream, seed, index]).
 TRAIN_STREAM, EVAL_STREAM, PROMPT_STREAM = 0, 1, 2
+MIXED_TRAIN_STREAM, MIXED_EVAL_STREAM = 3, 4   # one example per index (data/mixture.py)
 
 
 def row_rng(stream: int, seed: int, index: int) -> np.random.Generator:
@@ -72,3 +75,43 @@ def sample_row(ds: DefaultDataset, split: Split, rng: np.random.Generator) -> li
     space -= len(example.tokens_N)
     misses = 0
   return examples
+
+
+# One example at a time, for mixing with prepared sources (data/mixture.py): the same kinds, weights
+# and captions as `sample_row`, but a text piece is always taken whole and nothing is skipped. The
+# length is known from the cheap draws alone (`draw_recipe`), before any tone is synthesized, so a
+# packing plan can be made without building examples.
+
+class Recipe(NamedTuple):
+  kind: int                   # IMAGE, AUDIO or TEXT
+  index: int                  # image index in the split, digit of a tone, or text piece index
+  caption: np.ndarray | None  # caption ids (image, audio)
+  length: int                 # tokens of the example
+
+
+def draw_recipe(ds: DefaultDataset, split: Split, rng: np.random.Generator) -> Recipe:
+  kind = min(int(np.searchsorted(mixture_cumulative(ds), rng.random(), side="right")), TEXT)
+  if kind == TEXT:
+    i = int(rng.integers(len(split.text_pieces)))
+    ids, ends_document = split.text_pieces[i]
+    return Recipe(TEXT, i, None, 1 + len(ids) + ends_document)
+  if kind == IMAGE:
+    i = int(rng.integers(len(split.images)))
+    caption = ds.image_captions.draw(int(split.image_labels[i]), rng)
+    return Recipe(IMAGE, i, caption, 2 + ds.patches_per_image + len(caption))
+  digit = int(rng.integers(10))
+  caption = ds.audio_captions.draw(digit, rng)
+  return Recipe(AUDIO, digit, caption, 2 + ds.frames_per_tone + len(caption))
+
+
+def cook(ds: DefaultDataset, split: Split, recipe: Recipe, rng: np.random.Generator) -> Example:
+  """The example of `recipe`; `rng` continues from where `draw_recipe` left it."""
+  f = ds.feature_dim
+  if recipe.kind == TEXT:
+    ids, ends_document = split.text_pieces[recipe.index]
+    return make_example(ids, f, eos=ends_document)
+  if recipe.kind == IMAGE:
+    augment = split is ds.train and ds.cfg.image_shift > 0
+    media = ds.shifted_image(split, recipe.index, rng) if augment else split.images[recipe.index]
+    return make_example(recipe.caption, f, media)
+  return make_example(recipe.caption, f, ds.tone(recipe.index, rng))

@@ -15,6 +15,17 @@ class MoEConfig:
   block_rows: int = 256           # rows per block of the "blocked" grouped matmul (CPU: 128-256)
   load_balance_coef: float = 1e-2 # Switch/GShard load-balancing loss coefficient
   z_loss_coef: float = 1e-3       # router z-loss coefficient
+  router: str = "topk"            # topk: top_k experts per token | dynamic: experts by descending
+                                  # probability until their mass reaches a per-layer threshold
+  target_active_fraction: float = 0.125  # dynamic: the controller holds mean(experts taken)/E here
+  k_min: int = 1                  # dynamic: fewest experts a token takes
+  k_max: int = 4                  # dynamic: most experts a token takes (static buffer T*k_max rows)
+  threshold_init: float = 0.5     # dynamic: starting probability-mass threshold of every layer
+  threshold_rate: float = 0.05    # dynamic: controller step, threshold *= exp(rate*(target-f)/target)
+  bias_update_rate: float = 0.0   # auxiliary-loss-free balance (DeepSeek-V3): step of the per-layer,
+                                  # per-modality expert bias that ranks experts (~1e-3); 0 = off
+  num_shared_experts: int = 0     # experts every token always uses (one SwiGLU of width
+                                  # num_shared_experts * expert_hidden), added to the routed ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,4 +42,11 @@ class ModelConfig:
   attention_block: int = 128      # key/query block of the blockwise attention
   dtype: str = "float32"          # compute dtype: float32 | bfloat16
   param_dtype: str = "float32"    # parameter dtype
+  num_dense_layers: int = 0       # the first N blocks use a dense SwiGLU instead of the MoE layer
+  dense_hidden: int = 512         # hidden width of those dense blocks' SwiGLU
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+
+  @property
+  def num_moe_layers(self) -> int:
+    """Blocks with an MoE feed-forward (the last num_layers - num_dense_layers)."""
+    return self.num_layers - self.num_dense_layers

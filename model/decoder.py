@@ -1,9 +1,14 @@
 """The decoder: multimodal embedding, pre-norm blocks of attention + MoE, final norm, output head.
 
-`Decoder(cfg, vocab_size=V, feature_dim=F, rngs=...)(batch) -> (logits_BxLxV float32, aux)`.
+`Decoder(cfg, vocab_size=V, feature_dim=F, rngs=...)(batch, router) -> (logits_BxLxV float32, aux)`.
 The batch is the data contract (tokens, features, modality, segment_ids, positions; targets and
-loss_weights are ignored). aux: load_balance_loss and router_z_loss (scalars, mean over layers),
-expert_load [num_layers, E] and expert_load_by_modality [num_layers, 3, E] (text, image, audio).
+loss_weights are ignored). `router` is the router controller state kept by the trainer
+(`init_router_state`; None = its initial value): {"threshold": float32 [M]} for the
+dynamic router, {"bias": float32 [M, 3, E]} for the auxiliary-loss-free balance. aux: load_balance_loss and router_z_loss (scalars, mean over MoE layers); per MoE
+layer (M = num_layers - num_dense_layers; `moe_layers` [M] holds their block indices):
+expert_load [M, E], expert_load_by_modality [M, 3, E] (text, image, audio), active_fraction [M],
+active_fraction_by_modality [M, 3], router_entropy [M], router_entropy_by_modality [M, 3].
+The first `num_dense_layers` blocks use a dense SwiGLU and return no aux.
 Blocks run in a Python loop (compile time grows with num_layers).
 """
 import jax
@@ -12,9 +17,11 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.embed import MultimodalEmbed
+from model.mlp import SwiGLU
 from model.moe import MoE
 from model.norm import RMSNorm
 from model.rope import rope_angles
+from model.router import init_router_state
 from model.self_attention import SelfAttention
 from model.sharding import constrain, param, require_auto_axes
 
@@ -22,20 +29,30 @@ ACT = ("batch", "length", "act_embed")
 
 
 class Block(nnx.Module):
-  """x + attn(norm(x)), then + moe(norm(x))."""
+  """x + attn(norm(x)), then + moe(norm(x)) (or + mlp(norm(x)) in a dense block, aux None)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, dense: bool = False, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.dense = dense
     self.attn_norm = RMSNorm(cfg.d_model, names=("embed",), **kw)
     self.attn = SelfAttention(cfg, rngs=rngs)
-    self.moe_norm = RMSNorm(cfg.d_model, names=("embed",), **kw)
-    self.moe = MoE(cfg.d_model, cfg.moe, **kw)
+    if dense:
+      self.mlp_norm = RMSNorm(cfg.d_model, names=("embed",), **kw)
+      self.mlp = SwiGLU(cfg.d_model, cfg.dense_hidden, **kw)
+    else:
+      self.moe_norm = RMSNorm(cfg.d_model, names=("embed",), **kw)
+      self.moe = MoE(cfg.d_model, cfg.moe, **kw)
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP):
+  def __call__(self, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP, threshold=None,
+               bias_MxE=None):
     with jax.named_scope("attention"):
       x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, angles_BxLxP)
+    if self.dense:
+      with jax.named_scope("mlp"):
+        return constrain(x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), ACT), None
     with jax.named_scope("moe"):
-      y_BxLxD, aux = self.moe(self.moe_norm(x_BxLxD), segment_ids_BxL, modality_BxL)
+      y_BxLxD, aux = self.moe(self.moe_norm(x_BxLxD), segment_ids_BxL, modality_BxL,
+                              threshold=threshold, bias_MxE=bias_MxE)
     return constrain(x_BxLxD + y_BxLxD, ACT), aux
 
 
@@ -45,14 +62,18 @@ class Decoder(nnx.Module):
     self.cfg = cfg
     self.embed = MultimodalEmbed(vocab_size, feature_dim, cfg.d_model, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if not 0 <= cfg.num_dense_layers < cfg.num_layers:
+      raise ValueError(f"num_dense_layers={cfg.num_dense_layers} must lie in 0..num_layers-1")
+    self.blocks = nnx.List([Block(cfg, dense=i < cfg.num_dense_layers, rngs=rngs)
+                            for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, names=("embed",), dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs)
     self.head_DxV = param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5),
                           (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
-  def __call__(self, batch: dict) -> tuple[jax.Array, dict]:
+  def __call__(self, batch: dict, router: dict | None = None) -> tuple[jax.Array, dict]:
     cfg = self.cfg
+    router = init_router_state(cfg.num_moe_layers, cfg.moe) if router is None else router
     require_auto_axes(batch["segment_ids"])
     segment_ids_BxL = jnp.asarray(batch["segment_ids"], jnp.int32)
     modality_BxL = jnp.asarray(batch["modality"], jnp.int32)
@@ -63,9 +84,14 @@ class Decoder(nnx.Module):
                            jnp.asarray(batch["features"]), modality_BxL)
     x_BxLxD = constrain(x_BxLxD, ACT)
     auxes = []
-    for block in self.blocks:
-      x_BxLxD, aux = block(x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP)
-      auxes.append(aux)
+    for i, block in enumerate(self.blocks):
+      moe_index = i - cfg.num_dense_layers            # router state is kept per MoE layer
+      per_layer = {} if block.dense else {
+          "threshold": router["threshold"][moe_index],
+          "bias_MxE": router["bias"][moe_index] if "bias" in router else None}
+      x_BxLxD, aux = block(x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP, **per_layer)
+      if aux is not None:
+        auxes.append(aux)
     with jax.named_scope("head"):
       h_BxLxD = self.final_norm(x_BxLxD)
       logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, self.head_DxV[...].astype(h_BxLxD.dtype),
@@ -73,5 +99,6 @@ class Decoder(nnx.Module):
     logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
     stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}
     aux = dict(stacked, load_balance_loss=stacked["load_balance_loss"].mean(),
-               router_z_loss=stacked["router_z_loss"].mean())
+               router_z_loss=stacked["router_z_loss"].mean(),
+               moe_layers=jnp.arange(cfg.num_dense_layers, cfg.num_layers, dtype=jnp.int32))
     return logits_BxLxV, aux

@@ -22,6 +22,7 @@ Gradients avoid scatters (slow on XLA:CPU): the row moves have custom VJPs that 
 inverse permutation, and the blocked weight gradient sums per-block products with a one-hot matmul.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -64,22 +65,54 @@ def _move_rows_bwd(res, dout_RxD):
 _move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
-@jax.custom_vjp
-def _blocked_matmul(x_NxBxK, w_ExKxN, block_expert_N):
-  return jnp.einsum("bik,bkn->bin", x_NxBxK, jnp.take(w_ExKxN, block_expert_N, axis=0))
+def _block_chunks(used_blocks, chunk: int):
+  """Loop trip count: chunks of `chunk` blocks that hold any assignment (a dynamic count)."""
+  return (used_blocks + chunk - 1) // chunk
 
 
-def _blocked_matmul_fwd(x_NxBxK, w_ExKxN, block_expert_N):
-  return _blocked_matmul(x_NxBxK, w_ExKxN, block_expert_N), (x_NxBxK, w_ExKxN, block_expert_N)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_matmul(x_NxBxK, w_ExKxN, block_expert_N, used_blocks, chunk):
+  """y[b] = x[b] @ w[block_expert[b]] for the first `used_blocks` blocks, 0 after them.
+
+  A loop over chunks of `chunk` blocks with a dynamic trip count: the empty blocks at the end of
+  the static buffer (its worst-case padding) cost nothing."""
+  nb, br, _ = x_NxBxK.shape
+
+  def body(i, y_NxBxN):
+    start = i * chunk
+    x_CxBxK = jax.lax.dynamic_slice_in_dim(x_NxBxK, start, chunk)
+    e_C = jax.lax.dynamic_slice_in_dim(block_expert_N, start, chunk)
+    y_CxBxN = jnp.einsum("bik,bkn->bin", x_CxBxK, jnp.take(w_ExKxN, e_C, axis=0))
+    return jax.lax.dynamic_update_slice_in_dim(y_NxBxN, y_CxBxN, start, 0)
+
+  y0 = jnp.zeros((nb, br, w_ExKxN.shape[2]), x_NxBxK.dtype)
+  return jax.lax.fori_loop(0, _block_chunks(used_blocks, chunk), body, y0)
 
 
-def _blocked_matmul_bwd(res, dy_NxBxN):
-  x_NxBxK, w_ExKxN, block_expert_N = res
-  dx = jnp.einsum("bin,bkn->bik", dy_NxBxN, jnp.take(w_ExKxN, block_expert_N, axis=0))
-  dw_NxKxN = jnp.einsum("bik,bin->bkn", x_NxBxK, dy_NxBxN)
-  onehot_NxE = jax.nn.one_hot(block_expert_N, w_ExKxN.shape[0], dtype=dw_NxKxN.dtype)
-  dw = jnp.einsum("be,bkn->ekn", onehot_NxE, dw_NxKxN)
-  return dx, dw.astype(w_ExKxN.dtype), None
+def _blocked_matmul_fwd(x_NxBxK, w_ExKxN, block_expert_N, used_blocks, chunk):
+  y = _blocked_matmul(x_NxBxK, w_ExKxN, block_expert_N, used_blocks, chunk)
+  return y, (x_NxBxK, w_ExKxN, block_expert_N, used_blocks)
+
+
+def _blocked_matmul_bwd(chunk, res, dy_NxBxN):
+  x_NxBxK, w_ExKxN, block_expert_N, used_blocks = res
+
+  def body(i, carry):
+    dx_NxBxK, dw_ExKxN = carry
+    start = i * chunk
+    x_CxBxK = jax.lax.dynamic_slice_in_dim(x_NxBxK, start, chunk)
+    dy_CxBxN = jax.lax.dynamic_slice_in_dim(dy_NxBxN, start, chunk)
+    e_C = jax.lax.dynamic_slice_in_dim(block_expert_N, start, chunk)
+    dx_CxBxK = jnp.einsum("bin,bkn->bik", dy_CxBxN, jnp.take(w_ExKxN, e_C, axis=0))
+    # Blocks are sorted by expert: a sorted segment sum, O(blocks) and not O(blocks * experts).
+    dw_ExKxN = dw_ExKxN + jax.ops.segment_sum(
+        jnp.einsum("bik,bin->bkn", x_CxBxK, dy_CxBxN), e_C, num_segments=w_ExKxN.shape[0],
+        indices_are_sorted=True)
+    return jax.lax.dynamic_update_slice_in_dim(dx_NxBxK, dx_CxBxK, start, 0), dw_ExKxN
+
+  zeros = (jnp.zeros_like(x_NxBxK), jnp.zeros(w_ExKxN.shape, dy_NxBxN.dtype))
+  dx, dw = jax.lax.fori_loop(0, _block_chunks(used_blocks, chunk), body, zeros)
+  return dx, dw.astype(w_ExKxN.dtype), None, None
 
 
 _blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
@@ -97,6 +130,9 @@ class Dispatch:
   assign_R: jax.Array          # int32: assignment held by each layout row; A for empty rows
   expert_R: jax.Array          # int32: expert of each layout row; E for empty rows
   block_expert_N: jax.Array | None  # int32: expert of each block (blocked layout only)
+  used_blocks: jax.Array | None     # int32 scalar: blocks holding any assignment (a prefix)
+  chunk_blocks: int = dataclasses.field(default=1, metadata=dict(static=True))  # blocks per
+                                    # iteration of the blocked matmul loop; divides the block count
 
   @property
   def num_rows(self) -> int:
@@ -107,14 +143,31 @@ class Dispatch:
     w = w_ExKxN.astype(x_RxK.dtype)
     if self.backend == "blocked":
       x_NxBxK = x_RxK.reshape(-1, self.block_rows, x_RxK.shape[-1])
-      return _blocked_matmul(x_NxBxK, w, self.block_expert_N).reshape(x_RxK.shape[0], -1)
+      y_NxBxN = _blocked_matmul(x_NxBxK, w, self.block_expert_N, self.used_blocks,
+                                self.chunk_blocks)
+      return y_NxBxN.reshape(x_RxK.shape[0], -1)
     if self.backend == "ragged_dot":
       y = jax.lax.ragged_dot(x_RxK, w, self.group_sizes_E)
-    else:  # dense oracle
-      y_ExRxN = jnp.einsum("rk,ekn->ern", x_RxK, w)
-      y = jnp.take_along_axis(
-          y_ExRxN, jnp.minimum(self.expert_R, self.num_experts - 1)[None, :, None], axis=0)[0]
+    else:  # dense oracle: every expert on every row, one expert at a time (memory R x N)
+      def one_expert(y_RxN, e):
+        return jnp.where((self.expert_R == e)[:, None], x_RxK @ w[e], y_RxN), None
+      y, _ = jax.lax.scan(one_expert, jnp.zeros((x_RxK.shape[0], w.shape[2]), x_RxK.dtype),
+                          jnp.arange(self.num_experts))
     return jnp.where((self.expert_R < self.num_experts)[:, None], y, 0).astype(x_RxK.dtype)
+
+
+CHUNK_ROWS = 4096   # rows per iteration of the blocked matmul loop
+PAD_FRACTION = 4    # blocks shrink until the expected padding E * br / 2 is at most A / (2 * 4)
+
+
+def blocked_rows(num_assignments: int, num_experts: int, block_rows: int) -> int:
+  """Rows per block: `block_rows`, halved while the expected padding (half a block per expert)
+  exceeds A / 8, down to 32 rows (smaller blocks make slow matmuls on CPU); small batches (eval,
+  decode) get at most A // E rows so the static buffer stays within 2 A rows."""
+  br = block_rows
+  while br > 32 and num_experts * br > num_assignments // PAD_FRACTION:
+    br //= 2
+  return max(1, min(br, num_assignments // num_experts))
 
 
 def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Array | None = None,
@@ -132,9 +185,10 @@ def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Arr
   valid_A = expert_A < E
 
   if backend == "blocked":
-    # Small batches (eval, decode) get smaller blocks so padding stays <= A rows.
-    br = max(1, min(block_rows, A // E))
-    nb = -(-(A + E * (br - 1)) // br)
+    br = blocked_rows(A, E, block_rows)
+    nb = -(-(A + E * (br - 1)) // br)                  # worst case
+    cb = max(1, min(CHUNK_ROWS // br, nb))
+    nb = -(-nb // cb) * cb                             # a whole number of chunks
     R = nb * br
     e_A = jnp.minimum(expert_A, E - 1)
     start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
@@ -146,14 +200,16 @@ def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Arr
     block_expert_N = jnp.minimum(
         jnp.searchsorted(padded_end_E, jnp.arange(nb) * br, side="right"), E - 1)
     block_expert_N = block_expert_N.astype(jnp.int32)
+    used_blocks = padded_end_E[-1] // br
   else:
     R, br = A, block_rows
     slot_A = jnp.where(valid_A, sorted_pos_A, R)
     assign_R = jnp.where(valid_A[order_A], order_A, A).astype(jnp.int32)
-    block_expert_N = None
+    block_expert_N = used_blocks = None
+    cb = 1
   expert_R = jnp.take(expert_A, assign_R, mode="fill", fill_value=E)
   return Dispatch(backend, br, E, group_sizes_E, slot_A.reshape(S, K).astype(jnp.int32),
-                  assign_R, expert_R, block_expert_N)
+                  assign_R, expert_R, block_expert_N, used_blocks, cb)
 
 
 def dispatch(plan: Dispatch, x_SxD: jax.Array) -> jax.Array:

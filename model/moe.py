@@ -1,10 +1,12 @@
-"""Dropless top-k Mixture-of-Experts feed-forward layer with SwiGLU experts.
+"""Dropless Mixture-of-Experts feed-forward layer with SwiGLU experts.
 
-Tokens are flattened (T = B*L), each takes `top_k` experts (A = T*k assignments), the assignments
-are laid out by expert once (`plan_dispatch`), three grouped matmuls run on that layout (gate, up,
-down), and each token sums its experts' outputs weighted by the renormalised top-k probabilities.
-Padding tokens (segment_ids == 0) are routed and computed like any token (static shapes, no
-branch), but excluded from every statistic and loss.
+Tokens are flattened (T = B*L). The router picks each token's experts into a static [T, K] layout
+(K = top_k for router "topk"; K = k_max for router "dynamic", whose unused slots have weight 0 and
+take no row), the assignments are laid out by expert once (`plan_dispatch`), three grouped matmuls
+run on that layout (gate, up, down), and each token sums its experts' outputs weighted by the
+renormalised probabilities of the experts it took; `num_shared_experts` adds one dense SwiGLU of
+that many experts' width that every token uses. Padding tokens (segment_ids == 0) are routed
+and computed like any token (static shapes, no branch), but excluded from every statistic and loss.
 """
 import jax
 import jax.numpy as jnp
@@ -12,19 +14,33 @@ from flax import nnx
 
 from model import grouped_matmul as gmm
 from model.config import MoEConfig
-from model.router import balance_stats, top_k_routing
+from model.mlp import SwiGLU
+from model.router import balance_stats, dynamic_routing, top_k_routing
 from model.sharding import param
+
+ROUTERS = ("topk", "dynamic")
 
 
 class MoE(nnx.Module):
-  """x_BxLxD -> (y_BxLxD, aux). aux: load_balance_loss, router_z_loss, expert_load [E],
-  expert_load_by_modality [3, E] (when modality is given)."""
+  """(x_BxLxD, segment_ids, modality, threshold) -> (y_BxLxD, aux).
+
+  aux: load_balance_loss, router_z_loss, expert_load [E], active_fraction (mean experts taken / E),
+  and with modality expert_load_by_modality [3, E], active_fraction_by_modality [3].
+  `threshold` (float32 scalar) is the dynamic router's mass threshold, an input kept by the
+  trainer's controller (None: `cfg.threshold_init`); the top-k router ignores it. `bias_MxE`
+  (float32 [3, E], needs modality) is the auxiliary-loss-free balance bias per modality: it ranks
+  experts, it does not weight them (None: no bias)."""
 
   def __init__(self, d_model: int, cfg: MoEConfig, *, dtype="float32", param_dtype="float32",
                rngs: nnx.Rngs):
     E, D, H = cfg.num_experts, d_model, cfg.expert_hidden
-    if not 1 <= cfg.top_k <= E:
+    if cfg.router not in ROUTERS:
+      raise ValueError(f"moe.router={cfg.router!r} must be one of {ROUTERS}")
+    if cfg.router == "topk" and not 1 <= cfg.top_k <= E:
       raise ValueError(f"moe.top_k={cfg.top_k} must be in 1..num_experts={E}")
+    if cfg.router == "dynamic" and not 1 <= cfg.k_min <= cfg.k_max <= E:
+      raise ValueError(f"moe.k_min={cfg.k_min}, k_max={cfg.k_max} need 1 <= k_min <= k_max <= "
+                       f"num_experts={E}")
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     normal = jax.nn.initializers.normal
@@ -36,22 +52,44 @@ class MoE(nnx.Module):
                             param_dtype)
     self.w_down_ExHxD = param(rngs, normal(H ** -0.5), (E, H, D), ("exp", "mlp", "embed"),
                               param_dtype)
+    if cfg.num_shared_experts > 0:   # absent otherwise: the parameter tree stays as it was
+      self.shared = SwiGLU(D, cfg.num_shared_experts * H, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+
+  def route(self, x_TxD: jax.Array, threshold: jax.Array | None, bias_TxE: jax.Array | None):
+    """-> (probs_TxE, logits_TxE, expert_TxK, weight_TxK, used_TxK or None)."""
+    cfg = self.cfg
+    logits_TxE = x_TxD.astype(jnp.float32) @ self.router_DxE[...]
+    if cfg.router == "dynamic":
+      threshold = cfg.threshold_init if threshold is None else threshold
+      probs_TxE, expert_TxK, weight_TxK, used_TxK = dynamic_routing(
+          logits_TxE, jnp.asarray(threshold, jnp.float32), cfg.k_min, cfg.k_max, bias_TxE)
+    else:
+      probs_TxE, expert_TxK, weight_TxK = top_k_routing(logits_TxE, cfg.top_k, bias_TxE)
+      used_TxK = None
+    return probs_TxE, logits_TxE, expert_TxK, weight_TxK, used_TxK
 
   def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
-               modality_BxL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+               modality_BxL: jax.Array | None = None, *, threshold: jax.Array | None = None,
+               bias_MxE: jax.Array | None = None) -> tuple[jax.Array, dict]:
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
-    T, K, E = B * L, cfg.top_k, cfg.num_experts
+    T, E = B * L, cfg.num_experts
     x_TxD = x_BxLxD.reshape(T, D).astype(self.dtype)
     valid_T = segment_ids_BxL.reshape(T) > 0
 
     with jax.named_scope("router"):
-      logits_TxE = x_TxD.astype(jnp.float32) @ self.router_DxE[...]
-      probs_TxE, expert_TxK, weight_TxK = top_k_routing(logits_TxE, K)
+      bias_TxE = None
+      if bias_MxE is not None:   # per modality; padding (0) uses the text row, and is not counted
+        m_T = jnp.clip(modality_BxL.reshape(T) - 1, 0, bias_MxE.shape[0] - 1)
+        bias_TxE = jnp.take(bias_MxE, m_T, axis=0)
+      probs_TxE, logits_TxE, expert_TxK, weight_TxK, used_TxK = self.route(x_TxD, threshold,
+                                                                            bias_TxE)
       aux = balance_stats(logits_TxE, probs_TxE, expert_TxK, valid_T,
-                          None if modality_BxL is None else modality_BxL.reshape(T))
+                          None if modality_BxL is None else modality_BxL.reshape(T), used_TxK)
     with jax.named_scope("dispatch"):
-      plan = gmm.plan_dispatch(expert_TxK, E, backend=cfg.backend, block_rows=cfg.block_rows)
+      plan = gmm.plan_dispatch(expert_TxK, E, valid_SxK=used_TxK, backend=cfg.backend,
+                               block_rows=cfg.block_rows)
       x_RxD = gmm.dispatch(plan, x_TxD)
     with jax.named_scope("experts"):
       gate_RxH = plan.matmul(x_RxD, self.w_gate_ExDxH[...])
@@ -59,4 +97,7 @@ class MoE(nnx.Module):
       y_RxD = plan.matmul(jax.nn.silu(gate_RxH) * up_RxH, self.w_down_ExHxD[...])
     with jax.named_scope("combine"):
       y_TxD = gmm.combine(plan, y_RxD, weight_TxK)
+    if self.cfg.num_shared_experts > 0:
+      with jax.named_scope("shared_experts"):
+        y_TxD = y_TxD + self.shared(x_TxD)
     return y_TxD.reshape(B, L, D).astype(self.dtype), aux

@@ -166,3 +166,47 @@ def test_non_finite_loss_exits_4_and_keeps_last_good_checkpoint(tmp_path, monkey
   assert step == 4
   import jax
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_overrides_may_follow_options():
+  from train.cli import _parse
+  ns = _parse(["train", "configs/tiny.yaml", "--workdir", "runs/x", "train.steps=5", "model.num_layers=2"])
+  assert ns.args == ["configs/tiny.yaml", "train.steps=5", "model.num_layers=2"]
+  assert ns.workdir == "runs/x"
+  ns = _parse(["prepare", "m.jsonl", "--out", "d", "--skip-bad", "data.image_side=16"])
+  assert (ns.manifest, ns.out, ns.skip_bad, ns.args) == ("m.jsonl", "d", True, ["data.image_side=16"])
+  with pytest.raises(SystemExit) as e:
+    _parse(["train", "--workdir", "x", "stray", "--bogus"])
+  assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_dynamic_router_run_logs_moe_telemetry_and_resumes(tmp_path, capsys):
+  """Router "dynamic" through the real loop: telemetry per layer and modality in metrics.jsonl, the
+  controller state saved in the checkpoint and resumed (eval uses it too)."""
+  wd = tmp_path / "dyn"
+  dyn = [*SMALL, "model.moe.router=dynamic", "model.moe.num_experts=8", "model.moe.k_max=3",
+         "model.moe.threshold_rate=0.2", "checkpoint.every_steps=2", "eval.every_steps=0",
+         "--workdir", str(wd)]
+  assert main(["train", *dyn, "train.steps=2"]) == 0
+  assert main(["train", *dyn, "train.steps=3"]) == 0
+  capsys.readouterr()
+  rows = [r for r in metrics(wd) if "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for r in rows:
+    for modality in ("text", "image", "audio"):
+      if f"moe/active_fraction/{modality}" in r:
+        assert 1 / 8 <= r[f"moe/active_fraction/{modality}"] <= 3 / 8
+        load = r[f"moe/expert_load/{modality}/layer_0"]
+        assert len(load) == 8 and abs(sum(load) - 1) < 1e-5
+    assert {"moe/active_fraction", "moe/active_fraction/layer_0", "moe/router_entropy/layer_0",
+            "moe/threshold/layer_0", "moe/expert_load/layer_0"} <= set(r)
+    assert any(k.startswith("moe/active_fraction/") and k.count("/") == 2 and
+               not k.endswith("layer_0") for k in r)
+  # The threshold follows the controller across the resume (step 3 starts from step 2's update).
+  t = [r["moe/threshold/layer_0"] for r in rows]
+  f = [r["moe/active_fraction/layer_0"] for r in rows]
+  for i in (0, 1):
+    np.testing.assert_allclose(t[i + 1], t[i] * np.exp(0.2 * (0.125 - f[i]) / 0.125), rtol=1e-5)
+  assert main(["eval", "--workdir", str(wd)]) == 0
+  assert 0 <= json.loads(capsys.readouterr().out)["eval/image_to_text_accuracy"] <= 1

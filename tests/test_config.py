@@ -43,6 +43,8 @@ def test_overrides_reach_nested_keys_and_convert_types():
     ("model.moe.top_k=9", "config key 'model.moe.top_k' must be at most"),
     ("model.moe.backend=fast", "config key 'model.moe.backend' must be one of"),
     ("model.num_layers.x=1", "config key 'model.num_layers' is a value, not a section"),
+    ("model.moe.router=expert_choice", "config key 'model.moe.router' must be topk or dynamic"),
+    ("model.moe.threshold_init=0", "config key 'model.moe.threshold_init' must lie in (0, 1]"),
     ("train", "is not of the form key.sub=value"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
@@ -66,3 +68,43 @@ def test_dump_round_trips(tmp_path):
   path = tmp_path / "c.yaml"
   path.write_text(config_lib.dump(cfg))
   assert config_lib.load(path) == cfg
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.moe.k_max=9"], "config key 'model.moe.k_max' must be at most model.moe.num_experts=8"),
+    (["model.moe.k_min=3", "model.moe.k_max=2"], "config key 'model.moe.k_min' must lie in 1..model.moe.k_max=2"),
+    (["model.moe.target_active_fraction=0.9"], "config key 'model.moe.target_active_fraction' must lie in [k_min/num_experts"),
+])
+def test_dynamic_router_keys_are_checked(overrides, needle):
+  with pytest.raises(ConfigError) as e:
+    config_lib.load(None, ["model.moe.router=dynamic", *overrides])
+  assert needle in str(e.value)
+  config_lib.load(None, overrides)     # the top-k router ignores these keys
+
+
+def test_data_sources_override_parses_to_typed_records(tmp_path):
+  from data.config import Source
+  cfg = config_lib.load(None, ["data.sources=[{path: runs/prep, weight: 1.0}, {path: default, weight: 2}, other]"])
+  assert cfg.data.sources == (Source("runs/prep", 1.0), Source("default", 2.0), Source("other", 1.0))
+  assert isinstance(cfg.data.sources[1].weight, float)
+  assert config_lib.load(None, ["data.sources=[]"]).data.sources == ()
+  path = tmp_path / "c.yaml"
+  path.write_text(config_lib.dump(cfg))
+  assert config_lib.load(path) == cfg
+  path.write_text("data:\n  sources:\n    - path: a\n      weight: 0.5\n")
+  assert config_lib.load(path).data.sources == (Source("a", 0.5),)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.sources=[{pth: x}]", "unknown config key 'data.sources[0].pth' (did you mean 'data.sources[0].path'?)"),
+    ("data.sources=[{weight: 2}]", "config key 'data.sources[0]' needs 'path'"),
+    ("data.sources=[a, {path: b, weight: heavy}]", "config key 'data.sources[1].weight' expects a number, got 'heavy'"),
+    ("data.sources=runs/prep", "config key 'data.sources' expects a list of {path: a string, weight: a number}"),
+    ("data.sources=[{path: x, weight: -1}]", "config key 'data.sources[0].weight' must be a number >= 0"),
+    ("data.sources=[{path: x, weight: 0}]", "config key 'data.sources' needs a source with a positive weight"),
+    ("data.sources=[{path: ' '}]", "config key 'data.sources[0].path' must not be empty"),
+])
+def test_bad_data_sources_name_the_key(override, needle):
+  with pytest.raises(ConfigError) as e:
+    config_lib.load(None, [override])
+  assert needle in str(e.value) and "\n" not in str(e.value)

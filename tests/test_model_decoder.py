@@ -60,9 +60,13 @@ def _causal_batch():
   }
 
 
-@pytest.mark.parametrize("attention", ["xla", "blockwise"])
-def test_causality_and_segment_isolation_through_gradients(attention):
-  cfg = dataclasses.replace(TINY, attention=attention, attention_block=4)
+DYNAMIC = dataclasses.replace(TINY.moe, router="dynamic", k_min=1, k_max=3, threshold_init=0.6)
+
+
+@pytest.mark.parametrize("attention,moe", [("xla", TINY.moe), ("blockwise", TINY.moe),
+                                           ("xla", DYNAMIC)], ids=["xla", "blockwise", "dynamic"])
+def test_causality_and_segment_isolation_through_gradients(attention, moe):
+  cfg = dataclasses.replace(TINY, attention=attention, attention_block=4, moe=moe)
   model = _decoder(cfg)
   batch = _causal_batch()
   proj = jax.random.normal(jax.random.key(5), (V,))
@@ -99,3 +103,23 @@ def test_text_positions_use_the_table_and_media_the_features():
   m = int(batch["modality"][0, 1]) - 2
   want = batch["features"][0, 1] @ model.embed.proj_MxFxD[...][m] + model.embed.bias_MxD[...][m]
   np.testing.assert_allclose(x[0, 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_first_layers_dense():
+  cfg = dataclasses.replace(TINY, num_layers=3, num_dense_layers=2, dense_hidden=24)
+  model = _decoder(cfg)
+  assert [b.dense for b in model.blocks] == [True, True, False]
+  assert model.blocks[0].mlp.w_up_DxH.shape == (cfg.d_model, 24)
+  assert not hasattr(model.blocks[0], "moe") and not hasattr(model.blocks[2], "mlp")
+  graphdef, state = nnx.split(model)
+
+  def loss(state, batch):
+    logits, aux = nnx.merge(graphdef, state)(batch)
+    return jnp.sum(logits ** 2), (logits, aux)
+
+  (_, (logits, aux)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      state, synthetic_batch(2, 16, V, F, seed=1))
+  assert aux["expert_load"].shape == (1, 4) and aux["active_fraction"].shape == (1,)
+  np.testing.assert_array_equal(aux["moe_layers"], [2])
+  assert np.all(np.isfinite(logits))
+  assert float(jnp.abs(g["blocks"][0]["mlp"]["w_gate_DxH"][...]).max()) > 0   # in the gradient path

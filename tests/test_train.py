@@ -6,6 +6,7 @@ import pytest
 import data
 from train import config as config_lib
 from train.checkpoint import Checkpoints
+from train.loop import _metrics_line
 from train.mesh import batch_sharding, global_batch, make_mesh
 from train.state import init_state, make_setup
 from train.step import make_train_step
@@ -48,8 +49,18 @@ def test_a_tiny_run_overfits_one_batch():
   assert losses[-1] < 0.15 * losses[0], (losses[0], losses[-1])
 
 
-def test_checkpoint_round_trip(tmp_path):
-  cfg, mesh, setup, state = build()
+DYNAMIC = ["model.moe.router=dynamic", "model.moe.num_experts=8", "model.moe.k_max=3",
+           "model.moe.target_active_fraction=0.125", "model.moe.threshold_rate=0.2"]
+
+
+@pytest.mark.parametrize("router", [
+    pytest.param([], id="topk"), pytest.param(DYNAMIC, id="dynamic"),
+    pytest.param(["model.moe.bias_update_rate=0.01"], id="topk+bias", marks=pytest.mark.slow)])
+def test_checkpoint_round_trip(tmp_path, router):
+  cfg, mesh, setup, state = build(*router)
+  assert ("router" in state) == bool(router)
+  if "bias" in state.get("router", {}):
+    assert state["router"]["bias"].shape == (1, 3, 4)
   step = make_train_step(cfg, setup, batch_sharding(mesh))
   it = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
   state, _ = step(state, global_batch(next(it), mesh))
@@ -61,8 +72,60 @@ def test_checkpoint_round_trip(tmp_path):
   ckpts.close()
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(restored), strict=True):
     np.testing.assert_array_equal(a, np.asarray(b))
+  if "bias" in state.get("router", {}):        # the step moved it, and the checkpoint kept that
+    assert np.abs(expected["router"]["bias"]).max() == pytest.approx(0.01)
   for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(setup.shardings), strict=True):
     assert leaf.sharding == sharding
   fresh = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
   fresh.set_state(data_state)
   np.testing.assert_array_equal(next(fresh)["tokens"], next(it)["tokens"])
+
+
+def test_dynamic_router_state_is_advanced_by_the_step():
+  """The step moves each layer's threshold toward the target from the measured active fraction."""
+  cfg, mesh, setup, state = build(*DYNAMIC, "model.num_layers=2")
+  step = make_train_step(cfg, setup, batch_sharding(mesh))
+  batch = global_batch(first_batch(cfg), mesh)
+  before = np.asarray(state["router"]["threshold"])
+  np.testing.assert_allclose(before, cfg.model.moe.threshold_init)
+  state, metrics = step(state, batch)
+  frac = np.asarray(metrics["active_fraction"])
+  assert frac.shape == (2,) and np.all((frac >= 1 / 8) & (frac <= 3 / 8))
+  after = np.asarray(state["router"]["threshold"])
+  np.testing.assert_allclose(after, before * np.exp(0.2 * (0.125 - frac) / 0.125), rtol=1e-5)
+  assert np.all(np.sign(after - before) == np.sign(0.125 - frac))
+  np.testing.assert_allclose(metrics["router_threshold"], before)
+
+
+@pytest.mark.slow
+def test_dense_layers_shared_experts_and_dynamic_router_train_together():
+  cfg, mesh, setup, state = build(*DYNAMIC, "model.num_layers=2", "model.num_dense_layers=1",
+                                  "model.moe.num_shared_experts=1", "model.moe.bias_update_rate=1e-3")
+  assert state["router"]["threshold"].shape == (1,)          # one MoE layer
+  assert state["router"]["bias"].shape == (1, 3, 8)
+  assert "mlp" in state["params"]["blocks"][0] and "shared" in state["params"]["blocks"][1]["moe"]
+  step = make_train_step(cfg, setup, batch_sharding(mesh))
+  state, metrics = step(state, global_batch(first_batch(cfg), mesh))
+  line = _metrics_line(jax.device_get(metrics), tokens=512, seconds=1.0)
+  assert "moe/expert_load/layer_1" in line and "moe/expert_load/layer_0" not in line
+  assert "moe/threshold/layer_1" in line and np.isfinite(line["loss"])
+
+
+def test_metrics_line_per_layer_and_modality():
+  E = 4
+  raw = {"loss": 1.0, "grad_norm": 2.0, "moe_layers": np.array([1, 2]),
+         "expert_load": np.full((2, E), 0.25),
+         "expert_load_by_modality": np.array([[[.5, .5, 0, 0], [0, 0, 0, 0], [0, 0, .5, .5]]] * 2),
+         "active_fraction": np.array([0.25, 0.5]),
+         "active_fraction_by_modality": np.array([[0.25, 0.0, 0.5], [0.25, 0.0, 0.75]]),
+         "router_entropy": np.array([1.0, 1.2]),
+         "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1], [1.2, 0.0, 1.3]])}
+  line = _metrics_line(raw, tokens=100, seconds=2.0)
+  assert line["tokens_per_s"] == 50 and line["loss"] == 1.0
+  assert line["moe/active_fraction"] == pytest.approx(0.375)
+  assert line["moe/active_fraction/text"] == pytest.approx(0.25)
+  assert line["moe/active_fraction/audio"] == pytest.approx(0.625)
+  assert line["moe/active_fraction/audio/layer_2"] == pytest.approx(0.75)
+  assert "moe/active_fraction/image" not in line, "no image tokens: no key, not a misleading 0"
+  assert list(line["moe/expert_load/audio/layer_1"]) == [0, 0, .5, .5]
+  assert line["moe/router_entropy/text/layer_1"] == 1.0 and "moe/threshold" not in line

@@ -257,6 +257,11 @@ def validate(cfg: Config) -> None:
        f"must be at most model.moe.num_experts={moe.num_experts}, got {moe.top_k}")
   need(moe.backend in ("auto", "blocked", "ragged_dot", "dense"), "model.moe.backend",
        f"must be one of auto, blocked, ragged_dot, dense; got '{moe.backend}'")
+  need(0 <= m.num_dense_layers < m.num_layers, "model.num_dense_layers",
+       f"must lie in 0..model.num_layers-1={m.num_layers - 1}, got {m.num_dense_layers}")
+  need(m.dense_hidden > 0, "model.dense_hidden", f"must be positive, got {m.dense_hidden}")
+  need(moe.num_shared_experts >= 0, "model.moe.num_shared_experts",
+       f"must be >= 0, got {moe.num_shared_experts}")
   need(moe.router in ("topk", "dynamic"), "model.moe.router",
        f"must be topk or dynamic; got '{moe.router}'")
   if moe.router == "dynamic":
@@ -272,6 +277,8 @@ def validate(cfg: Config) -> None:
          f"{moe.k_max / moe.num_experts:.4g}], got {moe.target_active_fraction}")
   need(0 < moe.threshold_init <= 1, "model.moe.threshold_init",
        f"must lie in (0, 1], got {moe.threshold_init}")
+  need(moe.bias_update_rate >= 0, "model.moe.bias_update_rate",
+       f"must be >= 0, got {moe.bias_update_rate}")
   need(moe.threshold_rate >= 0, "model.moe.threshold_rate", f"must be >= 0, got {moe.threshold_rate}")
   need(m.attention in ("auto", "blockwise", "xla", "cudnn"), "model.attention",
        f"must be one of auto, blockwise, xla, cudnn; got '{m.attention}'")

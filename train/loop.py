@@ -104,9 +104,10 @@ def _moe_metrics(raw: dict) -> dict:
 
   A modality with no tokens in the step's batch gets no keys (rather than a misleading 0)."""
   out = {}
+  layers = [int(i) for i in np.asarray(raw["moe_layers"])]   # block index of each MoE layer
   load_LxMxE = np.asarray(raw["expert_load_by_modality"])
   present_M = load_LxMxE.sum(axis=(0, 2)) > 0
-  for i, row in enumerate(np.asarray(raw["expert_load"])):
+  for i, row in zip(layers, np.asarray(raw["expert_load"])):
     out[f"moe/expert_load/layer_{i}"] = row
   for name, values in (("active_fraction", raw["active_fraction"]),
                        ("router_entropy", raw["router_entropy"]),
@@ -115,7 +116,7 @@ def _moe_metrics(raw: dict) -> dict:
       continue
     values = np.asarray(values)
     out[f"moe/{name}"] = float(values.mean())
-    for i, v in enumerate(values):
+    for i, v in zip(layers, values):
       out[f"moe/{name}/layer_{i}"] = float(v)
   for m, modality in enumerate(MODALITIES):
     if not present_M[m]:
@@ -123,9 +124,9 @@ def _moe_metrics(raw: dict) -> dict:
     for name in ("active_fraction", "router_entropy"):
       per_layer = np.asarray(raw[f"{name}_by_modality"])[:, m]
       out[f"moe/{name}/{modality}"] = float(per_layer.mean())
-      for i, v in enumerate(per_layer):
+      for i, v in zip(layers, per_layer):
         out[f"moe/{name}/{modality}/layer_{i}"] = float(v)
-    for i, row in enumerate(load_LxMxE[:, m]):
+    for i, row in zip(layers, load_LxMxE[:, m]):
       out[f"moe/expert_load/{modality}/layer_{i}"] = row
   return out
 

@@ -5,6 +5,10 @@ The state is a plain dict pytree, so optax, orbax and `jax.tree` treat it alike:
   opt_state  optax AdamW state
   step       int32 scalar, optimizer steps taken
   rng        uint32[2] PRNG key for anything stochastic
+  router     router controller state, only with `model.moe.router=dynamic` or
+             `model.moe.bias_update_rate>0`: {"threshold": float32[M], "bias": float32[M, 3, E]}
+             per MoE layer (see model.router.init_router_state); an input of the model, advanced
+             by the train step, saved in checkpoints
 """
 import dataclasses
 
@@ -15,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model.decoder import Decoder
+from model.router import init_router_state
 from model.sharding import param_shardings
 from train.config import Config
 
@@ -43,6 +48,11 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
 
 
+def has_router_state(cfg: Config) -> bool:
+  """Whether the state keeps router controller state (runs without it keep their old layout)."""
+  return cfg.model.moe.router == "dynamic" or cfg.model.moe.bias_update_rate > 0
+
+
 def _new_model(cfg: Config, vocab_size: int, feature_dim: int, seed: int) -> Decoder:
   return Decoder(cfg.model, vocab_size=vocab_size, feature_dim=feature_dim, rngs=nnx.Rngs(seed))
 
@@ -61,6 +71,10 @@ def make_setup(cfg: Config, mesh: Mesh, *, vocab_size: int, feature_dim: int) ->
                     "step": jax.ShapeDtypeStruct((), jnp.int32),
                     "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   shardings = {"params": params_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+  if has_router_state(cfg):
+    abstract_state["router"] = jax.eval_shape(
+        lambda: init_router_state(cfg.model.num_moe_layers, cfg.model.moe))
+    shardings["router"] = jax.tree.map(lambda _: replicated, abstract_state["router"])
   return Setup(graphdef, optimizer, abstract_state, shardings)
 
 
@@ -69,8 +83,11 @@ def init_state(cfg: Config, setup: Setup, *, vocab_size: int, feature_dim: int) 
   def init():
     seed = cfg.train.seed
     params = nnx.to_pure_dict(nnx.state(_new_model(cfg, vocab_size, feature_dim, seed)))
-    return {"params": params, "opt_state": setup.optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed + 1)}
+    state = {"params": params, "opt_state": setup.optimizer.init(params),
+             "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed + 1)}
+    if has_router_state(cfg):
+      state["router"] = init_router_state(cfg.model.num_moe_layers, cfg.model.moe)
+    return state
   return jax.jit(init, out_shardings=setup.shardings)()
 
 

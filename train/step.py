@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from model.router import update_router_state
 from train.config import Config
 from train.state import Setup, learning_rate_schedule, merge
 
@@ -13,16 +14,24 @@ def cross_entropy_BxL(logits_BxLxV, targets_BxL):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), targets_BxL)
 
 
-def loss_fn(params, batch, *, setup: Setup, cfg: Config):
-  """Weighted next-token cross entropy plus the MoE auxiliary losses."""
-  logits_BxLxV, aux = merge(setup, params)(batch)
+def loss_fn(params, batch, router=None, *, setup: Setup, cfg: Config):
+  """Weighted next-token cross entropy plus the MoE auxiliary losses.
+
+  `router`: the router controller state (None: its initial value). Returns (loss, aux); aux holds
+  the losses and the per-layer MoE statistics the controller and the metrics need."""
+  logits_BxLxV, aux = merge(setup, params)(batch, router)
   weights_BxL = batch["loss_weights"]
   ce = jnp.sum(cross_entropy_BxL(logits_BxLxV, batch["targets"]) * weights_BxL)
   ce = ce / jnp.maximum(jnp.sum(weights_BxL), 1e-9)
   moe = cfg.model.moe
   total = ce + moe.load_balance_coef * aux["load_balance_loss"] + moe.z_loss_coef * aux["router_z_loss"]
   return total, {"ce_loss": ce, "load_balance_loss": aux["load_balance_loss"],
-                 "router_z_loss": aux["router_z_loss"], "expert_load": aux["expert_load"]}
+                 "router_z_loss": aux["router_z_loss"], **{k: aux[k] for k in MOE_STATS}}
+
+
+MOE_STATS = ("expert_load", "expert_load_by_modality", "active_fraction",
+             "active_fraction_by_modality", "router_entropy", "router_entropy_by_modality",
+             "moe_layers")   # per-layer statistics passed on to the metrics
 
 
 def make_train_step(cfg: Config, setup: Setup, batch_sharding):
@@ -30,13 +39,17 @@ def make_train_step(cfg: Config, setup: Setup, batch_sharding):
 
   def train_step(state, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state["params"], batch, setup=setup, cfg=cfg)
+    (loss, aux), grads = grad_fn(state["params"], batch, state.get("router"), setup=setup, cfg=cfg)
     updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": jax.random.fold_in(state["rng"], state["step"])}
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state["step"]), **aux}
+    if "router" in state:   # the controller sees this step's global-batch statistics
+      new_state["router"] = update_router_state(state["router"], aux, cfg.model.moe)
+      if cfg.model.moe.router == "dynamic":
+        metrics["router_threshold"] = state["router"]["threshold"]
     return new_state, metrics
 
   batch_shardings = jax.tree.map(lambda _: batch_sharding, _BATCH_KEYS)
@@ -52,10 +65,10 @@ def make_eval_step(cfg: Config, setup: Setup, modality_of):
   """Sums of weighted cross entropy and of weights, split by the modality of the target token.
 
   `modality_of(ids)` maps vocabulary ids to modality codes (data.vocab); sums, not means, so that
-  batches add up exactly.
+  batches add up exactly. `eval_step(params, batch, router=None)`.
   """
-  def eval_step(params, batch):
-    logits_BxLxV, _ = merge(setup, params)(batch)
+  def eval_step(params, batch, router=None):
+    logits_BxLxV, _ = merge(setup, params)(batch, router)
     ce_BxL = cross_entropy_BxL(logits_BxLxV, batch["targets"]) * batch["loss_weights"]
     target_mod_BxL = modality_of(batch["targets"])
     out = {"ce_sum": jnp.sum(ce_BxL), "weight_sum": jnp.sum(batch["loss_weights"])}

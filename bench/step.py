@@ -1,6 +1,6 @@
 """Step-time benchmark of the decoder on this machine (forward + backward of a mean CE loss).
 
-    python -m model.benchmark blocked:128 blocked:256 dense ragged_dot
+    python bench/step.py blocked:128 blocked:256 dense ragged_dot      (or python -m bench.step)
 
 Each argument is `backend[:block_rows]`; the default tiny shape is d_model 128, 4 layers, 8 experts
 top-2, vocab 512, batch 32 x 128. Prints compile time and the median of `--steps` timed steps.
@@ -46,14 +46,14 @@ def step_time(cfg: ModelConfig, batch: dict, vocab_size: int, feature_dim: int, 
   return float(loss), compile_s, times
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("variants", nargs="*",
                       default=["blocked:128", "blocked:256", "dense", "ragged_dot"])
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   V, F = 512, 24
   batch = {k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, V, F).items()}
   tokens = args.batch * args.seq

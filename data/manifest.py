@@ -1,0 +1,114 @@
+"""The manifest of `omnimoe prepare`: JSON Lines, one example a line, its parts in order.
+
+  {"parts": [{"text": "a cat"}, {"image": "cat.png"}, {"audio": "meow.wav"}, {"text": "..."}]}
+  {"text": "plain text"}                         shorthand: one text part
+  {"image": "a.png", "text": "caption"}          shorthand: the media first, then the text
+  {"audio": "b.wav", "text": "transcript"}       (with both: image, audio, text)
+
+Paths are relative to the manifest's folder (absolute paths work too). Blank lines are skipped.
+Any other key, a part that is not exactly one of text/image/audio, or an example with no media and
+no text is a bad line.
+"""
+import dataclasses
+import json
+import pathlib
+from typing import Iterator
+
+KINDS = ("text", "image", "audio")
+SHORTHAND_ORDER = ("image", "audio", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  kind: str                   # "text", "image" or "audio"
+  value: str                  # the text, or the media path as written in the manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  line: int                   # 1-based line number in the manifest
+  parts: tuple[Part, ...]
+
+
+class BadLine(ValueError):
+  """One bad example: `line` of the manifest, the media `path` at fault (or None), the reason."""
+
+  def __init__(self, line: int, reason: str, path: str | None = None):
+    super().__init__(reason)
+    self.line, self.reason, self.path = line, reason, path
+
+
+def _parts(line: int, obj) -> tuple[Part, ...]:
+  if not isinstance(obj, dict):
+    raise BadLine(line, "a line must be a JSON object")
+  if "parts" in obj:
+    if set(obj) != {"parts"}:
+      extra = sorted(set(obj) - {"parts"})[0]
+      raise BadLine(line, f"unknown key '{extra}' next to 'parts'")
+    raw = obj["parts"]
+    if not isinstance(raw, list):
+      raise BadLine(line, "'parts' must be a list")
+    parts = []
+    for i, part in enumerate(raw, start=1):
+      if not isinstance(part, dict) or len(part) != 1 or next(iter(part)) not in KINDS:
+        raise BadLine(line, f"part {i} must be one of {{\"text\": ...}}, {{\"image\": ...}}, "
+                            f"{{\"audio\": ...}}")
+      (kind, value), = part.items()
+      parts.append(_part(line, kind, value))
+  else:
+    unknown = sorted(set(obj) - set(KINDS))
+    if unknown:
+      raise BadLine(line, f"unknown key '{unknown[0]}' (expected 'parts', or 'text'/'image'/'audio')")
+    parts = [_part(line, kind, obj[kind]) for kind in SHORTHAND_ORDER if kind in obj]
+  if not any(p.kind != "text" or p.value for p in parts):
+    raise BadLine(line, "empty example (no media and no text)")
+  return tuple(parts)
+
+
+def _part(line: int, kind: str, value) -> Part:
+  if not isinstance(value, str):
+    raise BadLine(line, f"the value of '{kind}' must be a string, got {type(value).__name__}")
+  if kind != "text" and not value:
+    raise BadLine(line, f"empty {kind} path")
+  return Part(kind, value)
+
+
+def parse_line(line: int, text: str) -> Entry:
+  """One manifest line -> Entry; raises BadLine."""
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise BadLine(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
+  return Entry(line, _parts(line, obj))
+
+
+def read(path: str | pathlib.Path) -> Iterator[Entry | BadLine]:
+  """Every non-blank line, parsed; a bad line is yielded (not raised) so a caller may skip it."""
+  with open(path, encoding="utf-8", errors="strict") as f:
+    line = 0
+    while True:
+      try:
+        text = f.readline()
+      except UnicodeDecodeError:
+        yield BadLine(line + 1, "not UTF-8 text")
+        return   # the file position is lost; nothing after it can be trusted
+      if not text:
+        return
+      line += 1
+      if not text.strip():
+        continue
+      try:
+        yield parse_line(line, text)
+      except BadLine as e:
+        yield e
+
+
+def count_examples(path: str | pathlib.Path) -> int:
+  """Non-blank lines: the examples the manifest names, before any is decoded."""
+  with open(path, "rb") as f:
+    return sum(1 for text in f if text.strip())
+
+
+def resolve(manifest: str | pathlib.Path, media_path: str) -> pathlib.Path:
+  """A media path as written in the manifest -> a path on disk (relative to the manifest's folder)."""
+  return pathlib.Path(manifest).absolute().parent / media_path

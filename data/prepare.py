@@ -1,0 +1,303 @@
+"""`omnimoe prepare`: a JSONL manifest of text, image and audio files -> a prepared folder.
+
+  DIR/records-00000-of-00002.array_record ...  one record per example (data/records.py), group_size:1
+  DIR/index.npz      lengths int32 [N]: tokens of each record's example; heldout bool [N]
+  DIR/codebooks.npz  k-means codebooks over the training records: image float32 [image_codebook,
+                     channels*patch**2] and audio float32 [audio_codebook, n_mels] (those present)
+  DIR/card.json      the dataset card: counts, token totals, the data config it was prepared with,
+                     and every skipped line with its reason
+
+Never half-written: everything goes to a hidden folder beside DIR that is renamed to DIR only when
+complete; on any error it is removed and DIR is left as it was (a DIR that is not a prepared folder
+is never replaced).
+
+Rules:
+- Held-out: round(heldout_fraction * examples) manifest examples (at least 1 and at most all but one
+  when there are two or more), drawn with a fixed seed from the non-blank lines, go to the held-out
+  share (eval/loss); a skipped line leaves the split a little smaller.
+- An example with media must fit in `data.seq_len` tokens whole ([BOS] parts [EOS]); a text-only
+  example longer than that is cut into pieces of at most seq_len - 2 bytes (EOS only on the last),
+  like the default dataset's text stream. Empty text parts are dropped.
+- Bad input (bad JSON, unknown keys, missing or corrupt file, unreadable WAV, an empty example, an
+  example that does not fit) raises BadData naming the manifest line and the path; with
+  `skip_bad=True` the line is skipped and listed in the card.
+"""
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+from array_record.python import array_record_module
+
+from data import audio_io, image_io, kmeans, text_corpus
+from data import manifest as manifest_lib
+from data import records as records_lib
+from data.config import DataConfig, image_patch_dim
+
+FORMAT = "omnimoe.prepared.v1"
+RECORDS_PER_SHARD = 4096
+WRITER_OPTIONS = "group_size:1"       # one record per chunk: fastest random access
+SPLIT_SEED = 31337
+CODEBOOK_SEED = 4242
+KMEANS_SAMPLE = 65536                 # vectors kept (reservoir sample) to fit each codebook
+# The data keys a prepared folder depends on; a run must agree with them (data/sources.py).
+PREPARED_KEYS = ("image_patch", "image_side", "image_channels", "sample_rate", "n_mels",
+                 "frame_len", "frame_hop", "image_codebook", "audio_codebook")
+
+
+class BadData(ValueError):
+  """A bad manifest line (exit code 3); the message is one line: manifest:line: path: reason."""
+
+
+class PrepareError(ValueError):
+  """A usage problem (exit code 2): missing manifest, an --out that is not a prepared folder."""
+
+
+def check_config(cfg: DataConfig) -> None:
+  """Raises ValueError naming the key when these data settings cannot prepare anything."""
+  image_io.check_layout(cfg)
+  for name in ("seq_len", "image_codebook", "audio_codebook", "sample_rate", "n_mels", "frame_len",
+               "frame_hop"):
+    if getattr(cfg, name) <= 0:
+      raise ValueError(f"data.{name} must be positive, got {getattr(cfg, name)}")
+  if not 0 < cfg.heldout_fraction < 1:
+    raise ValueError(f"data.heldout_fraction must lie in (0, 1), got {cfg.heldout_fraction}")
+  rows, cols = image_io.grid(cfg)
+  if 2 + rows * cols > cfg.seq_len:
+    raise ValueError(f"an image is {rows * cols} patches, more than data.seq_len={cfg.seq_len} "
+                     f"holds; raise data.seq_len or data.image_patch, or lower data.image_side")
+
+
+def is_prepared(folder: pathlib.Path) -> bool:
+  return (folder / "card.json").is_file()
+
+
+def _heldout_ordinals(n: int, fraction: float) -> set[int]:
+  if n < 2:
+    return set()
+  count = min(n - 1, max(1, round(fraction * n)))
+  return set(np.random.default_rng(SPLIT_SEED).choice(n, size=count, replace=False).tolist())
+
+
+class _Reservoir:
+  """A uniform sample of at most `cap` vectors out of all vectors added (Algorithm R, vectorized)."""
+
+  def __init__(self, cap: int, seed: int):
+    self.cap, self.seen, self.rng, self.data = cap, 0, np.random.default_rng(seed), None
+
+  def add(self, x_NxD: np.ndarray) -> None:
+    if self.data is None:
+      self.data = np.empty((self.cap, x_NxD.shape[1]), np.float32)
+    fill = max(0, min(len(x_NxD), self.cap - self.seen))
+    self.data[self.seen:self.seen + fill] = x_NxD[:fill]
+    rest = x_NxD[fill:]
+    if len(rest):
+      slot = self.rng.integers(0, self.seen + fill + np.arange(len(rest)) + 1)
+      keep = slot < self.cap
+      self.data[slot[keep]] = rest[keep]   # repeated slots: the later vector wins, as in sequence
+    self.seen += len(x_NxD)
+
+  def sample(self) -> np.ndarray | None:
+    return None if self.data is None else self.data[:min(self.seen, self.cap)]
+
+
+class _ShardWriter:
+  def __init__(self, folder: pathlib.Path, per_shard: int):
+    self.folder, self.per_shard = folder, per_shard
+    self.paths: list[pathlib.Path] = []
+    self.count, self._writer = 0, None
+
+  def write(self, raw: bytes) -> None:
+    if self._writer is None or self.count % self.per_shard == 0:
+      self._close_shard()
+      self.paths.append(self.folder / f"records-{len(self.paths):05d}.array_record")
+      self._writer = array_record_module.ArrayRecordWriter(str(self.paths[-1]), WRITER_OPTIONS)
+    self._writer.write(raw)
+    self.count += 1
+
+  def _close_shard(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+  def finish(self) -> list[str]:
+    """Closes the last shard and names every shard `records-IIIII-of-NNNNN.array_record`."""
+    self._close_shard()
+    names = []
+    for i, path in enumerate(self.paths):
+      name = f"records-{i:05d}-of-{len(self.paths):05d}.array_record"
+      path.rename(self.folder / name)
+      names.append(name)
+    return names
+
+
+def _decode_entry(entry: manifest_lib.Entry, manifest: pathlib.Path,
+                  cfg: DataConfig) -> list[records_lib.Record]:
+  """One manifest example -> its record(s); raises BadLine naming the file at fault."""
+  parts, first_media = [], None
+  for part in entry.parts:
+    if part.kind == "text":
+      if part.value:
+        parts.append(part.value.encode("utf-8"))
+      continue
+    first_media = first_media or part.value
+    path = manifest_lib.resolve(manifest, part.value)
+    try:
+      if part.kind == "image":
+        parts.append(records_lib.ImagePart(image_io.load_patches(path, cfg), image_io.grid(cfg)))
+      else:
+        parts.append(records_lib.AudioPart(audio_io.load_frames(path, cfg)))
+    except image_io.MediaError as e:
+      raise manifest_lib.BadLine(entry.line, str(e), part.value) from None
+  if first_media is None:   # text only: cut like the default text stream
+    text = b"".join(parts)
+    return [records_lib.Record((piece,), last, entry.line)
+            for piece, last in text_corpus.chunks(text, cfg.seq_len - 2)]
+  record = records_lib.Record(tuple(parts), True, entry.line)
+  n = records_lib.num_tokens(record)
+  if n > cfg.seq_len:
+    raise manifest_lib.BadLine(entry.line, f"example needs {n} tokens, more than data.seq_len="
+                               f"{cfg.seq_len}; shorten it or raise data.seq_len", first_media)
+  return [record]
+
+
+def _one_line(manifest: pathlib.Path, bad: manifest_lib.BadLine) -> str:
+  where = f"{manifest}:{bad.line}: " + (f"{bad.path}: " if bad.path else "")
+  return (where + bad.reason).replace("\n", " ")
+
+
+class _Tally:
+  """What the card counts."""
+
+  def __init__(self):
+    self.examples = {"total": 0, "train": 0, "heldout": 0}
+    self.with_modality = {"text": 0, "image": 0, "audio": 0}   # examples holding that modality
+    self.media = {"image": 0, "audio": 0}                       # image files, audio clips
+    self.tokens = {"text": 0, "image": 0, "audio": 0, "special": 0}
+    self.records = {"train": 0, "heldout": 0}
+    self.longest = 0
+
+  def add(self, recs: list[records_lib.Record], split: str) -> None:
+    self.examples["total"] += 1
+    self.examples[split] += 1
+    kinds = set()
+    for rec in recs:
+      self.records[split] += 1
+      self.longest = max(self.longest, records_lib.num_tokens(rec))
+      self.tokens["special"] += 1 + int(rec.eos)
+      for part in rec.parts:
+        kind = _kind(part)
+        kinds.add(kind)
+        self.tokens[kind] += records_lib.part_tokens(part)
+        if kind != "text":
+          self.media[kind] += 1
+    for kind in kinds:
+      self.with_modality[kind] += 1
+
+
+def _kind(part) -> str:
+  if isinstance(part, bytes):
+    return "text"
+  return "image" if isinstance(part, records_lib.ImagePart) else "audio"
+
+
+def prepare(manifest: str | pathlib.Path, out: str | pathlib.Path, cfg: DataConfig, *,
+            skip_bad: bool = False, records_per_shard: int = RECORDS_PER_SHARD) -> dict:
+  """Writes the prepared folder `out` from `manifest`; returns the dataset card."""
+  manifest, out = pathlib.Path(manifest), pathlib.Path(out)
+  check_config(cfg)
+  if not manifest.is_file():
+    raise PrepareError(f"manifest '{manifest}' does not exist")
+  if out.exists() and not is_prepared(out):
+    raise PrepareError(f"--out '{out}' exists and is not a prepared folder; remove it or choose "
+                       f"another")
+  out.absolute().parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.absolute().parent / f".{out.name}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    card = _write(manifest, tmp, cfg, skip_bad, records_per_shard)
+    if out.exists():   # a previous prepared folder: swap, then drop the old one
+      old = out.absolute().parent / f".{out.name}.old-{os.getpid()}"
+      out.rename(old)
+      tmp.rename(out)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return card
+
+
+def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_bad: bool,
+           records_per_shard: int) -> dict:
+  heldout = _heldout_ordinals(manifest_lib.count_examples(manifest), cfg.heldout_fraction)
+  writer = _ShardWriter(folder, records_per_shard)
+  samples = {(kind, split): _Reservoir(KMEANS_SAMPLE, CODEBOOK_SEED)
+             for kind in ("image", "audio") for split in ("train", "heldout")}
+  lengths, is_heldout, skipped, tally = [], [], [], _Tally()
+  for ordinal, entry in enumerate(manifest_lib.read(manifest)):
+    try:
+      if isinstance(entry, manifest_lib.BadLine):
+        raise entry
+      recs = _decode_entry(entry, manifest, cfg)
+    except manifest_lib.BadLine as bad:
+      if not skip_bad:
+        raise BadData(_one_line(manifest, bad)) from None
+      skipped.append({"line": bad.line, "path": bad.path, "reason": bad.reason})
+      continue
+    split = "heldout" if ordinal in heldout else "train"
+    tally.add(recs, split)
+    for rec in recs:
+      writer.write(records_lib.encode(rec))
+      lengths.append(records_lib.num_tokens(rec))
+      is_heldout.append(split == "heldout")
+      for part in rec.parts:
+        if not isinstance(part, bytes):
+          kind = _kind(part)
+          x = part.patches_MxD if kind == "image" else part.frames_MxD
+          samples[kind, split].add(x)
+  shards = writer.finish()
+  if not lengths:
+    raise BadData(f"{manifest}: no usable example" + (f" ({len(skipped)} skipped)" if skipped else ""))
+
+  codebooks, sizes = {}, {"image": cfg.image_codebook, "audio": cfg.audio_codebook}
+  for kind in ("image", "audio"):
+    x = samples[kind, "train"].sample()
+    x = samples[kind, "heldout"].sample() if x is None else x   # every such example held out
+    if x is not None:
+      codebooks[kind] = kmeans.fit(x, sizes[kind], CODEBOOK_SEED)
+  np.savez(folder / "codebooks.npz", **codebooks)
+  np.savez(folder / "index.npz", lengths=np.asarray(lengths, np.int32),
+           heldout=np.asarray(is_heldout, bool))
+  card = {
+      "format": FORMAT,
+      "manifest": str(manifest.absolute()),
+      "prepared_with": {"seq_len": cfg.seq_len, "heldout_fraction": cfg.heldout_fraction,
+                        **{k: getattr(cfg, k) for k in PREPARED_KEYS}},
+      "feature_widths": {"image": image_patch_dim(cfg), "audio": cfg.n_mels},
+      "examples": tally.examples,
+      "examples_with": tally.with_modality,
+      "media": tally.media,
+      "records": {"total": len(lengths), **tally.records},
+      "tokens": {**tally.tokens, "total": int(sum(lengths))},
+      "longest_record_tokens": tally.longest,
+      "codebooks": {kind: (sizes[kind] if kind in codebooks else None) for kind in sizes},
+      "shards": shards,
+      "skipped": {"count": len(skipped), "lines": skipped},
+  }
+  (folder / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+  return card
+
+
+def summary(card: dict, out: str | pathlib.Path) -> str:
+  """The line `omnimoe prepare` prints when it is done."""
+  ex, tok, media = card["examples"], card["tokens"], card["media"]
+  line = (f"prepared {ex['total']} examples ({ex['train']} train, {ex['heldout']} held out) into "
+          f"{out}: {media['image']} images, {media['audio']} audio clips, {tok['text']} text bytes, "
+          f"{tok['total']} tokens")
+  if card["skipped"]["count"]:
+    line += f"; skipped {card['skipped']['count']} bad lines (listed in {out}/card.json)"
+  return line

@@ -1,0 +1,92 @@
+"""Reading a prepared folder (written by data/prepare.py): card, index, codebooks and records.
+
+Records are read through grain (`grain.sources.ArrayRecordDataSource`, random access by index).
+A record becomes an example (`to_example`) with codes assigned against the run's codebooks.
+"""
+import dataclasses
+import functools
+import json
+import pathlib
+
+import grain
+import numpy as np
+
+from data import kmeans, records
+from data.config import DataConfig
+from data.examples import Example, audio_media, image_media, make_sequence
+from data.prepare import FORMAT, PREPARED_KEYS
+from data.vocab import Vocab
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedFolder:
+  path: pathlib.Path
+  card: dict
+  lengths_N: np.ndarray       # int32 [N] tokens of each record's example
+  train_ids: np.ndarray       # int64 record indices of the training share, in file order
+  heldout_ids: np.ndarray     # int64 record indices of the held-out share, in file order
+  codebooks: dict             # "image" / "audio" -> float32 [K, D], for the modalities it holds
+
+  @functools.cached_property
+  def source(self) -> grain.sources.ArrayRecordDataSource:
+    return grain.sources.ArrayRecordDataSource([str(self.path / s) for s in self.card["shards"]])
+
+  def record(self, index: int) -> records.Record:
+    return records.decode(self.source[index])
+
+
+def open_folder(path: str | pathlib.Path) -> PreparedFolder:
+  """The prepared folder at `path`; raises ValueError when it is not one. Cached per version."""
+  path = pathlib.Path(path).absolute()
+  card = path / "card.json"
+  if not card.is_file():
+    raise ValueError(f"'{path}' is not a prepared folder (no card.json); write one with "
+                     f"`omnimoe prepare MANIFEST.jsonl --out {path}`")
+  stat = card.stat()
+  return _open(path, stat.st_ino, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _open(path: pathlib.Path, inode: int, mtime_ns: int) -> PreparedFolder:
+  del inode, mtime_ns   # cache keys: a folder prepared again is read again
+  card = json.loads((path / "card.json").read_text())
+  if card.get("format") != FORMAT:
+    raise ValueError(f"'{path}' has format {card.get('format')!r}; this omnimoe reads {FORMAT!r} "
+                     f"(prepare it again)")
+  index = np.load(path / "index.npz")
+  with np.load(path / "codebooks.npz") as books:
+    codebooks = {k: books[k] for k in books.files}
+  heldout = index["heldout"]
+  return PreparedFolder(path, card, index["lengths"], np.flatnonzero(~heldout),
+                        np.flatnonzero(heldout), codebooks)
+
+
+def check_matches(folder: PreparedFolder, cfg: DataConfig, where: str) -> None:
+  """Raises ValueError naming the key when the run's data config cannot read `folder`."""
+  prepared = folder.card["prepared_with"]
+  for key in PREPARED_KEYS:
+    if prepared[key] != getattr(cfg, key):
+      raise ValueError(f"{where} was prepared with data.{key}={prepared[key]}; this run has "
+                       f"data.{key}={getattr(cfg, key)} (set it, or prepare the folder again)")
+  longest = folder.card["longest_record_tokens"]
+  if longest > cfg.seq_len:
+    raise ValueError(f"{where} holds examples of up to {longest} tokens; data.seq_len="
+                     f"{cfg.seq_len} is shorter (raise it, or prepare with this data.seq_len)")
+  if not len(folder.train_ids):
+    raise ValueError(f"{where} has no training records (all {len(folder.heldout_ids)} are held out)")
+
+
+def to_example(record: records.Record, vocab: Vocab, codebooks: dict,
+               feature_dim: int) -> Example:
+  """A record as an example; image patches and audio frames get the codes of `codebooks`."""
+  parts = []
+  for part in record.parts:
+    if isinstance(part, bytes):
+      parts.append(vocab.encode_text(part))
+    elif isinstance(part, records.ImagePart):
+      codes = kmeans.assign(part.patches_MxD, codebooks["image"])
+      parts.append(image_media(vocab.image_ids(codes), part.patches_MxD, part.grid, feature_dim))
+    else:
+      codes = kmeans.assign(part.frames_MxD, codebooks["audio"])
+      parts.append(audio_media(vocab.audio_ids(codes), part.frames_MxD, feature_dim))
+  return make_sequence(parts, feature_dim, eos=record.eos)

@@ -1,0 +1,142 @@
+"""`data.sources`: which sources a run mixes, and the one vocabulary and codebooks they share.
+
+`data.sources` is a list of `{path, weight}`: a folder written by `omnimoe prepare`, or the word
+`default` for the embedded dataset. `[]` (or only `default`) is the default dataset exactly as
+before (data/pipeline.py); any prepared folder with a positive weight selects the mixed pipeline
+(data/mixture.py). Sources with weight 0 are left out.
+
+How vocabularies and codebooks combine (one rule, enforced here):
+- The unified vocabulary depends only on the config (`data.image_codebook`, `data.audio_codebook`):
+  every source shares it.
+- Every folder must have been prepared with the run's feature layout and codebook sizes
+  (`prepare.PREPARED_KEYS`: image_patch, image_side, image_channels, sample_rate, n_mels,
+  frame_len, frame_hop, image_codebook, audio_codebook); a mismatch is an error naming the key.
+- The run codes every image patch with ONE image codebook and every audio frame with ONE audio
+  codebook: for each modality, the codebook of the first source in `data.sources` that has that
+  modality (the default dataset has both). Prepared records store vectors, not codes, so their
+  codes are assigned when batches are built; the default dataset's examples are re-coded when the
+  run's codebooks are not its own. So a code id means one thing in a run, whatever the source.
+- The default dataset only exists in grayscale: mixing it needs `data.image_channels=1`.
+"""
+import dataclasses
+import functools
+import pathlib
+
+import numpy as np
+
+from data import default_dataset, kmeans
+from data import prepared as prepared_lib
+from data.config import DEFAULT_SOURCE, DataConfig, feature_dim
+from data.examples import Example
+from data.vocab import MOD_AUDIO, MOD_IMAGE, Vocab
+
+KINDS = ("image", "audio")
+
+
+def _active(cfg: DataConfig):
+  return [(i, s) for i, s in enumerate(cfg.sources) if s.weight > 0]
+
+
+def is_default_only(cfg: DataConfig) -> bool:
+  """True when the run reads the embedded default dataset alone (the original pipeline)."""
+  return all(s.path == DEFAULT_SOURCE for _, s in _active(cfg))
+
+
+def has_default(cfg: DataConfig) -> bool:
+  """True when the default dataset is one of the run's sources (cross-modal eval needs it)."""
+  return is_default_only(cfg) or any(s.path == DEFAULT_SOURCE for _, s in _active(cfg))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Resolved:
+  name: str                   # `data.sources[i] 'path'`, for messages
+  weight: float
+  folder: prepared_lib.PreparedFolder | None   # None: the default dataset
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Mixture:
+  cfg: DataConfig
+  vocab: Vocab
+  feature_dim: int
+  sources: tuple[Resolved, ...]              # positive weights only, in config order
+  codebooks: dict                            # "image" / "audio" -> float32 [K, D] (run-wide)
+  codebook_from: dict                        # "image" / "audio" -> the source's name
+  default: default_dataset.DefaultDataset | None
+  recode_default: bool                       # the default's own codebooks are not the run's
+
+  def recode(self, example: Example) -> Example:
+    """A default-dataset example with its media codes assigned against the run's codebooks."""
+    if not self.recode_default:
+      return example
+    tokens = example.tokens_N.copy()
+    for mod, kind, ids in ((MOD_IMAGE, "image", self.vocab.image_ids),
+                           (MOD_AUDIO, "audio", self.vocab.audio_ids)):
+      where = example.modality_N == mod
+      if where.any():
+        book = self.codebooks[kind]
+        tokens[where] = ids(kmeans.assign(example.features_NxF[where][:, :book.shape[1]], book))
+    return example._replace(tokens_N=tokens)
+
+
+def resolve(cfg: DataConfig) -> Mixture:
+  """Opens and checks every source; raises ValueError naming the source and the key.
+
+  Cached per config and per version of each prepared folder (a folder prepared again in the same
+  process, e.g. a notebook, is read again)."""
+  versions = []
+  for _, s in _active(cfg):
+    card = pathlib.Path(s.path) / "card.json"
+    stat = card.stat() if s.path != DEFAULT_SOURCE and card.is_file() else None
+    versions.append(None if stat is None else (stat.st_ino, stat.st_mtime_ns))
+  return _resolve(cfg, tuple(versions))
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve(cfg: DataConfig, versions: tuple) -> Mixture:
+  del versions   # cache key only
+  if is_default_only(cfg):
+    raise ValueError("resolve() is for runs with a prepared source; this run reads the default "
+                     "dataset alone")
+  sources, default = [], None
+  for i, s in _active(cfg):
+    name = f"data.sources[{i}] '{s.path}'"
+    if s.path == DEFAULT_SOURCE:
+      if cfg.image_channels != 1:
+        raise ValueError(f"{name}: the default dataset is grayscale; mixing it needs "
+                         f"data.image_channels=1, got {cfg.image_channels}")
+      default = default_dataset.build(cfg)
+      sources.append(Resolved(name, s.weight, None))
+    else:
+      try:
+        folder = prepared_lib.open_folder(s.path)
+      except ValueError as e:
+        raise ValueError(f"data.sources[{i}]: {e}") from None
+      prepared_lib.check_matches(folder, cfg, name)
+      sources.append(Resolved(name, s.weight, folder))
+
+  codebooks, codebook_from = {}, {}
+  for source in sources:
+    own = ({"image": default.image_codebook_KxD, "audio": default.audio_codebook_KxD}
+           if source.folder is None else source.folder.codebooks)
+    for kind in KINDS:
+      if kind not in codebooks and kind in own:
+        codebooks[kind], codebook_from[kind] = own[kind], source.name
+  recode = default is not None and any(
+      codebooks[k] is not own_k for k, own_k in (("image", default.image_codebook_KxD),
+                                                ("audio", default.audio_codebook_KxD)))
+  return Mixture(cfg, Vocab.from_config(cfg), feature_dim(cfg), tuple(sources), codebooks,
+                 codebook_from, default, recode)
+
+
+def describe(mix: Mixture) -> str:
+  """One line per source and where the codebooks come from (for logs and the README)."""
+  total = sum(s.weight for s in mix.sources)
+  lines = [f"{s.name}: weight {s.weight / total:.2f}" for s in mix.sources]
+  lines += [f"{kind} codebook: {mix.codebook_from[kind]}" for kind in KINDS if kind in mix.codebooks]
+  return "\n".join(lines)
+
+
+def seed_for(seed: int, source_index: int) -> int:
+  """A 32-bit shuffle seed per (run seed, source) for grain's shuffle."""
+  return int(np.random.SeedSequence([seed % (1 << 63), source_index]).generate_state(1)[0])
