@@ -12,7 +12,8 @@ class MoEConfig:
   top_k: int = 2                  # experts each token takes (router "topk")
   expert_hidden: int = 256        # hidden width of one expert's SwiGLU
   backend: str = "auto"           # grouped matmul: auto | blocked | ragged_dot | dense
-  block_rows: int = 256           # rows per block of the "blocked" grouped matmul (CPU: 128-256)
+  block_rows: int = 256           # most rows per block of the "blocked" grouped matmul (blocks
+                                  # shrink to 32 when many experts share few tokens)
   load_balance_coef: float = 1e-2 # Switch/GShard load-balancing loss coefficient
   z_loss_coef: float = 1e-3       # router z-loss coefficient
   router: str = "topk"            # topk: top_k experts per token | dynamic: experts by descending

@@ -6,20 +6,25 @@ Two ways in:
     of times) and `combine`: the MoE layer does the bookkeeping (sort, padding, block experts) once
     per layer and reuses it for the gate, up and down matmuls.
 
-Source row s (a token) has K assignments a = s*K + j, each to one expert. Row layouts (R rows):
+Source row s (a token) has K assignments a = s*K + j, each to one expert; invalid assignments
+(`valid_SxK`, e.g. the dynamic router's unused slots) take no row. Row layouts (R rows):
   dense, ragged_dot  R = A = S*K: assignments sorted by expert, groups back to back.
-  blocked            R = nb * br, nb = ceil((A + E*(br-1)) / br), br = min(block_rows, A // E):
+  blocked            R = nb * br >= A + E*(br-1) (worst case), br = `blocked_rows(A, E, block_rows)`:
                      each expert's group starts on a block boundary and is padded to whole
-                     blocks, so every block has one expert. Empty rows are zeros.
+                     blocks, so every block has one expert; the used blocks are a prefix
+                     (`used_blocks`), the rest is empty. Empty rows are zeros.
 
 Backends:
   dense       oracle: every expert on every row, then select (E times the FLOPs; tests only)
   ragged_dot  jax.lax.ragged_dot (XLA:CPU computes every expert densely: slow there)
-  blocked     pure JAX: one batched matmul einsum('bik,bkn->bin', x_blocks, w[block_expert])
+  blocked     pure JAX: a loop over chunks of blocks, each one batched matmul
+              einsum('bik,bkn->bin', x_blocks, w[block_expert]); the trip count is dynamic, so the
+              empty tail of the static buffer costs nothing
   auto        blocked on CPU; ragged_dot on GPU/TPU (tokamax later)
 
-Gradients avoid scatters (slow on XLA:CPU): the row moves have custom VJPs that gather through the
-inverse permutation, and the blocked weight gradient sums per-block products with a one-hot matmul.
+Gradients avoid row scatters (slow on XLA:CPU): the row moves have custom VJPs that gather through
+the inverse permutation; the blocked weight gradient adds each block's product (a whole [K, N]
+slice) to its expert, O(blocks) rather than O(blocks * experts).
 """
 import dataclasses
 import functools
@@ -104,10 +109,9 @@ def _blocked_matmul_bwd(chunk, res, dy_NxBxN):
     dy_CxBxN = jax.lax.dynamic_slice_in_dim(dy_NxBxN, start, chunk)
     e_C = jax.lax.dynamic_slice_in_dim(block_expert_N, start, chunk)
     dx_CxBxK = jnp.einsum("bin,bkn->bik", dy_CxBxN, jnp.take(w_ExKxN, e_C, axis=0))
-    # Blocks are sorted by expert: a sorted segment sum, O(blocks) and not O(blocks * experts).
-    dw_ExKxN = dw_ExKxN + jax.ops.segment_sum(
-        jnp.einsum("bik,bin->bkn", x_CxBxK, dy_CxBxN), e_C, num_segments=w_ExKxN.shape[0],
-        indices_are_sorted=True)
+    # Accumulated in place, O(blocks) and not O(blocks * experts) (blocks are sorted by expert).
+    dw_ExKxN = dw_ExKxN.at[e_C].add(jnp.einsum("bik,bin->bkn", x_CxBxK, dy_CxBxN),
+                                    indices_are_sorted=True)
     return jax.lax.dynamic_update_slice_in_dim(dx_NxBxK, dx_CxBxK, start, 0), dw_ExKxN
 
   zeros = (jnp.zeros_like(x_NxBxK), jnp.zeros(w_ExKxN.shape, dy_NxBxN.dtype))
