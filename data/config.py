@@ -23,9 +23,9 @@ class DataConfig:
   frame_len: int = 256            # STFT window (samples)
   frame_hop: int = 128            # STFT hop (samples)
   tone_seconds: float = 0.2       # duration of one synthesized DTMF tone
-  weight_image: float = 0.55      # mixture weight of image+caption examples
-  weight_audio: float = 0.25      # mixture weight of tone+caption examples
-  weight_text: float = 0.2        # mixture weight of text-only examples
+  weight_image: float = 0.7       # mixture weight of image+caption examples
+  weight_audio: float = 0.15      # mixture weight of tone+caption examples
+  weight_text: float = 0.15       # mixture weight of text-only examples
   loss_weight_text: float = 1.0   # loss weight of positions whose target is text
   loss_weight_image: float = 0.0  # ... an image code (0: predicting patches overfits 1.4k images)
   loss_weight_audio: float = 1.0  # ... whose target is an audio code
