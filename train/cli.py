@@ -4,6 +4,7 @@ else lives here.
   omnimoe train   [CONFIG.yaml] [--workdir DIR] [key=value ...]
   omnimoe eval    [CONFIG.yaml] --workdir DIR [key=value ...]
   omnimoe prepare MANIFEST.jsonl --out DIR [--skip-bad] [CONFIG.yaml] [key=value ...]
+  omnimoe plan    [CONFIG.yaml] [--devices N] [key=value ...]
   omnimoe config  [CONFIG.yaml] [key=value ...]
 
 Exit codes: 0 done, 2 bad config or arguments, 3 bad data, 4 non-finite loss.
