@@ -74,8 +74,7 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sigkill_midway_then_resume_is_bit_identical(tmp_path):
-  args = [*SMALL, "train.steps=8", "checkpoint.every_steps=2", "eval.every_steps=0",
-          "checkpoint.async_save=false"]
+  args = [*SMALL, "train.steps=8", "checkpoint.every_steps=2", "eval.every_steps=0"]  # async saves
   full = run_cli("train", *args, "--workdir", str(tmp_path / "full"))
   assert full.returncode == 0, full.stderr
 
