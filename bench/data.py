@@ -64,9 +64,8 @@ def time_train_steps(cfg, *, steps: int) -> dict:
   from train.step import make_train_step
   mesh = make_mesh()
   info = data.dataset_info(cfg.data, cfg.train.seed)
-  dims = dict(vocab_size=info.vocab.size, feature_dim=info.feature_dim)
-  setup = make_setup(cfg, mesh, **dims)
-  state = init_state(cfg, setup, **dims)
+  setup = make_setup(cfg, mesh, info)
+  state = init_state(cfg, setup)
   step = make_train_step(cfg, setup, batch_sharding(mesh))
   it = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
   batches = [global_batch(next(it), mesh) for _ in range(steps + 1)]

@@ -29,9 +29,8 @@ def losses_and_grads(overrides, devices=None, steps=3):
   cfg = config_lib.load(None, [*SMALL, *overrides])
   mesh = make_mesh(cfg.mesh, devices)
   info = data.dataset_info(cfg.data, cfg.train.seed)
-  dims = dict(vocab_size=info.vocab.size, feature_dim=info.feature_dim)
-  setup = make_setup(cfg, mesh, **dims)
-  state = init_state(cfg, setup, **dims)
+  setup = make_setup(cfg, mesh, info)
+  state = init_state(cfg, setup)
   step = make_train_step(cfg, setup, batch_sharding(mesh))
   it = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
   losses, grad_norms = [], []
@@ -95,7 +94,6 @@ def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
   ckpts.save(2, state8, {})
   ckpts.wait()
   info = data.dataset_info(cfg.data, cfg.train.seed)
-  dims = dict(vocab_size=info.vocab.size, feature_dim=info.feature_dim)
   it = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
   for _ in range(2):
     next(it)
@@ -111,7 +109,7 @@ def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
                              ([], jax.devices()[:1])]:
     small = config_lib.load(None, [*SMALL, *overrides])
     mesh = make_mesh(small.mesh, devices)
-    setup = make_setup(small, mesh, **dims)
+    setup = make_setup(small, mesh, info)
     state, _ = ckpts.restore(2, setup)
     assert int(state["step"]) == 2
     assert all(len(leaf.sharding.device_set) == len(devices) for leaf in jax.tree.leaves(state))

@@ -20,9 +20,8 @@ def build(*overrides):
   cfg = config_lib.load(None, [*SMALL, *overrides])
   mesh = make_mesh()
   info = data.dataset_info(cfg.data, cfg.train.seed)
-  dims = dict(vocab_size=info.vocab.size, feature_dim=info.feature_dim)
-  setup = make_setup(cfg, mesh, **dims)
-  return cfg, mesh, setup, init_state(cfg, setup, **dims)
+  setup = make_setup(cfg, mesh, info)
+  return cfg, mesh, setup, init_state(cfg, setup)
 
 
 def first_batch(cfg):

@@ -154,8 +154,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
                                   process_count=jax.process_count())
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
-  dims = dict(vocab_size=info.vocab.size, feature_dim=info.feature_dim)
-  setup = make_setup(cfg, mesh, **dims)
+  setup = make_setup(cfg, mesh, info)
   ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   latest = ckpts.latest_step()
@@ -163,7 +162,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
     state, data_state = ckpts.restore(latest, setup)
     batches.set_state(data_state)
   else:
-    state = init_state(cfg, setup, **dims)
+    state = init_state(cfg, setup)
   start, total = int(state["step"]), cfg.train.steps
   if start >= total:
     ckpts.close()
@@ -247,7 +246,7 @@ def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict, tuple
     info = data.dataset_info(cfg.data, cfg.train.seed)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
-  setup = make_setup(cfg, mesh, vocab_size=info.vocab.size, feature_dim=info.feature_dim)
+  setup = make_setup(cfg, mesh, info)
   state, _ = ckpts.restore(latest, setup)
   ckpts.close()
   evaluator = Evaluator(cfg, setup, info.vocab)

@@ -52,7 +52,7 @@ def plan(cfg: Config) -> dict:
   mesh = make_mesh(cfg.mesh)
   check_batch(mesh, cfg.train.batch_size)
   info = data.dataset_info(cfg.data, cfg.train.seed)
-  setup = make_setup(cfg, mesh, vocab_size=info.vocab.size, feature_dim=info.feature_dim)
+  setup = make_setup(cfg, mesh, info)
   step = make_train_step(cfg, setup, batch_sharding(mesh))
   b, l, f = cfg.train.batch_size, cfg.data.seq_len, info.feature_dim
   batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in {

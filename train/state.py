@@ -31,6 +31,8 @@ class Setup:
   optimizer: optax.GradientTransformation
   abstract_state: dict     # ShapeDtypeStructs of the state
   shardings: dict          # NamedShardings of the state, same tree
+  vocab_size: int          # from the dataset: the unified vocabulary
+  feature_dim: int         # from the dataset: width of `features`
 
 
 def learning_rate_schedule(cfg: Config) -> optax.Schedule:
@@ -57,7 +59,9 @@ def _new_model(cfg: Config, vocab_size: int, feature_dim: int, seed: int) -> Dec
   return Decoder(cfg.model, vocab_size=vocab_size, feature_dim=feature_dim, rngs=nnx.Rngs(seed))
 
 
-def make_setup(cfg: Config, mesh: Mesh, *, vocab_size: int, feature_dim: int) -> Setup:
+def make_setup(cfg: Config, mesh: Mesh, info) -> Setup:
+  """The state's layout on `mesh` for a dataset whose `info` (data.DatasetInfo) sizes the model."""
+  vocab_size, feature_dim = info.vocab.size, info.feature_dim
   graphdef, abstract_params = nnx.split(
       nnx.eval_shape(lambda: _new_model(cfg, vocab_size, feature_dim, 0)))
   params_sh = nnx.to_pure_dict(param_shardings(abstract_params, mesh))
@@ -75,14 +79,14 @@ def make_setup(cfg: Config, mesh: Mesh, *, vocab_size: int, feature_dim: int) ->
     abstract_state["router"] = jax.eval_shape(
         lambda: init_router_state(cfg.model.num_moe_layers, cfg.model.moe))
     shardings["router"] = jax.tree.map(lambda _: replicated, abstract_state["router"])
-  return Setup(graphdef, optimizer, abstract_state, shardings)
+  return Setup(graphdef, optimizer, abstract_state, shardings, vocab_size, feature_dim)
 
 
-def init_state(cfg: Config, setup: Setup, *, vocab_size: int, feature_dim: int) -> dict:
+def init_state(cfg: Config, setup: Setup) -> dict:
   """Initialises parameters and optimizer directly into their shardings (no host copy)."""
   def init():
     seed = cfg.train.seed
-    params = nnx.to_pure_dict(nnx.state(_new_model(cfg, vocab_size, feature_dim, seed)))
+    params = nnx.to_pure_dict(nnx.state(_new_model(cfg, setup.vocab_size, setup.feature_dim, seed)))
     state = {"params": params, "opt_state": setup.optimizer.init(params),
              "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed + 1)}
     if has_router_state(cfg):
