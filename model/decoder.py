@@ -9,6 +9,8 @@ layer (M = num_layers - num_dense_layers; `moe_layers` [M] holds their block ind
 expert_load [M, E], expert_load_by_modality [M, 3, E] (text, image, audio), active_fraction [M],
 active_fraction_by_modality [M, 3], router_entropy [M], router_entropy_by_modality [M, 3].
 The first `num_dense_layers` blocks use a dense SwiGLU and return no aux.
+`mesh` (a jax.sharding.AbstractMesh, None = none) is the mesh the model is laid out on: calls
+trace under it, so activation constraints and the experts' shard_map see it (train.state sets it).
 Blocks run in a Python loop (compile time grows with num_layers).
 """
 import jax
@@ -58,8 +60,10 @@ class Block(nnx.Module):
 
 class Decoder(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, vocab_size: int, feature_dim: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, vocab_size: int, feature_dim: int, rngs: nnx.Rngs,
+               mesh: jax.sharding.AbstractMesh | None = None):
     self.cfg = cfg
+    self.mesh = mesh
     self.embed = MultimodalEmbed(vocab_size, feature_dim, cfg.d_model, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype, rngs=rngs)
     if not 0 <= cfg.num_dense_layers < cfg.num_layers:
@@ -72,6 +76,12 @@ class Decoder(nnx.Module):
                           (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
   def __call__(self, batch: dict, router: dict | None = None) -> tuple[jax.Array, dict]:
+    if self.mesh is None or not jax.sharding.get_abstract_mesh().empty:
+      return self._forward(batch, router)
+    with jax.sharding.use_abstract_mesh(self.mesh):
+      return self._forward(batch, router)
+
+  def _forward(self, batch: dict, router: dict | None) -> tuple[jax.Array, dict]:
     cfg = self.cfg
     router = init_router_state(cfg.num_moe_layers, cfg.moe) if router is None else router
     require_auto_axes(batch["segment_ids"])

@@ -1,18 +1,22 @@
-"""Dropless Mixture-of-Experts feed-forward layer with SwiGLU experts.
+"""Mixture-of-Experts feed-forward layer with SwiGLU experts (dropless unless all_to_all).
 
 Tokens are flattened (T = B*L). The router picks each token's experts into a static [T, K] layout
 (K = top_k for router "topk"; K = k_max for router "dynamic", whose unused slots have weight 0 and
-take no row), the assignments are laid out by expert once (`plan_dispatch`), three grouped matmuls
-run on that layout (gate, up, down), and each token sums its experts' outputs weighted by the
-renormalised probabilities of the experts it took; `num_shared_experts` adds one dense SwiGLU of
-that many experts' width that every token uses. Padding tokens (segment_ids == 0) are routed
-and computed like any token (static shapes, no branch), but excluded from every statistic and loss.
+take no row); with `max_groups` a token's experts come from at most that many of `num_groups`
+expert groups. The routing and its statistics are computed over the whole (global) batch; the
+experts then run through model/expert_parallel.py: on one device the assignments are laid out by
+expert once and three grouped matmuls run on that layout (gate, up, down); on a mesh the same
+happens per device inside shard_map after an all_gather or all_to_all exchange over `expert`.
+Each token sums its experts' outputs weighted by the renormalised probabilities of the experts it
+took; `num_shared_experts` adds one dense SwiGLU of that many experts' width that every token uses.
+Padding tokens (segment_ids == 0) are routed and computed like any token (static shapes, no
+branch; all_to_all gives them 0 instead), but excluded from every statistic and loss.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import grouped_matmul as gmm
+from model.expert_parallel import resolve_dispatch, routed_experts
 from model.config import MoEConfig
 from model.mlp import SwiGLU
 from model.router import balance_stats, dynamic_routing, top_k_routing
@@ -25,7 +29,9 @@ class MoE(nnx.Module):
   """(x_BxLxD, segment_ids, modality, threshold) -> (y_BxLxD, aux).
 
   aux: load_balance_loss, router_z_loss, expert_load [E], active_fraction (mean experts taken / E),
-  and with modality expert_load_by_modality [3, E], active_fraction_by_modality [3].
+  dropped_fraction (valid assignments the all_to_all capacity dropped / all valid ones; 0 in the
+  dropless modes), and with modality expert_load_by_modality [3, E], active_fraction_by_modality
+  [3].
   `threshold` (float32 scalar) is the dynamic router's mass threshold, an input kept by the
   trainer's controller (None: `cfg.threshold_init`); the top-k router ignores it. `bias_MxE`
   (float32 [3, E], needs modality) is the auxiliary-loss-free balance bias per modality: it ranks
@@ -41,6 +47,19 @@ class MoE(nnx.Module):
     if cfg.router == "dynamic" and not 1 <= cfg.k_min <= cfg.k_max <= E:
       raise ValueError(f"moe.k_min={cfg.k_min}, k_max={cfg.k_max} need 1 <= k_min <= k_max <= "
                        f"num_experts={E}")
+    resolve_dispatch(cfg.dispatch, None)   # a bad mode fails when the model is built
+    if cfg.capacity_factor <= 0:
+      raise ValueError(f"moe.capacity_factor={cfg.capacity_factor} must be > 0")
+    if cfg.num_groups < 1 or E % cfg.num_groups:
+      raise ValueError(f"moe.num_groups={cfg.num_groups} must divide num_experts={E}")
+    if cfg.max_groups and not 1 <= cfg.max_groups <= cfg.num_groups:
+      raise ValueError(f"moe.max_groups={cfg.max_groups} must be 0 (no limit) or in "
+                       f"1..num_groups={cfg.num_groups}")
+    reach = (cfg.max_groups or cfg.num_groups) * (E // cfg.num_groups)
+    k = cfg.top_k if cfg.router == "topk" else cfg.k_max
+    if k > reach:
+      raise ValueError(f"moe.max_groups={cfg.max_groups} leaves {reach} experts in reach, fewer "
+                       f"than the {k} a token may take")
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     normal = jax.nn.initializers.normal
@@ -60,12 +79,13 @@ class MoE(nnx.Module):
     """-> (probs_TxE, logits_TxE, expert_TxK, weight_TxK, used_TxK or None)."""
     cfg = self.cfg
     logits_TxE = x_TxD.astype(jnp.float32) @ self.router_DxE[...]
+    groups = (cfg.num_groups, cfg.max_groups)
     if cfg.router == "dynamic":
       threshold = cfg.threshold_init if threshold is None else threshold
       probs_TxE, expert_TxK, weight_TxK, used_TxK = dynamic_routing(
-          logits_TxE, jnp.asarray(threshold, jnp.float32), cfg.k_min, cfg.k_max, bias_TxE)
+          logits_TxE, jnp.asarray(threshold, jnp.float32), cfg.k_min, cfg.k_max, bias_TxE, groups)
     else:
-      probs_TxE, expert_TxK, weight_TxK = top_k_routing(logits_TxE, cfg.top_k, bias_TxE)
+      probs_TxE, expert_TxK, weight_TxK = top_k_routing(logits_TxE, cfg.top_k, bias_TxE, groups)
       used_TxK = None
     return probs_TxE, logits_TxE, expert_TxK, weight_TxK, used_TxK
 
@@ -87,16 +107,12 @@ class MoE(nnx.Module):
                                                                             bias_TxE)
       aux = balance_stats(logits_TxE, probs_TxE, expert_TxK, valid_T,
                           None if modality_BxL is None else modality_BxL.reshape(T), used_TxK)
-    with jax.named_scope("dispatch"):
-      plan = gmm.plan_dispatch(expert_TxK, E, valid_SxK=used_TxK, backend=cfg.backend,
-                               block_rows=cfg.block_rows)
-      x_RxD = gmm.dispatch(plan, x_TxD)
-    with jax.named_scope("experts"):
-      gate_RxH = plan.matmul(x_RxD, self.w_gate_ExDxH[...])
-      up_RxH = plan.matmul(x_RxD, self.w_up_ExDxH[...])
-      y_RxD = plan.matmul(jax.nn.silu(gate_RxH) * up_RxH, self.w_down_ExHxD[...])
-    with jax.named_scope("combine"):
-      y_TxD = gmm.combine(plan, y_RxD, weight_TxK)
+    with jax.named_scope("experts"):   # model/expert_parallel.py: local or over the mesh
+      used_TxK = jnp.ones(expert_TxK.shape, bool) if used_TxK is None else used_TxK
+      y_TxD, dropped = routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T,
+                                      self.w_gate_ExDxH[...], self.w_up_ExDxH[...],
+                                      self.w_down_ExHxD[...], cfg, batch_size=B)
+      aux["dropped_fraction"] = dropped / jnp.maximum(jnp.sum(used_TxK & valid_T[:, None]), 1)
     if self.cfg.num_shared_experts > 0:
       with jax.named_scope("shared_experts"):
         y_TxD = y_TxD + self.shared(x_TxD)

@@ -14,42 +14,64 @@ import jax.numpy as jnp
 MODALITIES = ("text", "image", "audio")   # modality ids 1, 2, 3 of the batch contract
 
 
-def _ranked(probs_TxE: jax.Array, k: int, bias_TxE: jax.Array | None):
+def group_limit(scores_TxE: jax.Array, num_groups: int, max_groups: int) -> jax.Array:
+  """Experts in reach [T, E] bool: those of the `max_groups` best of `num_groups` groups of
+  consecutive experts, a group scored by the sum of its two highest scores (DeepSeek-V3's
+  node-limited routing; one score when a group holds one expert). Per token, so causal."""
+  T, E = scores_TxE.shape
+  per_group = E // num_groups
+  top_TxGxJ, _ = jax.lax.top_k(scores_TxE.reshape(T, num_groups, per_group), min(2, per_group))
+  _, best_TxM = jax.lax.top_k(jnp.sum(top_TxGxJ, axis=-1), max_groups)
+  chosen_TxG = jnp.any(best_TxM[:, :, None] == jnp.arange(num_groups), axis=1)
+  return jnp.repeat(chosen_TxG, per_group, axis=1)
+
+
+def _ranked(probs_TxE: jax.Array, k: int, bias_TxE: jax.Array | None, groups: tuple[int, int]):
   """The k experts of highest probability (+ bias, which only ranks: DeepSeek-V3's auxiliary-loss-
-  free balance) and their probabilities, in rank order."""
-  if bias_TxE is None:
+  free balance) among those in reach (`groups` = (num_groups, max_groups); max_groups 0 = all),
+  their probabilities in rank order, and the probability mass in reach [T, 1]."""
+  scores_TxE = probs_TxE if bias_TxE is None else probs_TxE + jax.lax.stop_gradient(bias_TxE)
+  num_groups, max_groups = groups
+  reach_Tx1 = jnp.ones((probs_TxE.shape[0], 1), probs_TxE.dtype)
+  if max_groups and max_groups < num_groups:
+    allowed_TxE = group_limit(jax.lax.stop_gradient(scores_TxE), num_groups, max_groups)
+    scores_TxE = jnp.where(allowed_TxE, scores_TxE, -jnp.inf)
+    reach_Tx1 = jnp.sum(jnp.where(allowed_TxE, probs_TxE, 0.0), axis=-1, keepdims=True)
+  if bias_TxE is None and not max_groups:
     top_p_TxK, expert_TxK = jax.lax.top_k(probs_TxE, k)
   else:
-    _, expert_TxK = jax.lax.top_k(probs_TxE + jax.lax.stop_gradient(bias_TxE), k)
+    _, expert_TxK = jax.lax.top_k(scores_TxE, k)
     top_p_TxK = jnp.take_along_axis(probs_TxE, expert_TxK, axis=-1)
-  return top_p_TxK, expert_TxK.astype(jnp.int32)
+  return top_p_TxK, expert_TxK.astype(jnp.int32), reach_Tx1
 
 
-def top_k_routing(logits_TxE: jax.Array, k: int, bias_TxE: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def top_k_routing(logits_TxE: jax.Array, k: int, bias_TxE: jax.Array | None = None,
+                  groups: tuple[int, int] = (1, 0)) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Softmax over experts, top-k (ranked by probability + bias), weights = the chosen experts'
   probabilities renormalised to sum 1.
 
   Returns (probs_TxE, expert_TxK, weight_TxK)."""
   probs_TxE = jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1)
-  top_p_TxK, expert_TxK = _ranked(probs_TxE, k, bias_TxE)
+  top_p_TxK, expert_TxK, _ = _ranked(probs_TxE, k, bias_TxE, groups)
   weight_TxK = top_p_TxK / jnp.sum(top_p_TxK, axis=-1, keepdims=True)
   return probs_TxE, expert_TxK, weight_TxK
 
 
 def dynamic_routing(logits_TxE: jax.Array, threshold: jax.Array, k_min: int, k_max: int,
-                    bias_TxE: jax.Array | None = None
+                    bias_TxE: jax.Array | None = None, groups: tuple[int, int] = (1, 0)
                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Each token takes experts by descending probability until their mass reaches `threshold`,
   at least k_min and at most k_max of them; weights renormalised over the experts taken.
 
   Slot j (0-based, descending probability) is taken when j < k_min or the mass of slots 0..j-1 is
   below the threshold, so the mass taken is >= threshold unless k_max binds. With `bias_TxE` the
-  experts are ranked by probability + bias (the mass still counts probabilities).
+  experts are ranked by probability + bias (the mass still counts probabilities). With
+  `groups` = (num_groups, max_groups) only the experts of the best groups are in reach, and the
+  mass is measured as a share of the probability in reach.
   Returns (probs_TxE, expert_TxK, weight_TxK, used_TxK) with K = k_max; weight is 0 off `used`."""
   probs_TxE = jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1)
-  top_p_TxK, expert_TxK = _ranked(probs_TxE, k_max, bias_TxE)
-  mass_before_TxK = jnp.cumsum(top_p_TxK, axis=-1) - top_p_TxK
+  top_p_TxK, expert_TxK, reach_Tx1 = _ranked(probs_TxE, k_max, bias_TxE, groups)
+  mass_before_TxK = (jnp.cumsum(top_p_TxK, axis=-1) - top_p_TxK) / reach_Tx1
   used_TxK = (jnp.arange(k_max) < k_min) | (jax.lax.stop_gradient(mass_before_TxK) < threshold)
   kept_TxK = jnp.where(used_TxK, top_p_TxK, 0.0)
   weight_TxK = kept_TxK / jnp.sum(kept_TxK, axis=-1, keepdims=True)

@@ -28,7 +28,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("exp", "expert"),              # leading expert axis of expert weights
     ("layers", None),               # stacked-layer axis (if layers are ever scanned)
     # activations
-    ("batch", ("data", "fsdp")),    # batch rows
+    ("batch", ("data", "fsdp", "expert")),  # batch rows (expert devices split them too, outside
+                                            # the experts: attention is not repeated over `expert`)
     ("length", None),               # sequence positions (context parallelism not wired yet)
     ("act_embed", None),            # residual width of activations
     ("act_heads", "tensor"),        # heads of q/k/v activations

@@ -22,6 +22,9 @@ MESHES = {
                               "mesh.within_rack.expert=2", "mesh.within_rack.tensor=2"],
     "racks2_expert4": ["mesh.across_racks.data=2", "mesh.within_rack.data=1",
                        "mesh.within_rack.expert=4", "mesh.rack_size=4"],
+    # all_to_all with room for every assignment is dropless too
+    "data2_expert4_all_to_all": ["mesh.within_rack.data=2", "mesh.within_rack.expert=4",
+                                 "model.moe.dispatch=all_to_all", "model.moe.capacity_factor=8"],
 }
 
 
@@ -36,7 +39,7 @@ def losses_and_grads(overrides, devices=None, steps=3):
   losses, grad_norms = [], []
   for _ in range(steps):
     state, metrics = step(state, global_batch(next(it), mesh))
-    losses.append(float(metrics["loss"]))
+    losses.append([float(metrics[k]) for k in ("loss", "load_balance_loss")])
     grad_norms.append(float(metrics["grad_norm"]))
   it.close()
   return mesh, setup, state, np.array(losses), np.array(grad_norms)
@@ -52,6 +55,7 @@ def test_every_mesh_matches_one_device(name, single_device):
   _, _, ref_state, ref_losses, ref_grads = single_device
   mesh, setup, state, losses, grads = losses_and_grads(MESHES[name])
   assert mesh.devices.size == 8
+  # Total loss and, on its own, the load-balancing loss (global-batch statistics, not per shard).
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-6)
   # Parameters after 3 steps agree too (a composite of the gradients: 1e-4).

@@ -55,15 +55,16 @@ def has_router_state(cfg: Config) -> bool:
   return cfg.model.moe.router == "dynamic" or cfg.model.moe.bias_update_rate > 0
 
 
-def _new_model(cfg: Config, vocab_size: int, feature_dim: int, seed: int) -> Decoder:
-  return Decoder(cfg.model, vocab_size=vocab_size, feature_dim=feature_dim, rngs=nnx.Rngs(seed))
+def _new_model(cfg: Config, vocab_size: int, feature_dim: int, seed: int, mesh=None) -> Decoder:
+  return Decoder(cfg.model, vocab_size=vocab_size, feature_dim=feature_dim, rngs=nnx.Rngs(seed),
+                 mesh=mesh)
 
 
 def make_setup(cfg: Config, mesh: Mesh, info) -> Setup:
   """The state's layout on `mesh` for a dataset whose `info` (data.DatasetInfo) sizes the model."""
   vocab_size, feature_dim = info.vocab.size, info.feature_dim
   graphdef, abstract_params = nnx.split(
-      nnx.eval_shape(lambda: _new_model(cfg, vocab_size, feature_dim, 0)))
+      nnx.eval_shape(lambda: _new_model(cfg, vocab_size, feature_dim, 0, mesh.abstract_mesh)))
   params_sh = nnx.to_pure_dict(param_shardings(abstract_params, mesh))
   abstract_params = nnx.to_pure_dict(abstract_params)
   optimizer = make_optimizer(cfg)

@@ -1,0 +1,168 @@
+"""The routed experts' compute, on one device or expert-parallel inside `jax.shard_map`.
+
+`routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate, w_up, w_down, cfg)`
+returns (y_TxD, dropped) where y sums each token's experts' SwiGLU outputs, weighted, and
+`dropped` counts the valid assignments that found no room (only `all_to_all` drops).
+
+Modes (`model.moe.dispatch`):
+  local       no mesh (or one device): sort the assignments, grouped matmuls, combine
+              (model/grouped_matmul.py).
+  all_gather  dropless. Inside shard_map every device holds its tokens and E/G experts (G = size of
+              the `expert` axis, the experts' groups). Tokens are all-gathered over `expert`, each
+              device runs its own experts on the assignments that name them, and the partial sums
+              go back with one psum_scatter. Moves G x the tokens; simple; runs on CPU.
+  all_to_all  fixed capacity C = ceil(capacity_factor * S * k / G) rows per (sender, receiver)
+              pair (S tokens per device, k the mean experts per token): each device sends every
+              device up to C of its assignments, the receiver runs its experts, one all_to_all
+              brings the results back. Assignments past C are dropped (counted); padding tokens
+              (segment 0) take no room and get 0.
+  ragged_all_to_all  GPU/TPU collective with exact sizes; XLA:CPU does not implement it, so it
+              is refused on CPU (see `resolve_dispatch`).
+  auto        local without a mesh, else all_gather.
+
+Inside shard_map the tokens are split over the batch axes that divide them (data, fsdp, expert);
+when the `expert` axis does not split them, each expert device takes a 1/G slice for the
+exchange and the results are gathered back. Expert weights enter split over `expert` (experts) and
+`tensor` (hidden width, then one psum over `tensor`); their other axes (fsdp) are gathered on entry
+by XLA, and their gradients are summed over the replicas by shard_map's transpose.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from model import grouped_matmul as gmm
+from model.sharding import fit_spec
+
+DISPATCH_MODES = ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_all")
+TOKEN_AXES = ("data", "fsdp", "expert")
+
+
+def resolve_dispatch(mode: str, mesh) -> str:
+  """The mode to run: `auto` -> local without a mesh of several devices, else all_gather."""
+  if mode not in DISPATCH_MODES:
+    raise ValueError(f"model.moe.dispatch={mode!r} must be one of {DISPATCH_MODES}")
+  if mode == "ragged_all_to_all":
+    if jax.default_backend() == "cpu":
+      raise ValueError("model.moe.dispatch=ragged_all_to_all needs a GPU or TPU (XLA:CPU does not "
+                       "implement ragged_all_to_all); use all_gather (dropless) or all_to_all")
+    raise ValueError("model.moe.dispatch=ragged_all_to_all is not built yet; use all_gather "
+                     "(dropless) or all_to_all")
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return "local"
+  return "all_gather" if mode == "auto" else mode
+
+
+def swiglu_experts(x_SxD, expert_SxK, valid_SxK, weight_SxK, w_gate_ExDxH, w_up_ExDxH,
+                   w_down_ExHxD, *, backend: str, block_rows: int):
+  """sum_k weight[s, k] * SwiGLU_{expert[s, k]}(x[s]) over the valid slots -> [S, D]."""
+  plan = gmm.plan_dispatch(expert_SxK, w_gate_ExDxH.shape[0], valid_SxK=valid_SxK,
+                           backend=backend, block_rows=block_rows)
+  x_RxD = gmm.dispatch(plan, x_SxD)
+  gate_RxH = plan.matmul(x_RxD, w_gate_ExDxH)
+  up_RxH = plan.matmul(x_RxD, w_up_ExDxH)
+  y_RxD = plan.matmul(jax.nn.silu(gate_RxH) * up_RxH, w_down_ExHxD)
+  return gmm.combine(plan, y_RxD, weight_SxK)
+
+
+def mean_experts_per_token(cfg) -> float:
+  return cfg.top_k if cfg.router == "topk" else cfg.target_active_fraction * cfg.num_experts
+
+
+def capacity(cfg, tokens: int, slots: int, groups: int) -> int:
+  """Rows each device may send each expert device (all_to_all); at most all its assignments."""
+  c = math.ceil(cfg.capacity_factor * tokens * mean_experts_per_token(cfg) / groups)
+  return max(1, min(c, tokens * slots))
+
+
+def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDxH, w_up_ExDxH,
+                   w_down_ExHxD, cfg, *, batch_size: int):
+  """(y_TxD, dropped assignments int32) for T = batch_size * L tokens, B-major (see module doc)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  mode = resolve_dispatch(cfg.dispatch, mesh)
+  kw = dict(backend=cfg.backend, block_rows=cfg.block_rows)
+  if mode == "local":
+    y = swiglu_experts(x_TxD, expert_TxK, used_TxK, weight_TxK, w_gate_ExDxH, w_up_ExDxH,
+                       w_down_ExHxD, **kw)
+    return y, jnp.zeros((), jnp.int32)
+
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  E, _, H = w_gate_ExDxH.shape
+  tok = fit_spec(P(TOKEN_AXES), (batch_size,), sizes)[0]
+  tok_axes = () if tok is None else (tok,) if isinstance(tok, str) else tuple(tok)
+  ep_axis = fit_spec(P("expert"), (E,), sizes)[0]          # None when G does not divide E
+  tp_axis = fit_spec(P("tensor"), (H,), sizes)[0]
+  G = sizes["expert"] if ep_axis else 1
+  tokens_split_over_ep = "expert" in tok_axes
+  w_in = P(ep_axis, None, tp_axis)
+  specs = (P(tok_axes), P(tok_axes), P(tok_axes), P(tok_axes), P(tok_axes),
+           w_in, w_in, P(ep_axis, tp_axis, None))
+  T, K = expert_TxK.shape
+
+  def finish(y_SxD):
+    return jax.lax.psum(y_SxD, tp_axis) if tp_axis else y_SxD
+
+  def all_gather_body(x, e, w, u, v, wg, wu, wd):
+    g = jax.lax.axis_index("expert") if G > 1 else 0
+    if G > 1 and tokens_split_over_ep:
+      x, e, w, u = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, e, w, u))
+    local_e = e - g * (E // G)
+    mine = u & (local_e >= 0) & (local_e < E // G)
+    y = finish(swiglu_experts(x, jnp.clip(local_e, 0, E // G - 1), mine, w, wg, wu, wd, **kw))
+    if G > 1:
+      y = (jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+           if tokens_split_over_ep else jax.lax.psum(y, "expert"))
+    return y, jnp.zeros((), jnp.int32)
+
+  def all_to_all_body(x, e, w, u, v, wg, wu, wd):
+    if G > 1 and not tokens_split_over_ep:   # each expert device exchanges a 1/G slice
+      g = jax.lax.axis_index("expert")
+      x, e, w, u, v = (jax.lax.dynamic_slice_in_dim(a, g * (a.shape[0] // G), a.shape[0] // G)
+                       for a in (x, e, w, u, v))
+    S = x.shape[0]
+    C = capacity(cfg, S, K, G)
+    valid_SxK = u & v[:, None]
+    slot_SxK, assign_N = _slots(e // (E // G), valid_SxK, G, C)
+    source_N = jnp.where(assign_N < S * K, assign_N // K, S)
+    send_x = gmm._move_rows(x, source_N, slot_SxK)                          # [G*C, D]
+    send_e = jnp.take((e % (E // G)).reshape(-1), assign_N, mode="fill", fill_value=E // G)
+    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True) if G > 1 else send_x
+    recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True) if G > 1 else send_e
+    ones = jnp.ones((recv_e.shape[0], 1), x.dtype)
+    y_N = finish(swiglu_experts(recv_x, jnp.minimum(recv_e, E // G - 1)[:, None],
+                                (recv_e < E // G)[:, None], ones, wg, wu, wd, **kw))
+    back_N = jax.lax.all_to_all(y_N, "expert", 0, 0, tiled=True) if G > 1 else y_N
+    y_SxKxD = gmm._move_rows(back_N, slot_SxK.reshape(-1), assign_N[:, None]).reshape(S, K, -1)
+    y = jnp.einsum("skd,sk->sd", y_SxKxD, w.astype(y_SxKxD.dtype))
+    dropped = jnp.sum(valid_SxK & (slot_SxK >= G * C)).astype(jnp.int32)
+    if G > 1 and not tokens_split_over_ep:
+      y = jax.lax.all_gather(y, "expert", axis=0, tiled=True)
+    count_axes = tuple(tok_axes) + (("expert",) if G > 1 and not tokens_split_over_ep else ())
+    return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
+
+  body = all_gather_body if mode == "all_gather" else all_to_all_body
+  fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(tok_axes), P()),
+                     check_vma=False)
+  return fn(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDxH, w_up_ExDxH,
+            w_down_ExHxD)
+
+
+def _slots(dest_SxK, valid_SxK, groups: int, cap: int):
+  """Send-buffer layout of the all_to_all mode: groups * cap rows, group d's rows first.
+
+  Returns (slot_SxK: row of each assignment, groups*cap when invalid or past capacity;
+  assign_N: assignment held by each row, S*K when empty)."""
+  S, K = dest_SxK.shape
+  A = S * K
+  dest_A = jnp.where(valid_SxK.reshape(A), dest_SxK.reshape(A), groups).astype(jnp.int32)
+  order_A = jnp.argsort(dest_A, stable=True)
+  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
+  counts = jnp.zeros((groups + 1,), jnp.int32).at[dest_A].add(1)
+  start = jnp.cumsum(counts) - counts
+  rank_A = sorted_pos_A - start[dest_A]
+  keep_A = (dest_A < groups) & (rank_A < cap)
+  slot_A = jnp.where(keep_A, dest_A * cap + rank_A, groups * cap)
+  assign_N = jnp.full((groups * cap,), A, jnp.int32).at[slot_A].set(
+      jnp.arange(A, dtype=jnp.int32), mode="drop")
+  return slot_A.reshape(S, K), assign_N

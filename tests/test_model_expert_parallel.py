@@ -1,0 +1,156 @@
+"""Expert-parallel dispatch (model/expert_parallel.py) against the one-device oracle, and
+rack-limited routing (model/router.py group_limit)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from model import expert_parallel
+from model.config import MoEConfig
+from model.moe import MoE
+from model.router import group_limit, top_k_routing
+
+AXES = ("data", "fsdp", "expert", "tensor", "context")
+B, L, D = 8, 16, 32
+MESHES = {"data2_expert4": (2, 1, 4, 1, 1), "fsdp2_expert2_tensor2": (1, 2, 2, 2, 1),
+          "expert8": (1, 1, 8, 1, 1), "data8": (8, 1, 1, 1, 1)}
+
+
+def _inputs():
+  x = jax.random.normal(jax.random.key(1), (B, L, D))
+  seg = jnp.ones((B, L), jnp.int32).at[:, 12:].set(0)    # 4 padding positions per row
+  return x, seg
+
+
+def _run(cfg, mesh_shape):
+  """(loss, y, dropped_fraction, grads of params and x) of one MoE layer; loss on valid positions."""
+  x, seg = _inputs()
+  graphdef, params = nnx.split(MoE(D, cfg, rngs=nnx.Rngs(0)))
+
+  def loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x, seg)
+    return jnp.sum(jnp.sin(y) * (seg > 0)[..., None]), (y, aux["dropped_fraction"])
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  if mesh_shape is None:
+    return f(params, x)
+  mesh = jax.make_mesh(mesh_shape, AXES, axis_types=(AxisType.Auto,) * 5)
+  with jax.set_mesh(mesh):
+    return f(params, jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert")))))
+
+
+def _close(a, b):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
+
+
+CASES = [(mode, factor, "topk", mesh) for mode, factor in [("all_gather", 1.0), ("all_to_all", 8.0)]
+         for mesh in MESHES] + [(mode, factor, "dynamic", mesh)
+                                for mode, factor in [("all_gather", 1.0), ("all_to_all", 8.0)]
+                                for mesh in ("data2_expert4", "fsdp2_expert2_tensor2")]
+
+
+@pytest.mark.parametrize("mode, factor, router, mesh", CASES)
+def test_dispatch_equals_one_device(mode, factor, router, mesh):
+  """Dropless modes (all_to_all with room for every assignment) equal the local oracle: outputs at
+  valid positions, the loss, and every gradient."""
+  cfg = MoEConfig(num_experts=8, expert_hidden=16, router=router, dispatch=mode,
+                  capacity_factor=factor)
+  (ref_loss, (ref_y, _)), ref_grads = _run(cfg, None)
+  (loss, (y, dropped)), grads = _run(cfg, MESHES[mesh])
+  valid = np.asarray(_inputs()[1] > 0)
+  np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(ref_y)[valid], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  _close(grads, ref_grads)
+  assert float(dropped) == 0.0
+
+
+def test_all_to_all_drops_past_capacity_as_counted():
+  """With a small capacity the dropped assignments are exactly those past C in each (sender,
+  receiver) pair, in assignment order, and the output is the oracle without them."""
+  cfg = MoEConfig(num_experts=8, expert_hidden=16, dispatch="all_to_all", capacity_factor=0.5)
+  x, seg = _inputs()
+  moe = MoE(D, cfg, rngs=nnx.Rngs(0))
+  (_, (y, dropped)), _ = _run(cfg, MESHES["expert8"])
+  # Recompute the routing on one device and apply the capacity rule in numpy.
+  x_TxD = x.reshape(B * L, D)
+  _, expert_TxK, weight_TxK = top_k_routing(x_TxD @ moe.router_DxE[...], cfg.top_k)
+  expert = np.asarray(expert_TxK)
+  G, S, K = 8, B * L // 8, cfg.top_k
+  C = expert_parallel.capacity(cfg, S, K, G)
+  valid_T = np.asarray(seg > 0).reshape(-1)
+  kept = np.zeros_like(expert, bool)
+  for src in range(G):
+    taken = np.zeros(G, int)
+    for a in range(S * K):
+      t, k = src * S + a // K, a % K
+      dest = expert[t, k] // (cfg.num_experts // G)
+      if valid_T[t]:
+        kept[t, k] = taken[dest] < C
+        taken[dest] += 1
+  expected_dropped = (~kept & valid_T[:, None]).sum() / (valid_T.sum() * K)
+  assert expected_dropped > 0.1
+  assert float(dropped) == pytest.approx(expected_dropped, rel=1e-6)
+  oracle = expert_parallel.swiglu_experts(
+      x_TxD, expert_TxK, jnp.asarray(kept), weight_TxK, moe.w_gate_ExDxH[...],
+      moe.w_up_ExDxH[...], moe.w_down_ExHxD[...], backend="blocked", block_rows=64)
+  np.testing.assert_allclose(np.asarray(y).reshape(B * L, D)[valid_T],
+                             np.asarray(oracle)[valid_T], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_dispatch_modes_are_refused_in_one_line():
+  with pytest.raises(ValueError, match="must be one of") as e:
+    MoE(D, MoEConfig(dispatch="alltoall"), rngs=nnx.Rngs(0))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="XLA:CPU does not implement ragged_all_to_all"):
+    MoE(D, MoEConfig(dispatch="ragged_all_to_all"), rngs=nnx.Rngs(0))
+
+
+def test_group_limit_hand_case():
+  # 2 tokens, 6 experts in 3 groups of 2; group score = sum of its two scores.
+  scores = jnp.array([[0.30, 0.00, 0.20, 0.20, 0.25, 0.05],    # groups 0.30, 0.40, 0.30
+                      [0.05, 0.05, 0.10, 0.00, 0.40, 0.40]])   # groups 0.10, 0.10, 0.80
+  reach = np.asarray(group_limit(scores, num_groups=3, max_groups=1))
+  np.testing.assert_array_equal(reach, [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]])
+  # Token 0's best single expert (0.30, group 0) is out of reach with one group: top-2 is 2, 3.
+  _, expert, weight = top_k_routing(jnp.log(scores + 1e-9), 2, groups=(3, 1))
+  np.testing.assert_array_equal(np.sort(np.asarray(expert[0])), [2, 3])
+  np.testing.assert_allclose(weight[0], [0.5, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["topk", "dynamic"])
+def test_max_groups_bounds_each_tokens_groups(router):
+  E, G, M = 16, 8, 2
+  cfg = MoEConfig(num_experts=E, top_k=4, k_max=4, router=router, num_groups=G, max_groups=M,
+                  threshold_init=0.9)
+  moe = MoE(D, cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (256, D))
+  _, _, expert, _, used = moe.route(x, None, None)
+  used = np.ones(expert.shape, bool) if used is None else np.asarray(used)
+  groups = [set(np.asarray(expert)[t][used[t]] // (E // G)) for t in range(x.shape[0])]
+  assert max(len(g) for g in groups) <= M
+  assert max(len(g) for g in groups) == M          # the bound binds for some tokens
+  # Without the limit some tokens do spread over more groups (so the test can fail).
+  free = MoE(D, dataclasses.replace(cfg, max_groups=0), rngs=nnx.Rngs(0))
+  _, _, expert0, _, used0 = free.route(x, None, None)
+  used0 = np.ones(expert0.shape, bool) if used0 is None else np.asarray(used0)
+  assert max(len(set(np.asarray(expert0)[t][used0[t]] // (E // G))) for t in range(256)) > M
+
+
+def test_max_groups_equal_to_num_groups_changes_nothing():
+  cfg = MoEConfig(num_experts=8, num_groups=4, max_groups=4)
+  x = jax.random.normal(jax.random.key(3), (64, D))
+  a = MoE(D, cfg, rngs=nnx.Rngs(0)).route(x, None, None)
+  b = MoE(D, dataclasses.replace(cfg, max_groups=0), rngs=nnx.Rngs(0)).route(x, None, None)
+  np.testing.assert_array_equal(a[2], b[2])
+
+
+def test_bad_group_settings_are_refused():
+  with pytest.raises(ValueError, match="must divide num_experts"):
+    MoE(D, MoEConfig(num_experts=8, num_groups=3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="fewer than the 2 a token may take"):
+    MoE(D, MoEConfig(num_experts=8, num_groups=8, max_groups=1, top_k=2), rngs=nnx.Rngs(0))
