@@ -5,22 +5,24 @@ Public API (the trainer depends on these names):
   dataset_info(cfg, seed) -> DatasetInfo(vocab, feature_dim)
   train_iterator(cfg, *, batch_size, seed, process_index=0, process_count=1) -> grain iterator
   eval_batches(cfg, *, batch_size, seed, num_batches) -> list of batches
+  eval_batches_by_source(cfg, *, batch_size, seed, num_batches) -> [(source label, batches), ...]
   has_default_source(cfg) -> bool: whether the two default-dataset evals below apply
   heldout_text_batches(cfg, *, batch_size, seed) -> list of batches (bits per byte)
+  heldout_text_bytes(cfg, *, batch_size) -> UTF-8 bytes of each of those batches
   prompt_set(cfg, *, modality, seed, max_new_tokens, limit=None) -> PromptSet
 """
 from data.captions import EVAL_PROMPT
 from data.config import DataConfig
 from data.default_dataset import DatasetInfo
-from data.heldout_text import heldout_text_batches
+from data.heldout_text import heldout_text_batches, heldout_text_bytes
 from data.packing import BATCH_KEYS
-from data.pipeline import dataset_info, eval_batches, train_iterator
+from data.pipeline import dataset_info, eval_batches, eval_batches_by_source, train_iterator
 from data.prompts import PromptSet, prompt_set
 from data.sources import has_default as has_default_source
 from data.vocab import Vocab
 
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DatasetInfo", "EVAL_PROMPT", "PromptSet", "Vocab",
-    "dataset_info", "eval_batches", "has_default_source", "heldout_text_batches", "prompt_set",
-    "train_iterator",
+    "dataset_info", "eval_batches", "eval_batches_by_source", "has_default_source",
+    "heldout_text_batches", "heldout_text_bytes", "prompt_set", "train_iterator",
 ]

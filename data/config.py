@@ -34,6 +34,9 @@ class DataConfig:
   prefetch: int = 2               # batches prepared ahead in a background thread (0 = none)
   image_side: int = 8             # `omnimoe prepare`: images are resized to side x side pixels
   image_channels: int = 1         # `omnimoe prepare`: 1 = grayscale, 3 = RGB (channels innermost)
+  tokenizer: str = ""             # text tokenizer: "" = UTF-8 bytes; else a sentencepiece .model file
+                                  # (relative: from the current directory; `python -m data.tokenizer
+                                  # train` makes one); the vocabulary grows to its pieces
 
 
 def image_patch_dim(cfg: DataConfig) -> int:

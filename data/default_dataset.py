@@ -43,6 +43,7 @@ class Split:
   image_indices: np.ndarray              # rows of sklearn's load_digits()
   text_pieces: tuple[tuple[np.ndarray, bool], ...]  # (text ids, ends its document)
   pixels_NxHxW: np.ndarray               # float32 [N, 8, 8] the images behind `images`
+  text_piece_bytes: tuple[int, ...] = ()  # UTF-8 bytes of each text piece (bits per byte)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,10 +101,18 @@ def _caption_table(vocab: Vocab, templates) -> CaptionTable:
 
 
 def _text_split(cfg: DataConfig, vocab: Vocab):
+  """((train pieces, their bytes), (held-out pieces, their bytes)); a piece is at most seq_len - 2
+  tokens (bytes, or sentencepiece pieces) of one document."""
   docs = text_corpus.documents()
   train, heldout = text_corpus.split_documents(docs, cfg.heldout_fraction)
-  pieces = lambda idx: tuple((vocab.encode_text(p), last) for i in idx
-                             for p, last in text_corpus.chunks(docs[i], cfg.seq_len - 2))
+
+  def pieces(idx):
+    out, nbytes = [], []
+    for i in idx:
+      cut = vocab.text_tokenizer.cut(docs[i], cfg.seq_len - 2)
+      out += [(vocab.encode_text(p), j == len(cut) - 1) for j, p in enumerate(cut)]
+      nbytes += [len(p) for p in cut]
+    return tuple(out), tuple(nbytes)
   return pieces(train), pieces(heldout)
 
 
@@ -126,16 +135,17 @@ def build(cfg: DataConfig) -> DefaultDataset:
     return tuple(image_media(vocab.image_ids(c), x, images.grid, feature_dim)
                  for c, x in zip(codes, images.patches_NxPxD))
 
-  train_text, heldout_text = _text_split(cfg, vocab)
+  (train_text, train_bytes), (heldout_text, heldout_bytes) = _text_split(cfg, vocab)
   ds = DefaultDataset(
       cfg=cfg, vocab=vocab, feature_dim=feature_dim,
       image_codebook_KxD=image_codebook, audio_codebook_KxD=audio_codebook,
       frames_per_tone=dtmf.num_frames(cfg),
       patches_per_image=train_images.patches_NxPxD.shape[1], image_grid=train_images.grid,
       train=Split(image_split(train_images), train_images.labels_N, train_images.indices_N,
-                  train_text, train_images.pixels_NxHxW),
+                  train_text, train_images.pixels_NxHxW, train_bytes),
       heldout=Split(image_split(heldout_images), heldout_images.labels_N,
-                    heldout_images.indices_N, heldout_text, heldout_images.pixels_NxHxW),
+                    heldout_images.indices_N, heldout_text, heldout_images.pixels_NxHxW,
+                    heldout_bytes),
       image_captions=_caption_table(vocab, captions_lib.IMAGE_TEMPLATES),
       audio_captions=_caption_table(vocab, captions_lib.AUDIO_TEMPLATES))
   _check_fits(ds)

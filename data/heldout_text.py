@@ -1,9 +1,11 @@
 """Every held-out text document, packed into batches for bits per byte.
 
-Pieces (at most L-2 bytes, EOS only where a document ends) are packed in a fixed order, each into
+Pieces (at most L-2 tokens, EOS only where a document ends) are packed in a fixed order, each into
 the current row if it fits, else into a new row. `loss_weights` is 1 exactly where the target is a
-text byte, so sum(nll) / ln(2) / sum(loss_weights) is bits per byte and every held-out byte is
-predicted exactly once.
+text token, so every held-out text token is predicted exactly once. Bits per byte is
+sum(nll) / ln(2) / (UTF-8 bytes of the held-out text): `heldout_text_bytes` gives the bytes of each
+batch. With byte-level text (the default) that byte count equals sum(loss_weights); with a
+sentencepiece tokenizer it does not (a token covers several bytes), and bits per byte stays per byte.
 """
 import numpy as np
 
@@ -14,6 +16,22 @@ from data.packing import pack
 from data.pipeline import loss_weight_table
 
 
+def _rows(cfg: DataConfig) -> list[list[tuple]]:
+  """Rows of (example, bytes of its text)."""
+  ds = build(cfg)
+  rows, row, used = [], [], 0
+  for (ids, ends_document), nbytes in zip(ds.heldout.text_pieces, ds.heldout.text_piece_bytes,
+                                          strict=True):
+    example = make_example(ids, ds.feature_dim, eos=ends_document)
+    if used + len(example.tokens_N) > cfg.seq_len:
+      rows.append(row)
+      row, used = [], 0
+    row.append((example, nbytes))
+    used += len(example.tokens_N)
+  rows.append(row)
+  return rows
+
+
 def heldout_text_batches(cfg: DataConfig, *, batch_size: int,
                          seed: int) -> list[dict[str, np.ndarray]]:
   """All held-out documents in ceil(rows / batch_size) batches; the last is padded with empty rows.
@@ -22,15 +40,7 @@ def heldout_text_batches(cfg: DataConfig, *, batch_size: int,
   """
   del seed
   ds = build(cfg)
-  rows, row, used = [], [], 0
-  for ids, ends_document in ds.heldout.text_pieces:
-    example = make_example(ids, ds.feature_dim, eos=ends_document)
-    if used + len(example.tokens_N) > cfg.seq_len:
-      rows.append(row)
-      row, used = [], 0
-    row.append(example)
-    used += len(example.tokens_N)
-  rows.append(row)
+  rows = [[example for example, _ in row] for row in _rows(cfg)]
   rows += [[] for _ in range(-len(rows) % batch_size)]
   batches = []
   for start in range(0, len(rows), batch_size):
@@ -39,3 +49,10 @@ def heldout_text_batches(cfg: DataConfig, *, batch_size: int,
     batch["loss_weights"] = ds.vocab.is_text(batch["targets"]).astype(np.float32)
     batches.append(batch)
   return batches
+
+
+def heldout_text_bytes(cfg: DataConfig, *, batch_size: int) -> list[int]:
+  """UTF-8 bytes of held-out text in each batch of `heldout_text_batches` (same batch_size): the
+  denominator of bits per byte."""
+  rows = [sum(nbytes for _, nbytes in row) for row in _rows(cfg)]
+  return [sum(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]

@@ -190,17 +190,26 @@ def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int, process_index
   return iter(dataset)
 
 
-def eval_batches(cfg: DataConfig, *, batch_size: int, seed: int,
-                 num_batches: int) -> list[dict[str, np.ndarray]]:
-  """Held-out batches, source by source: a prepared folder's held-out records in file order, the
-  default dataset's held-out draws; at most `num_batches` batches from each source."""
+def eval_batches_by_source(cfg: DataConfig, *, batch_size: int, seed: int,
+                           num_batches: int) -> list[tuple[str, list[dict[str, np.ndarray]]]]:
+  """Held-out batches of each source, as (label, batches) in config order: a prepared folder's
+  held-out records in file order, the default dataset's held-out draws; at most `num_batches`
+  batches from each source. Every batch holds one source only."""
   mix = sources_lib.resolve(cfg)
   builder = Builder(mix, seed, heldout=True)
-  batches = []
+  out = []
   for s, source in enumerate(mix.sources):
     keys = range(NUM_DEFAULT) if source.folder is None else source.folder.heldout_ids
     items = (builder.item(s, int(k)) for k in keys)
     rows, _ = plan_rows(items, cfg.seq_len, num_batches * batch_size)
     rows += [[] for _ in range(-len(rows) % batch_size)]
-    batches += [builder.pack_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-  return batches
+    out.append((source.label, [builder.pack_rows(rows[i:i + batch_size])
+                               for i in range(0, len(rows), batch_size)]))
+  return out
+
+
+def eval_batches(cfg: DataConfig, *, batch_size: int, seed: int,
+                 num_batches: int) -> list[dict[str, np.ndarray]]:
+  """Held-out batches, source by source (`eval_batches_by_source`, labels dropped)."""
+  return [b for _, batches in eval_batches_by_source(cfg, batch_size=batch_size, seed=seed,
+                                                     num_batches=num_batches) for b in batches]

@@ -96,3 +96,14 @@ def eval_batches(cfg: DataConfig, *, batch_size: int, seed: int,
   ds = build(cfg)
   return [mixture_batch(ds, ds.heldout, sampler.EVAL_STREAM, seed,
                         range(b * batch_size, (b + 1) * batch_size)) for b in range(num_batches)]
+
+
+def eval_batches_by_source(cfg: DataConfig, *, batch_size: int, seed: int,
+                           num_batches: int) -> list[tuple[str, list[dict[str, np.ndarray]]]]:
+  """The batches of `eval_batches`, grouped by source: [(label, batches), ...] in config order;
+  the label is `default` or the prepared folder's basename (data.sources.labels)."""
+  if not sources_lib.is_default_only(cfg):
+    return mixture.eval_batches_by_source(cfg, batch_size=batch_size, seed=seed,
+                                          num_batches=num_batches)
+  return [(sources_lib.labels(cfg)[0], eval_batches(cfg, batch_size=batch_size, seed=seed,
+                                                    num_batches=num_batches))]

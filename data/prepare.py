@@ -7,21 +7,27 @@
   DIR/card.json      the dataset card: counts, token totals, the data config it was prepared with,
                      and every skipped line with its reason
 
-Never half-written: everything goes to a hidden folder beside DIR that is renamed to DIR only when
-complete; on any error it is removed and DIR is left as it was (a DIR that is not a prepared folder
-is never replaced).
+Never half-written: everything goes to a hidden folder beside DIR (`.DIR.partial-PID`) that is
+renamed to DIR only when complete; on any error it is removed and DIR is left as it was (a DIR that
+is not a prepared folder is never replaced). A run that was killed outright (SIGKILL, power loss)
+leaves its `.DIR.partial-PID` (or, killed mid-swap, `.DIR.old-PID`) behind: the next prepare of DIR
+removes those whose process PID is no longer running on this machine.
 
 Rules:
 - Held-out: round(heldout_fraction * examples) manifest examples (at least 1 and at most all but one
   when there are two or more), drawn with a fixed seed from the non-blank lines, go to the held-out
   share (eval/loss); a skipped line leaves the split a little smaller.
 - An example with media must fit in `data.seq_len` tokens whole ([BOS] parts [EOS]); a text-only
-  example longer than that is cut into pieces of at most seq_len - 2 bytes (EOS only on the last),
-  like the default dataset's text stream. Empty text parts are dropped.
+  example longer than that is cut into pieces of at most seq_len - 2 text tokens (EOS only on the
+  last), like the default dataset's text stream. Empty text parts are dropped.
+- Text is stored as UTF-8 bytes, but lengths (index.npz) and cuts count tokens of the tokenizer of
+  `data.tokenizer` (bytes by default); the card records which (`prepared_with.tokenizer`, a
+  fingerprint), and a run must use the same tokenizer to read the folder.
 - Bad input (bad JSON, unknown keys, missing or corrupt file, unreadable WAV, an empty example, an
   example that does not fit) raises BadData naming the manifest line and the path; with
   `skip_bad=True` the line is skipped and listed in the card.
 """
+import glob
 import json
 import os
 import pathlib
@@ -30,9 +36,10 @@ import shutil
 import numpy as np
 from array_record.python import array_record_module
 
-from data import audio_io, image_io, kmeans, text_corpus
+from data import audio_io, image_io, kmeans
 from data import manifest as manifest_lib
 from data import records as records_lib
+from data import tokenizer as tokenizer_lib
 from data.config import DataConfig, image_patch_dim
 
 FORMAT = "omnimoe.prepared.v1"
@@ -71,6 +78,40 @@ def check_config(cfg: DataConfig) -> None:
 
 def is_prepared(folder: pathlib.Path) -> bool:
   return (folder / "card.json").is_file()
+
+
+def _temp_name(out: pathlib.Path, kind: str, pid: int) -> pathlib.Path:
+  """The hidden folder beside `out` a prepare with process id `pid` works in (`partial`) or moves
+  the previous version to while swapping (`old`)."""
+  return out.absolute().parent / f".{out.name}.{kind}-{pid}"
+
+
+def _pid_running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError, OSError):
+    return True   # someone else's process (or unknowable): leave its folder alone
+  return True
+
+
+def remove_stale_temps(out: pathlib.Path) -> list[pathlib.Path]:
+  """Removes `.OUT.partial-PID` / `.OUT.old-PID` folders beside `out` left by prepares that were
+  killed before they could clean up (PID no longer running); returns what it removed."""
+  out = pathlib.Path(out).absolute()
+  removed = []
+  if not out.parent.is_dir():
+    return removed
+  for kind in ("partial", "old"):
+    prefix = f".{out.name}.{kind}-"
+    for path in out.parent.glob(glob.escape(prefix) + "*"):
+      pid = path.name[len(prefix):]
+      if (pid.isdigit() and int(pid) != os.getpid() and path.is_dir() and not path.is_symlink()
+          and not _pid_running(int(pid))):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+  return removed
 
 
 def _heldout_ordinals(n: int, fraction: float) -> set[int]:
@@ -132,8 +173,8 @@ class _ShardWriter:
     return names
 
 
-def _decode_entry(entry: manifest_lib.Entry, manifest: pathlib.Path,
-                  cfg: DataConfig) -> list[records_lib.Record]:
+def _decode_entry(entry: manifest_lib.Entry, manifest: pathlib.Path, cfg: DataConfig,
+                  tok=tokenizer_lib.ByteTokenizer()) -> list[records_lib.Record]:
   """One manifest example -> its record(s); raises BadLine naming the file at fault."""
   parts, first_media = [], None
   for part in entry.parts:
@@ -151,11 +192,14 @@ def _decode_entry(entry: manifest_lib.Entry, manifest: pathlib.Path,
     except image_io.MediaError as e:
       raise manifest_lib.BadLine(entry.line, str(e), part.value) from None
   if first_media is None:   # text only: cut like the default text stream
-    text = b"".join(parts)
-    return [records_lib.Record((piece,), last, entry.line)
-            for piece, last in text_corpus.chunks(text, cfg.seq_len - 2)]
+    try:
+      pieces = tok.cut(b"".join(parts), cfg.seq_len - 2)
+    except tokenizer_lib.TokenizerError as e:
+      raise manifest_lib.BadLine(entry.line, str(e)) from None
+    return [records_lib.Record((piece,), i == len(pieces) - 1, entry.line)
+            for i, piece in enumerate(pieces)]
   record = records_lib.Record(tuple(parts), True, entry.line)
-  n = records_lib.num_tokens(record)
+  n = records_lib.num_tokens(record, _text_len(tok))
   if n > cfg.seq_len:
     raise manifest_lib.BadLine(entry.line, f"example needs {n} tokens, more than data.seq_len="
                                f"{cfg.seq_len}; shorten it or raise data.seq_len", first_media)
@@ -167,10 +211,17 @@ def _one_line(manifest: pathlib.Path, bad: manifest_lib.BadLine) -> str:
   return (where + bad.reason).replace("\n", " ")
 
 
+def _text_len(tok):
+  """Tokens of a text part under `tok` (bytes: its length)."""
+  return len if isinstance(tok, tokenizer_lib.ByteTokenizer) else (lambda t: len(tok.encode(t)))
+
+
 class _Tally:
   """What the card counts."""
 
-  def __init__(self):
+  def __init__(self, text_len=len):
+    self.text_len = text_len
+    self.text_bytes = 0
     self.examples = {"total": 0, "train": 0, "heldout": 0}
     self.with_modality = {"text": 0, "image": 0, "audio": 0}   # examples holding that modality
     self.media = {"image": 0, "audio": 0}                       # image files, audio clips
@@ -184,12 +235,14 @@ class _Tally:
     kinds = set()
     for rec in recs:
       self.records[split] += 1
-      self.longest = max(self.longest, records_lib.num_tokens(rec))
+      self.longest = max(self.longest, records_lib.num_tokens(rec, self.text_len))
       self.tokens["special"] += 1 + int(rec.eos)
       for part in rec.parts:
         kind = _kind(part)
         kinds.add(kind)
-        self.tokens[kind] += records_lib.part_tokens(part)
+        self.tokens[kind] += records_lib.part_tokens(part, self.text_len)
+        if kind == "text":
+          self.text_bytes += len(part)
         if kind != "text":
           self.media[kind] += 1
     for kind in kinds:
@@ -207,19 +260,21 @@ def prepare(manifest: str | pathlib.Path, out: str | pathlib.Path, cfg: DataConf
   """Writes the prepared folder `out` from `manifest`; returns the dataset card."""
   manifest, out = pathlib.Path(manifest), pathlib.Path(out)
   check_config(cfg)
+  tokenizer_lib.load(cfg.tokenizer)   # a bad data.tokenizer: TokenizerError (a ValueError)
   if not manifest.is_file():
     raise PrepareError(f"manifest '{manifest}' does not exist")
   if out.exists() and not is_prepared(out):
     raise PrepareError(f"--out '{out}' exists and is not a prepared folder; remove it or choose "
                        f"another")
   out.absolute().parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.absolute().parent / f".{out.name}.partial-{os.getpid()}"
+  remove_stale_temps(out)
+  tmp = _temp_name(out, "partial", os.getpid())
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
   try:
     card = _write(manifest, tmp, cfg, skip_bad, records_per_shard)
     if out.exists():   # a previous prepared folder: swap, then drop the old one
-      old = out.absolute().parent / f".{out.name}.old-{os.getpid()}"
+      old = _temp_name(out, "old", os.getpid())
       out.rename(old)
       tmp.rename(out)
       shutil.rmtree(old)
@@ -234,15 +289,17 @@ def prepare(manifest: str | pathlib.Path, out: str | pathlib.Path, cfg: DataConf
 def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_bad: bool,
            records_per_shard: int) -> dict:
   heldout = _heldout_ordinals(manifest_lib.count_examples(manifest), cfg.heldout_fraction)
+  tok = tokenizer_lib.load(cfg.tokenizer)
+  text_len = _text_len(tok)
   writer = _ShardWriter(folder, records_per_shard)
   samples = {(kind, split): _Reservoir(KMEANS_SAMPLE, CODEBOOK_SEED)
              for kind in ("image", "audio") for split in ("train", "heldout")}
-  lengths, is_heldout, skipped, tally = [], [], [], _Tally()
+  lengths, is_heldout, skipped, tally = [], [], [], _Tally(text_len)
   for ordinal, entry in enumerate(manifest_lib.read(manifest)):
     try:
       if isinstance(entry, manifest_lib.BadLine):
         raise entry
-      recs = _decode_entry(entry, manifest, cfg)
+      recs = _decode_entry(entry, manifest, cfg, tok)
     except manifest_lib.BadLine as bad:
       if not skip_bad:
         raise BadData(_one_line(manifest, bad)) from None
@@ -252,7 +309,7 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
     tally.add(recs, split)
     for rec in recs:
       writer.write(records_lib.encode(rec))
-      lengths.append(records_lib.num_tokens(rec))
+      lengths.append(records_lib.num_tokens(rec, text_len))
       is_heldout.append(split == "heldout")
       for part in rec.parts:
         if not isinstance(part, bytes):
@@ -276,13 +333,16 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
       "format": FORMAT,
       "manifest": str(manifest.absolute()),
       "prepared_with": {"seq_len": cfg.seq_len, "heldout_fraction": cfg.heldout_fraction,
-                        **{k: getattr(cfg, k) for k in PREPARED_KEYS}},
+                        **{k: getattr(cfg, k) for k in PREPARED_KEYS},
+                        "tokenizer": tok.fingerprint, "tokenizer_path": tok.path,
+                        "text_tokens": tok.size},
       "feature_widths": {"image": image_patch_dim(cfg), "audio": cfg.n_mels},
       "examples": tally.examples,
       "examples_with": tally.with_modality,
       "media": tally.media,
       "records": {"total": len(lengths), **tally.records},
       "tokens": {**tally.tokens, "total": int(sum(lengths))},
+      "text_bytes": tally.text_bytes,
       "longest_record_tokens": tally.longest,
       "codebooks": {kind: (sizes[kind] if kind in codebooks else None) for kind in sizes},
       "shards": shards,
@@ -295,8 +355,10 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
 def summary(card: dict, out: str | pathlib.Path) -> str:
   """The line `omnimoe prepare` prints when it is done."""
   ex, tok, media = card["examples"], card["tokens"], card["media"]
+  text = (f"{tok['text']} text bytes" if card["prepared_with"].get("tokenizer", "bytes") == "bytes"
+          else f"{tok['text']} text tokens ({card.get('text_bytes', '?')} bytes)")
   line = (f"prepared {ex['total']} examples ({ex['train']} train, {ex['heldout']} held out) into "
-          f"{out}: {media['image']} images, {media['audio']} audio clips, {tok['text']} text bytes, "
+          f"{out}: {media['image']} images, {media['audio']} audio clips, {text}, "
           f"{tok['total']} tokens")
   if card["skipped"]["count"]:
     line += f"; skipped {card['skipped']['count']} bad lines (listed in {out}/card.json)"

@@ -12,6 +12,7 @@ import grain
 import numpy as np
 
 from data import kmeans, records
+from data import tokenizer as tokenizer_lib
 from data.config import DataConfig
 from data.examples import Example, audio_media, image_media, make_sequence
 from data.prepare import FORMAT, PREPARED_KEYS
@@ -37,10 +38,17 @@ class PreparedFolder:
 
 def open_folder(path: str | pathlib.Path) -> PreparedFolder:
   """The prepared folder at `path`; raises ValueError when it is not one. Cached per version."""
-  path = pathlib.Path(path).absolute()
+  given = pathlib.Path(path)
+  path = given.absolute()
   card = path / "card.json"
   if not card.is_file():
-    raise ValueError(f"'{path}' is not a prepared folder (no card.json); write one with "
+    if not path.exists():
+      why = "it does not exist" + ("" if given.is_absolute() else
+                                   f"; the relative path '{given}' is read from the current "
+                                   f"directory")
+    else:
+      why = "no card.json"
+    raise ValueError(f"'{path}' is not a prepared folder ({why}); write one with "
                      f"`omnimoe prepare MANIFEST.jsonl --out {path}`")
   stat = card.stat()
   return _open(path, stat.st_ino, stat.st_mtime_ns)
@@ -68,6 +76,14 @@ def check_matches(folder: PreparedFolder, cfg: DataConfig, where: str) -> None:
     if prepared[key] != getattr(cfg, key):
       raise ValueError(f"{where} was prepared with data.{key}={prepared[key]}; this run has "
                        f"data.{key}={getattr(cfg, key)} (set it, or prepare the folder again)")
+  # Lengths and cuts count tokens: the run must tokenize text as the folder was prepared.
+  theirs = prepared.get("tokenizer", tokenizer_lib.BYTES)   # folders from before tokenizers: bytes
+  ours = tokenizer_lib.load(cfg.tokenizer)
+  if theirs != ours.fingerprint:
+    raise ValueError(f"{where} was prepared with "
+                     f"{tokenizer_lib.describe(theirs, prepared.get('tokenizer_path', ''))}; this "
+                     f"run has {tokenizer_lib.describe(ours.fingerprint, ours.path)} (set "
+                     f"data.tokenizer to match, or prepare the folder again)")
   longest = folder.card["longest_record_tokens"]
   if longest > cfg.seq_len:
     raise ValueError(f"{where} holds examples of up to {longest} tokens; data.seq_len="

@@ -2,15 +2,16 @@
 
 Every row is one segment of the same prompt length P followed by `max_new_tokens` padding positions
 that the trainer fills with greedily generated text (modality 1, segment id 1, t = h = w =
-`next_position + j` for the j-th generated token). A generation is right when it decodes to the
-answer followed by EOS.
+`next_position + j` for the j-th generated token). A generation is right when it ends with EOS and
+the prompt's text ids followed by it decode to "the digit <answer>" (with byte-level text: the
+generation is exactly the answer word).
 """
 import dataclasses
 
 import numpy as np
 
 from data import sampler
-from data.captions import EVAL_PROMPT, WORDS
+from data.captions import EVAL_TEMPLATE, WORDS, render
 from data.config import DataConfig
 from data.default_dataset import build
 from data.examples import make_example
@@ -26,6 +27,20 @@ class PromptSet:
   prompt_len: int                # P: the prompt fills positions 0..P-1 of every row
   next_position: np.ndarray      # int32 [N]: running index of the first generated token
   answers: list[str]             # the English word each row should produce
+  prompt_ids: np.ndarray | None = None   # int32: the prompt's text ids (after the media)
+  expected: tuple[bytes, ...] = ()       # per row: the text prompt_ids + the generation (up to
+                                         # EOS) must decode to, e.g. b"the digit seven"
+
+
+def eval_prompt_ids(vocab) -> np.ndarray:
+  """The text ids fed after the media: the longest common prefix of the ids of the ten captions
+  "the digit <word>" (with bytes, exactly "the digit "; with a sentencepiece model, the pieces the
+  captions share, so the prompt is a prefix of what training showed)."""
+  captions = [vocab.encode_text(render(EVAL_TEMPLATE, d)) for d in range(len(WORDS))]
+  n = 0
+  while all(len(c) > n and c[n] == captions[0][n] for c in captions):
+    n += 1
+  return captions[0][:n]
 
 
 def prompt_set(cfg: DataConfig, *, modality: str, seed: int, max_new_tokens: int,
@@ -33,7 +48,7 @@ def prompt_set(cfg: DataConfig, *, modality: str, seed: int, max_new_tokens: int
   """Held-out images (all, or the first `limit`) or fresh tones (30 per digit, or `limit` in all,
   digits cycling 0..9), drawn from the seed's prompt stream (never seen in training)."""
   ds = build(cfg)
-  prompt_ids = ds.vocab.encode_text(EVAL_PROMPT)
+  prompt_ids = eval_prompt_ids(ds.vocab)
   if modality == "image":
     count = len(ds.heldout.images) if limit is None else min(limit, len(ds.heldout.images))
     media = ds.heldout.images[:count]
@@ -53,4 +68,5 @@ def prompt_set(cfg: DataConfig, *, modality: str, seed: int, max_new_tokens: int
   batch = pack([[e] for e in examples], prompt_len + max_new_tokens, ds.feature_dim,
                loss_weight_table(cfg))
   next_position = np.asarray([e.positions_Nx3[-1, 0] + 1 for e in examples], np.int32)
-  return PromptSet(batch, prompt_len, next_position, [WORDS[d] for d in digits])
+  return PromptSet(batch, prompt_len, next_position, [WORDS[d] for d in digits], prompt_ids,
+                   tuple(render(EVAL_TEMPLATE, d).encode() for d in digits))

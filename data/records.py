@@ -37,17 +37,19 @@ class Record:
   line: int                   # the manifest line it came from
 
 
-def part_tokens(part) -> int:
+def part_tokens(part, text_len=len) -> int:
+  """Tokens of one part; `text_len(bytes)` counts a text part's tokens (default: its bytes, i.e.
+  byte-level text; with a sentencepiece tokenizer, `lambda t: len(vocab.encode_text(t))`)."""
   if isinstance(part, bytes):
-    return len(part)
+    return text_len(part)
   if isinstance(part, ImagePart):
     return len(part.patches_MxD)
   return len(part.frames_MxD)
 
 
-def num_tokens(record: Record) -> int:
+def num_tokens(record: Record, text_len=len) -> int:
   """Length of the record's example: BOS, its parts, and EOS when it ends its document."""
-  return 1 + sum(part_tokens(p) for p in record.parts) + int(record.eos)
+  return 1 + sum(part_tokens(p, text_len) for p in record.parts) + int(record.eos)
 
 
 def encode(record: Record) -> bytes:

@@ -1,7 +1,8 @@
 """`data.sources`: which sources a run mixes, and the one vocabulary and codebooks they share.
 
-`data.sources` is a list of `{path, weight}`: a folder written by `omnimoe prepare`, or the word
-`default` for the embedded dataset. `[]` (or only `default`) is the default dataset exactly as
+`data.sources` is a list of `{path, weight}`: a folder written by `omnimoe prepare` (a relative
+path is read from the current directory, whether it came from a YAML file or the command line), or
+the word `default` for the embedded dataset. `[]` (or only `default`) is the default dataset exactly as
 before (data/pipeline.py); any prepared folder with a positive weight selects the mixed pipeline
 (data/mixture.py). Sources with weight 0 are left out.
 
@@ -47,11 +48,24 @@ def has_default(cfg: DataConfig) -> bool:
   return is_default_only(cfg) or any(s.path == DEFAULT_SOURCE for _, s in _active(cfg))
 
 
+def labels(cfg: DataConfig) -> list[str]:
+  """Short names of the run's sources (positive weights, config order), for metric keys such as
+  `eval/loss/source/<label>`: `default`, or a prepared folder's basename; a name that two sources
+  share gets `_<i>` appended, i its index in `data.sources`."""
+  active = _active(cfg)
+  base = [DEFAULT_SOURCE if s.path == DEFAULT_SOURCE else (pathlib.Path(s.path).absolute().name or "root")
+          for _, s in active]
+  if not active:   # `data.sources: []`: the default dataset
+    return [DEFAULT_SOURCE]
+  return [b if base.count(b) == 1 else f"{b}_{i}" for b, (i, _) in zip(base, active)]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Resolved:
   name: str                   # `data.sources[i] 'path'`, for messages
   weight: float
   folder: prepared_lib.PreparedFolder | None   # None: the default dataset
+  label: str = ""             # short name for metric keys (`labels`)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,9 +100,10 @@ def resolve(cfg: DataConfig) -> Mixture:
   process, e.g. a notebook, is read again)."""
   versions = []
   for _, s in _active(cfg):
-    card = pathlib.Path(s.path) / "card.json"
+    folder = pathlib.Path(s.path).absolute()   # a relative path is read from the current directory
+    card = folder / "card.json"
     stat = card.stat() if s.path != DEFAULT_SOURCE and card.is_file() else None
-    versions.append(None if stat is None else (stat.st_ino, stat.st_mtime_ns))
+    versions.append(None if stat is None else (str(folder), stat.st_ino, stat.st_mtime_ns))
   return _resolve(cfg, tuple(versions))
 
 
@@ -99,21 +114,21 @@ def _resolve(cfg: DataConfig, versions: tuple) -> Mixture:
     raise ValueError("resolve() is for runs with a prepared source; this run reads the default "
                      "dataset alone")
   sources, default = [], None
-  for i, s in _active(cfg):
+  for (i, s), label in zip(_active(cfg), labels(cfg)):
     name = f"data.sources[{i}] '{s.path}'"
     if s.path == DEFAULT_SOURCE:
       if cfg.image_channels != 1:
         raise ValueError(f"{name}: the default dataset is grayscale; mixing it needs "
                          f"data.image_channels=1, got {cfg.image_channels}")
       default = default_dataset.build(cfg)
-      sources.append(Resolved(name, s.weight, None))
+      sources.append(Resolved(name, s.weight, None, label))
     else:
       try:
         folder = prepared_lib.open_folder(s.path)
       except ValueError as e:
         raise ValueError(f"data.sources[{i}]: {e}") from None
       prepared_lib.check_matches(folder, cfg, name)
-      sources.append(Resolved(name, s.weight, folder))
+      sources.append(Resolved(name, s.weight, folder, label))
 
   codebooks, codebook_from = {}, {}
   for source in sources:

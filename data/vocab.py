@@ -1,8 +1,12 @@
-"""The unified vocabulary: `[specials | text bytes | image codes | audio codes]`.
+"""The unified vocabulary: `[specials | text tokens | image codes | audio codes]`.
 
 One output head predicts every modality, so every id lives in one range:
 
   0 PAD, 1 BOS, 2 EOS, 3 reserved | 4..259 the 256 byte values | image codes | audio codes
+
+That is byte-level text, the default. With `data.tokenizer` naming a sentencepiece model, the text
+range holds the model's pieces instead (4..4+pieces-1) and the codes move up accordingly; the
+trainer reads the size from the dataset (data.dataset_info), so the model adapts.
 
 `size` is rounded up to a multiple of 128 so the embedding and the output head shard evenly;
 ids between the last audio code and `size` never appear.
@@ -11,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from data import tokenizer as tokenizer_lib
 from data.config import DataConfig
 
 PAD, BOS, EOS = 0, 1, 2
@@ -31,14 +36,25 @@ class Vocab:
   bos: int = BOS
   eos: int = EOS
   text_offset: int = NUM_SPECIALS
+  text_tokens: int = NUM_BYTES          # text ids: the 256 bytes, or a sentencepiece model's pieces
+  tokenizer: str = ""                   # "" = bytes; else the sentencepiece model file (absolute)
+  tokenizer_fingerprint: str = tokenizer_lib.BYTES   # which model exactly (sha256 prefix)
 
   @classmethod
   def from_config(cls, cfg: DataConfig) -> "Vocab":
-    return cls(image_codes=cfg.image_codebook, audio_codes=cfg.audio_codebook)
+    """Raises tokenizer.TokenizerError (a ValueError, one line) when data.tokenizer is bad."""
+    tok = tokenizer_lib.load(cfg.tokenizer)
+    return cls(image_codes=cfg.image_codebook, audio_codes=cfg.audio_codebook,
+               text_tokens=tok.size, tokenizer=tok.path, tokenizer_fingerprint=tok.fingerprint)
+
+  @property
+  def text_tokenizer(self):
+    """The tokenizer behind the text ids (data/tokenizer.py)."""
+    return tokenizer_lib.get(self.tokenizer, self.tokenizer_fingerprint)
 
   @property
   def image_offset(self) -> int:
-    return self.text_offset + NUM_BYTES
+    return self.text_offset + self.text_tokens
 
   @property
   def audio_offset(self) -> int:
@@ -55,17 +71,22 @@ class Vocab:
     return -(-self.used_size // SIZE_MULTIPLE) * SIZE_MULTIPLE
 
   def encode_text(self, text: str | bytes) -> np.ndarray:
-    """UTF-8 bytes -> int32 ids (no BOS/EOS)."""
-    raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    return np.frombuffer(raw, np.uint8).astype(np.int32) + self.text_offset
+    """Text (str, or UTF-8 bytes) -> int32 ids (no BOS/EOS)."""
+    return self.text_tokenizer.encode(text) + self.text_offset
 
   def decode_text(self, ids) -> bytes:
-    """Ids -> bytes; every id that is not a text byte (specials, codes) is skipped."""
+    """Ids -> UTF-8 bytes; every id that is not a text id (specials, codes) is skipped."""
     ids = np.asarray(ids).reshape(-1)
-    return (ids[self.is_text(ids)] - self.text_offset).astype(np.uint8).tobytes()
+    return self.text_tokenizer.decode(ids[self.is_text(ids)] - self.text_offset)
+
+  def text_pieces(self, text: bytes, max_tokens: int) -> list[tuple[np.ndarray, bool]]:
+    """A long text as [(ids, is_last_piece)], each piece at most `max_tokens` ids; the pieces'
+    texts concatenate to `text` (bytes: pieces of max_tokens bytes, like text_corpus.chunks)."""
+    pieces = self.text_tokenizer.cut(text, max_tokens)
+    return [(self.encode_text(p), i == len(pieces) - 1) for i, p in enumerate(pieces)]
 
   def is_text(self, ids, xp=np):
-    """True where an id is a text byte (not a special)."""
+    """True where an id is a text token (not a special)."""
     ids = xp.asarray(ids)
     return (ids >= self.text_offset) & (ids < self.image_offset)
 

@@ -262,7 +262,8 @@ def test_mismatched_settings_are_refused_naming_the_key(dataset):
       (dict(image_patch=4), "was prepared with data.image_patch=2; this run has data.image_patch=4"),
       (dict(audio_codebook=32), "was prepared with data.audio_codebook=16"),
       (dict(seq_len=40), "holds examples of up to 63 tokens; data.seq_len=40 is shorter"),
-      (dict(sources=(Source(str(folder / "nope")),)), "is not a prepared folder (no card.json)"),
+      (dict(sources=(Source(str(folder / "nope")),)), "is not a prepared folder (it does not exist)"),
+      (dict(sources=(Source(str(folder)),)), "is not a prepared folder (no card.json)"),
       (dict(sources=(Source("default"), Source(str(folder / "prep"))), image_channels=3),
        "the default dataset is grayscale"),
   ]:

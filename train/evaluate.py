@@ -4,7 +4,10 @@ Cross-modal accuracy: a held-out image (or a freshly drawn tone) followed by the
 "the digit " is decoded greedily; a row counts as correct when the text before the first EOS is
 exactly the digit's English word.
 
-Held-out loss covers every source of the run (data.eval_batches). Bits per byte and cross-modal
+Held-out loss covers every source of the run (data.eval_batches_by_source): `eval/loss` over all
+of them, `eval/loss/<modality>` by the modality of the target, and `eval/loss/source/<label>` per
+source (`default`, or a prepared folder's basename): the per-source losses, weighted by their
+target counts, average to `eval/loss`. Bits per byte and cross-modal
 accuracy are measured on the default dataset, so a run without a `default` source skips them and
 says so in `Evaluator.notes` (see `default_dataset_evals`).
 """
@@ -30,9 +33,11 @@ NO_DEFAULT_NOTE = ("eval: data.sources has no 'default' source, so eval/text_bit
 @dataclasses.dataclass
 class EvalData:
   mixed: list            # held-out mixed batches (batch contract), every source of the run
-  text: list             # held-out text, weights on byte targets only (default dataset)
+  text: list             # held-out text, weights on text-token targets only (default dataset)
   prompts: dict          # modality name -> data.PromptSet (default dataset)
   notes: tuple = ()      # what was skipped and why, for the user
+  mixed_sources: tuple = ()   # the source label of each batch of `mixed` (same length)
+  text_bytes: int = 0    # UTF-8 bytes of the held-out text in `text` (bits per byte)
 
 
 def load_eval_data(cfg: Config) -> EvalData:
@@ -40,8 +45,15 @@ def load_eval_data(cfg: Config) -> EvalData:
   # Held-out loss weighs every modality 1, whatever weights training uses.
   unit = dataclasses.replace(cfg.data, loss_weight_text=1.0, loss_weight_image=1.0,
                              loss_weight_audio=1.0)
-  mixed = data.eval_batches(unit, batch_size=e.batch_size, seed=seed, num_batches=e.num_batches)
-  return EvalData(mixed, *default_dataset_evals(cfg))
+  by_source = data.eval_batches_by_source(unit, batch_size=e.batch_size, seed=seed,
+                                          num_batches=e.num_batches)
+  mixed = [b for _, batches in by_source for b in batches]
+  labels = tuple(label for label, batches in by_source for _ in batches)
+  text, prompts, notes = default_dataset_evals(cfg)
+  text_bytes = 0
+  if text:
+    text_bytes = sum(data.heldout_text_bytes(cfg.data, batch_size=e.batch_size)[:len(text)])
+  return EvalData(mixed, text, prompts, notes, mixed_sources=labels, text_bytes=text_bytes)
 
 
 def default_dataset_evals(cfg: Config) -> tuple[list, dict, tuple]:
@@ -83,15 +95,20 @@ def make_greedy_decode(setup: Setup, *, prompt_len: int, max_new_tokens: int):
 
 
 def word_accuracy(decode, params, prompts, vocab, router=None) -> float:
-  """Share of prompts whose greedy continuation is exactly the answer word, then EOS."""
+  """Share of prompts whose greedy continuation is exactly the answer word, then EOS: the prompt's
+  text and the continuation decode to "the digit <word>" (data.PromptSet.expected)."""
   batch = {k: jnp.asarray(v) for k, v in prompts.batch.items()}
   generated = np.asarray(decode(params, batch, jnp.asarray(prompts.next_position), router))
   correct = 0
-  for row, answer in zip(generated, prompts.answers):
+  for i, (row, answer) in enumerate(zip(generated, prompts.answers)):
     ends = np.flatnonzero(row == EOS)
     if len(ends) == 0:
       continue
-    correct += vocab.decode_text(row[:ends[0]]) == answer.encode()
+    if prompts.expected:
+      correct += vocab.decode_text(np.concatenate([prompts.prompt_ids, row[:ends[0]]])) == \
+          prompts.expected[i]
+    else:
+      correct += vocab.decode_text(row[:ends[0]]) == answer.encode()
   return correct / len(prompts.answers)
 
 
@@ -107,12 +124,20 @@ class Evaluator:
         name: make_greedy_decode(setup, prompt_len=p.prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
         for name, p in self.sets.prompts.items()}
 
-  def _sums(self, params, batches, router) -> dict:
+  def _sums(self, params, batches, router, groups=None) -> dict:
+    """Sums of the eval step's outputs over `batches`; with `groups` (a label per batch), a dict
+    label -> sums as well, under the key `groups`."""
     total: dict = {}
-    for batch in batches:
+    by_group: dict = {}
+    for i, batch in enumerate(batches):
       out = jax.device_get(self.eval_step(params, batch, router))
+      group = None if groups is None else by_group.setdefault(groups[i], {})
       for k, v in out.items():
         total[k] = total.get(k, 0.0) + float(v)
+        if group is not None:
+          group[k] = group.get(k, 0.0) + float(v)
+    if groups is not None:
+      total["groups"] = by_group
     return total
 
   @property
@@ -122,15 +147,20 @@ class Evaluator:
 
   def __call__(self, params, router=None) -> dict:
     metrics = {}
-    s = self._sums(params, self.sets.mixed, router)
+    labels = self.sets.mixed_sources or None
+    s = self._sums(params, self.sets.mixed, router, labels)
     if s.get("weight_sum", 0.0) > 0:
       metrics["eval/loss"] = s["ce_sum"] / s["weight_sum"]
     for name in MODALITIES:
       if s.get(f"weight_sum/{name}", 0.0) > 0:
         metrics[f"eval/loss/{name}"] = s[f"ce_sum/{name}"] / s[f"weight_sum/{name}"]
+    for label, g in s.get("groups", {}).items():
+      if g.get("weight_sum", 0.0) > 0:
+        metrics[f"eval/loss/source/{label}"] = g["ce_sum"] / g["weight_sum"]
     if self.sets.text:
       t = self._sums(params, self.sets.text, router)
-      metrics["eval/text_bits_per_byte"] = t["ce_sum"] / max(t["weight_sum"], 1e-9) / math.log(2)
+      # Per UTF-8 byte of the held-out text, whatever the tokenizer (a token may span bytes).
+      metrics["eval/text_bits_per_byte"] = t["ce_sum"] / max(self.sets.text_bytes, 1) / math.log(2)
     for name, key in (("image", "eval/image_to_text_accuracy"), ("audio", "eval/audio_to_text_accuracy")):
       if name in self.sets.prompts:
         metrics[key] = word_accuracy(self.decoders[name], params, self.sets.prompts[name], self.vocab,
