@@ -44,6 +44,10 @@ def test_overrides_reach_nested_keys_and_convert_types():
     ("model.moe.backend=fast", "config key 'model.moe.backend' must be one of"),
     ("model.num_layers.x=1", "config key 'model.num_layers' is a value, not a section"),
     ("model.moe.router=expert_choice", "config key 'model.moe.router' must be topk or dynamic"),
+    ("model.moe.dispatch=alltoall", "config key 'model.moe.dispatch' must be one of auto, local"),
+    ("model.moe.capacity_factor=0", "config key 'model.moe.capacity_factor' must be positive"),
+    ("model.moe.num_groups=3", "config key 'model.moe.num_groups' must divide model.moe.num_experts=8"),
+    ("model.moe.max_groups=2", "config key 'model.moe.max_groups' must lie in 0..model.moe.num_groups=1"),
     ("model.moe.threshold_init=0", "config key 'model.moe.threshold_init' must lie in (0, 1]"),
     ("train", "is not of the form key.sub=value"),
 ])
@@ -68,6 +72,14 @@ def test_dump_round_trips(tmp_path):
   path = tmp_path / "c.yaml"
   path.write_text(config_lib.dump(cfg))
   assert config_lib.load(path) == cfg
+
+
+def test_max_groups_must_leave_room_for_top_k():
+  with pytest.raises(ConfigError) as e:
+    config_lib.load(None, ["model.moe.num_groups=8", "model.moe.max_groups=1"])
+  assert ("config key 'model.moe.max_groups' must leave the 2 experts a token may take in reach, "
+          "but 1 of 8 groups hold 1") in str(e.value)
+  config_lib.load(None, ["model.moe.num_groups=4", "model.moe.max_groups=1"])
 
 
 @pytest.mark.parametrize("overrides, needle", [

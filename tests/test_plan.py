@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train import config as config_lib
 from train.mesh import make_mesh
-from train.plan import collective_bytes, plan
+from train.plan import collective_bytes, model_flops_per_token, plan
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -35,6 +35,17 @@ def test_plan_of_an_expert_parallel_mesh():
   extra = p["optimizer_bytes_per_device"] - 2 * p["param_bytes_per_device"]   # AdamW mu and nu
   assert 0 <= extra <= 64                                                      # + step counters
   assert p["flops_per_token"] > 6 * 0.5e6 and p["activation_bytes_per_device"] > 0
+
+
+def test_model_flops_by_hand():
+  cfg = config_lib.load(None, ["model.num_layers=1"])   # d 128, 4 heads + 2 kv of 32, 8 experts top-2
+  from train.state import _new_model
+  from flax import nnx
+  params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: _new_model(cfg, 512, 24, 0))))
+  attention = 128 * 4 * 32 * 2 + 128 * 2 * 32 * 2           # q, o; k, v
+  experts = 3 * 128 * 256 * 2                               # gate, up, down of 2 of the 8 experts
+  active = attention + 128 * 8 + experts + 128 * 512        # + router + output head
+  assert model_flops_per_token(cfg, params) == 6 * active + 6 * 1 * 4 * 32 * 128
 
 
 def test_plan_command_simulates_the_devices_the_mesh_needs():

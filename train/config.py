@@ -262,6 +262,21 @@ def validate(cfg: Config) -> None:
   need(m.dense_hidden > 0, "model.dense_hidden", f"must be positive, got {m.dense_hidden}")
   need(moe.num_shared_experts >= 0, "model.moe.num_shared_experts",
        f"must be >= 0, got {moe.num_shared_experts}")
+  need(moe.dispatch in ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_all"),
+       "model.moe.dispatch",
+       f"must be one of auto, local, all_gather, all_to_all, ragged_all_to_all; got '{moe.dispatch}'")
+  need(moe.capacity_factor > 0, "model.moe.capacity_factor",
+       f"must be positive, got {moe.capacity_factor}")
+  need(moe.num_groups >= 1 and moe.num_experts % moe.num_groups == 0, "model.moe.num_groups",
+       f"must divide model.moe.num_experts={moe.num_experts}, got {moe.num_groups}")
+  need(0 <= moe.max_groups <= moe.num_groups, "model.moe.max_groups",
+       f"must lie in 0..model.moe.num_groups={moe.num_groups} (0 = no limit), got {moe.max_groups}")
+  if moe.max_groups and moe.num_experts % moe.num_groups == 0:
+    reach = moe.max_groups * (moe.num_experts // moe.num_groups)
+    k = moe.top_k if moe.router == "topk" else moe.k_max
+    need(k <= reach, "model.moe.max_groups",
+         f"must leave the {k} experts a token may take in reach, but {moe.max_groups} of "
+         f"{moe.num_groups} groups hold {reach}")
   need(moe.router in ("topk", "dynamic"), "model.moe.router",
        f"must be topk or dynamic; got '{moe.router}'")
   if moe.router == "dynamic":

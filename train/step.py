@@ -31,7 +31,7 @@ def loss_fn(params, batch, router=None, *, setup: Setup, cfg: Config):
 
 MOE_STATS = ("expert_load", "expert_load_by_modality", "active_fraction",
              "active_fraction_by_modality", "router_entropy", "router_entropy_by_modality",
-             "moe_layers")   # per-layer statistics passed on to the metrics
+             "dropped_fraction", "moe_layers")   # per-layer statistics passed on to the metrics
 
 
 def make_train_step(cfg: Config, setup: Setup, batch_sharding):
