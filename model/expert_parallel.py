@@ -11,11 +11,14 @@ Modes (`model.moe.dispatch`):
               the `expert` axis, the experts' groups). Tokens are all-gathered over `expert`, each
               device runs its own experts on the assignments that name them, and the partial sums
               go back with one psum_scatter. Moves G x the tokens; simple; runs on CPU.
-  all_to_all  fixed capacity C = ceil(capacity_factor * S * k / G) rows per (sender, receiver)
-              pair (S tokens per device, k the mean experts per token): each device sends every
-              device up to C of its assignments, the receiver runs its experts, one all_to_all
-              brings the results back. Assignments past C are dropped (counted); padding tokens
-              (segment 0) take no room and get 0.
+  all_to_all  one row per (token, expert device it uses), with the token's local expert ids and
+              weights; fixed capacity C = ceil(capacity_factor * S * r / G) rows per (sender,
+              receiver) pair (S tokens per device, r = min(k, G, max_groups) rows per token, k the
+              mean experts per token). The receiver runs its experts and sums them, weighted, into
+              the row; one all_to_all brings the rows back. A token's assignments to a device whose
+              row found no room are dropped (counted); padding tokens (segment 0) take no room
+              and get 0. Rack-limited routing (max_groups, with num_groups = G) thus bounds the
+              rows, and the bytes, per token.
   ragged_all_to_all  GPU/TPU collective with exact sizes; XLA:CPU does not implement it, so it
               is refused on CPU (see `resolve_dispatch`).
   auto        local without a mesh, else all_gather.
@@ -70,10 +73,20 @@ def mean_experts_per_token(cfg) -> float:
   return cfg.top_k if cfg.router == "topk" else cfg.target_active_fraction * cfg.num_experts
 
 
+def rows_per_token(cfg, groups: int) -> float:
+  """Mean rows a token sends (all_to_all): one per expert device it uses, at most min(k, G), and
+  at most max_groups when the routing groups are the expert devices."""
+  rows = min(mean_experts_per_token(cfg), groups)
+  if cfg.max_groups and cfg.num_groups == groups:
+    rows = min(rows, cfg.max_groups)
+  return rows
+
+
 def capacity(cfg, tokens: int, slots: int, groups: int) -> int:
-  """Rows each device may send each expert device (all_to_all); at most all its assignments."""
-  c = math.ceil(cfg.capacity_factor * tokens * mean_experts_per_token(cfg) / groups)
-  return max(1, min(c, tokens * slots))
+  """Rows each device may send each expert device (all_to_all): capacity_factor x the fair share
+  of its tokens' rows; at most one row per token."""
+  c = math.ceil(cfg.capacity_factor * tokens * rows_per_token(cfg, groups) / groups)
+  return max(1, min(c, tokens))
 
 
 def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDxH, w_up_ExDxH,
@@ -122,20 +135,32 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
                        for a in (x, e, w, u, v))
     S = x.shape[0]
     C = capacity(cfg, S, K, G)
+    El = E // G
     valid_SxK = u & v[:, None]
-    slot_SxK, assign_N = _slots(e // (E // G), valid_SxK, G, C)
+    dest_SxK = e // El
+    same_SxKxK = (dest_SxK[:, :, None] == dest_SxK[:, None, :]) & valid_SxK[:, None, :]
+    earlier_KxK = jnp.tril(jnp.ones((K, K), bool), -1)      # [j, j']: j' comes before j
+    first_SxK = valid_SxK & ~jnp.any(same_SxKxK & earlier_KxK, axis=2)
+    # One row per (token, destination device), at its first assignment's slot.
+    slot_SxK, assign_N = _slots(dest_SxK, first_SxK, G, C)
     source_N = jnp.where(assign_N < S * K, assign_N // K, S)
+    dest_N = jnp.take(dest_SxK.reshape(-1), assign_N, mode="fill", fill_value=G)
+    e_NxK = jnp.take(e, source_N, axis=0, mode="fill", fill_value=0)
+    mine_NxK = (jnp.take(valid_SxK, source_N, axis=0, mode="fill", fill_value=False)
+                & (e_NxK // El == dest_N[:, None]))
+    send_e = jnp.where(mine_NxK, e_NxK % El, El)
+    send_w = jnp.where(mine_NxK, jnp.take(w, source_N, axis=0, mode="fill", fill_value=0), 0)
     send_x = gmm._move_rows(x, source_N, slot_SxK)                          # [G*C, D]
-    send_e = jnp.take((e % (E // G)).reshape(-1), assign_N, mode="fill", fill_value=E // G)
-    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True) if G > 1 else send_x
-    recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True) if G > 1 else send_e
-    ones = jnp.ones((recv_e.shape[0], 1), x.dtype)
-    y_N = finish(swiglu_experts(recv_x, jnp.minimum(recv_e, E // G - 1)[:, None],
-                                (recv_e < E // G)[:, None], ones, wg, wu, wd, **kw))
-    back_N = jax.lax.all_to_all(y_N, "expert", 0, 0, tiled=True) if G > 1 else y_N
-    y_SxKxD = gmm._move_rows(back_N, slot_SxK.reshape(-1), assign_N[:, None]).reshape(S, K, -1)
-    y = jnp.einsum("skd,sk->sd", y_SxKxD, w.astype(y_SxKxD.dtype))
-    dropped = jnp.sum(valid_SxK & (slot_SxK >= G * C)).astype(jnp.int32)
+    exchange = ((lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)) if G > 1
+                else (lambda a: a))
+    recv_x, recv_e, recv_w = exchange(send_x), exchange(send_e), exchange(send_w)
+    y_N = finish(swiglu_experts(recv_x, jnp.minimum(recv_e, El - 1), recv_e < El, recv_w,
+                                wg, wu, wd, **kw))      # each row: its experts here, weighted
+    back_N = exchange(y_N)
+    y = gmm._move_rows(back_N, slot_SxK.reshape(-1), assign_N[:, None]).reshape(S, K, -1).sum(1)
+    kept_first_SxK = first_SxK & (slot_SxK < G * C)
+    kept_SxK = jnp.any(same_SxKxK & kept_first_SxK[:, None, :], axis=2)   # its row went
+    dropped = jnp.sum(valid_SxK & ~kept_SxK).astype(jnp.int32)
     if G > 1 and not tokens_split_over_ep:
       y = jax.lax.all_gather(y, "expert", axis=0, tiled=True)
     count_axes = tuple(tok_axes) + (("expert",) if G > 1 and not tokens_split_over_ep else ())

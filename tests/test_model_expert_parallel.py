@@ -48,7 +48,7 @@ def _close(a, b):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
 
 
-CASES = [(mode, factor, "topk", mesh) for mode, factor in [("all_gather", 1.0), ("all_to_all", 8.0)]
+CASES = [("all_to_all", 8.0, "topk_groups", "data2_expert4")] + [(mode, factor, "topk", mesh) for mode, factor in [("all_gather", 1.0), ("all_to_all", 8.0)]
          for mesh in MESHES] + [(mode, factor, "dynamic", mesh)
                                 for mode, factor in [("all_gather", 1.0), ("all_to_all", 8.0)]
                                 for mesh in ("data2_expert4", "fsdp2_expert2_tensor2")]
@@ -58,8 +58,9 @@ CASES = [(mode, factor, "topk", mesh) for mode, factor in [("all_gather", 1.0), 
 def test_dispatch_equals_one_device(mode, factor, router, mesh):
   """Dropless modes (all_to_all with room for every assignment) equal the local oracle: outputs at
   valid positions, the loss, and every gradient."""
-  cfg = MoEConfig(num_experts=8, expert_hidden=16, router=router, dispatch=mode,
-                  capacity_factor=factor)
+  groups = dict(num_groups=4, max_groups=2, top_k=3) if router == "topk_groups" else {}
+  cfg = MoEConfig(num_experts=8, expert_hidden=16, router=router.removesuffix("_groups"),
+                  dispatch=mode, capacity_factor=factor, **groups)
   (ref_loss, (ref_y, _)), ref_grads = _run(cfg, None)
   (loss, (y, dropped)), grads = _run(cfg, MESHES[mesh])
   valid = np.asarray(_inputs()[1] > 0)
@@ -70,28 +71,35 @@ def test_dispatch_equals_one_device(mode, factor, router, mesh):
 
 
 def test_all_to_all_drops_past_capacity_as_counted():
-  """With a small capacity the dropped assignments are exactly those past C in each (sender,
-  receiver) pair, in assignment order, and the output is the oracle without them."""
-  cfg = MoEConfig(num_experts=8, expert_hidden=16, dispatch="all_to_all", capacity_factor=0.5)
+  """With a small capacity the rows dropped are exactly those past C in each (sender, receiver)
+  pair, in token order, and the output is the oracle without the assignments they carried."""
+  cfg = MoEConfig(num_experts=8, top_k=4, expert_hidden=16, dispatch="all_to_all",
+                  capacity_factor=0.5)
   x, seg = _inputs()
   moe = MoE(D, cfg, rngs=nnx.Rngs(0))
-  (_, (y, dropped)), _ = _run(cfg, MESHES["expert8"])
+  mesh = (1, 1, 4, 1, 1)                 # 2 experts a device: tokens share rows between them
+  (_, (y, dropped)), _ = _run(cfg, mesh)
   # Recompute the routing on one device and apply the capacity rule in numpy.
   x_TxD = x.reshape(B * L, D)
   _, expert_TxK, weight_TxK = top_k_routing(x_TxD @ moe.router_DxE[...], cfg.top_k)
   expert = np.asarray(expert_TxK)
-  G, S, K = 8, B * L // 8, cfg.top_k
+  G, S, K = 4, B * L // 4, cfg.top_k
   C = expert_parallel.capacity(cfg, S, K, G)
+  assert C == int(np.ceil(0.5 * S * 4 / G))          # rows per token: min(k, G) = 4
   valid_T = np.asarray(seg > 0).reshape(-1)
   kept = np.zeros_like(expert, bool)
+  rows = 0
   for src in range(G):
     taken = np.zeros(G, int)
-    for a in range(S * K):
-      t, k = src * S + a // K, a % K
-      dest = expert[t, k] // (cfg.num_experts // G)
-      if valid_T[t]:
-        kept[t, k] = taken[dest] < C
-        taken[dest] += 1
+    for t in range(src * S, (src + 1) * S):
+      if not valid_T[t]:
+        continue
+      dests = expert[t] // (cfg.num_experts // G)
+      for d in dict.fromkeys(dests):               # distinct devices, in slot order
+        kept[t, dests == d] = taken[d] < C
+        taken[d] += 1
+        rows += 1
+  assert rows < valid_T.sum() * K                    # tokens did share rows
   expected_dropped = (~kept & valid_T[:, None]).sum() / (valid_T.sum() * K)
   assert expected_dropped > 0.1
   assert float(dropped) == pytest.approx(expected_dropped, rel=1e-6)
