@@ -14,10 +14,11 @@ Modes (`model.moe.dispatch`):
   all_to_all  one row per (token, expert device it uses), with the token's local expert ids and
               weights; fixed capacity C = ceil(capacity_factor * S * r / G) rows per (sender,
               receiver) pair (S tokens per device, r = min(k, G, max_groups) rows per token, k the
-              mean experts per token). The receiver runs its experts and sums them, weighted, into
-              the row; one all_to_all brings the rows back. A token's assignments to a device whose
-              row found no room are dropped (counted); padding tokens (segment 0) take no room
-              and get 0. Rack-limited routing (max_groups, with num_groups = G) thus bounds the
+              mean experts per token). The receiver runs its experts on the first
+              ceil(capacity_factor * S * k) assignments the rows carry (a compact list, so its
+              buffers do not grow with k) and sums them, weighted, into the row; one all_to_all
+              brings the rows back. Assignments whose row found no room, or past the receiver's
+              list, are dropped (counted); padding tokens (segment 0) take no room and get 0. Rack-limited routing (max_groups, with num_groups = G) thus bounds the
               rows, and the bytes, per token.
   ragged_all_to_all  GPU/TPU collective with exact sizes; XLA:CPU does not implement it, so it
               is refused on CPU (see `resolve_dispatch`).
@@ -154,13 +155,15 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
     exchange = ((lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)) if G > 1
                 else (lambda a: a))
     recv_x, recv_e, recv_w = exchange(send_x), exchange(send_e), exchange(send_w)
-    y_N = finish(swiglu_experts(recv_x, jnp.minimum(recv_e, El - 1), recv_e < El, recv_w,
-                                wg, wu, wd, **kw))      # each row: its experts here, weighted
-    back_N = exchange(y_N)
+    y_N, dropped_here = _receiver_experts(recv_x, recv_e, recv_w, El,
+                                          math.ceil(cfg.capacity_factor * S
+                                                    * mean_experts_per_token(cfg)),
+                                          wg, wu, wd, kw)
+    back_N = exchange(finish(y_N))
     y = gmm._move_rows(back_N, slot_SxK.reshape(-1), assign_N[:, None]).reshape(S, K, -1).sum(1)
     kept_first_SxK = first_SxK & (slot_SxK < G * C)
     kept_SxK = jnp.any(same_SxKxK & kept_first_SxK[:, None, :], axis=2)   # its row went
-    dropped = jnp.sum(valid_SxK & ~kept_SxK).astype(jnp.int32)
+    dropped = jnp.sum(valid_SxK & ~kept_SxK).astype(jnp.int32) + dropped_here
     if G > 1 and not tokens_split_over_ep:
       y = jax.lax.all_gather(y, "expert", axis=0, tiled=True)
     count_axes = tuple(tok_axes) + (("expert",) if G > 1 and not tokens_split_over_ep else ())
@@ -171,6 +174,23 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
                      check_vma=False)
   return fn(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDxH, w_up_ExDxH,
             w_down_ExHxD)
+
+
+def _receiver_experts(x_NxD, local_NxK, w_NxK, num_local: int, cap: int, wg, wu, wd, kw):
+  """The received rows' assignments (local expert ids, num_local = none), the first `cap` of them
+  in row order, run as one compact list: (y_NxD weighted sums, assignments past cap)."""
+  N, K = local_NxK.shape
+  valid_A = (local_NxK < num_local).reshape(N * K)
+  cap = min(cap, N * K)
+  slot_NxK, assign_C = _slots(jnp.zeros((N, K), jnp.int32), valid_A.reshape(N, K), 1, cap)
+  row_C = jnp.where(assign_C < N * K, assign_C // K, N)
+  x_CxD = gmm._move_rows(x_NxD, row_C, slot_NxK)
+  e_C = jnp.take(local_NxK.reshape(-1), assign_C, mode="fill", fill_value=num_local)
+  w_C = jnp.take(w_NxK.reshape(-1), assign_C, mode="fill", fill_value=0)
+  y_CxD = swiglu_experts(x_CxD, jnp.minimum(e_C, num_local - 1)[:, None],
+                         (e_C < num_local)[:, None], w_C[:, None], wg, wu, wd, **kw)
+  y_NxD = gmm._move_rows(y_CxD, slot_NxK.reshape(-1), assign_C[:, None]).reshape(N, K, -1).sum(1)
+  return y_NxD, jnp.sum(valid_A & (slot_NxK.reshape(-1) >= cap)).astype(jnp.int32)
 
 
 def _slots(dest_SxK, valid_SxK, groups: int, cap: int):
