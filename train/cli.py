@@ -2,10 +2,11 @@
 else lives here.
 
   omnimoe train   [CONFIG.yaml] [--workdir DIR] [key=value ...]
-  omnimoe eval    [CONFIG.yaml] --workdir DIR [key=value ...]
+  omnimoe eval    [CONFIG.yaml] --workdir DIR [--effort low,medium,high] [key=value ...]
   omnimoe prepare MANIFEST.jsonl --out DIR [--skip-bad] [CONFIG.yaml] [key=value ...]
   omnimoe plan    [CONFIG.yaml] [--devices N] [key=value ...]
   omnimoe config  [CONFIG.yaml] [key=value ...]
+  omnimoe report  --workdir DIR [--out DIR] [--last N]
 
 Exit codes: 0 done, 2 bad config or arguments, 3 bad data, 4 non-finite loss.
 """
@@ -46,6 +47,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="multi-host: address of process 0 (all processes pass the same)")
       s.add_argument("--num-processes", type=int, help="multi-host: number of processes")
       s.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    if name == "eval":
+      s.add_argument("--effort", metavar="LIST",
+                     help="evaluate at several active fractions without retraining: comma-separated "
+                          "low (half the trained fraction), medium (as trained), high (double) or "
+                          "fractions such as 0.25 (see train/effort.py)")
+  r = sub.add_parser("report", help="draw expert-load heatmaps and loss curves from a run's "
+                                    "metrics.jsonl (PNG files)")
+  r.add_argument("--workdir", required=True, help="the run directory (reads its metrics.jsonl)")
+  r.add_argument("--out", help="folder for the PNG files (default: the workdir)")
+  r.add_argument("--last", type=int, default=10,
+                 help="expert load is averaged over this many last logged steps (default 10)")
+  r.set_defaults(args=[])
   return p
 
 
@@ -114,8 +127,22 @@ def _plan(ns: argparse.Namespace, cfg) -> int:
   return EXIT_OK
 
 
+def _report(ns: argparse.Namespace) -> int:
+  from train import report  # matplotlib, no jax
+  if ns.args:
+    return _fail(EXIT_USAGE, f"report takes no config or overrides, got '{' '.join(ns.args)}'")
+  try:
+    for path in report.report(ns.workdir, ns.out, last=ns.last):
+      print(path)
+  except report.ReportError as e:
+    return _fail(EXIT_USAGE, str(e))
+  return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
   ns = _parse(argv)
+  if ns.command == "report":
+    return _report(ns)
   try:
     path, overrides = _split(ns.args)
     workdir = getattr(ns, "workdir", None)
@@ -145,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "train":
       summary = loop.train(cfg, workdir)
       print(summary.describe())
+    elif ns.effort:
+      from train import effort
+      labels = effort.parse_efforts(ns.effort)
+      print(json.dumps(effort.evaluate_efforts(cfg, workdir, labels,
+                                               log=lambda line: print(line, file=sys.stderr)),
+                       indent=1))
     else:
       step, metrics, notes = loop.evaluate(cfg, workdir)
       print(json.dumps({"step": step, **metrics, **({"notes": list(notes)} if notes else {})},

@@ -111,6 +111,7 @@ def _moe_metrics(raw: dict) -> dict:
     out[f"moe/expert_load/layer_{i}"] = row
   for name, values in (("active_fraction", raw["active_fraction"]),
                        ("router_entropy", raw["router_entropy"]),
+                       ("dropped_fraction", raw["dropped_fraction"]),
                        ("threshold", raw.get("router_threshold"))):
     if values is None:
       continue
@@ -236,6 +237,13 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) ->
 def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict, tuple]:
   """Evaluates the latest checkpoint in `workdir`; returns (step, metrics, notes on what eval
   skipped)."""
+  latest, state, setup, info, _ = restore_latest(cfg, workdir)
+  evaluator = Evaluator(cfg, setup, info.vocab)
+  return latest, evaluator(state["params"], state.get("router")), evaluator.notes
+
+
+def restore_latest(cfg: Config, workdir: str | pathlib.Path):
+  """The latest checkpoint of `workdir` for evaluation: (step, state, setup, dataset info, mesh)."""
   workdir = pathlib.Path(workdir).absolute()
   ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=False)
   latest = ckpts.latest_step()
@@ -249,5 +257,4 @@ def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict, tuple
   setup = make_setup(cfg, mesh, info)
   state, _ = ckpts.restore(latest, setup)
   ckpts.close()
-  evaluator = Evaluator(cfg, setup, info.vocab)
-  return latest, evaluator(state["params"], state.get("router")), evaluator.notes
+  return latest, state, setup, info, mesh
