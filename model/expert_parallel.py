@@ -130,9 +130,11 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
     return y, jnp.zeros((), jnp.int32)
 
   def all_to_all_body(x, e, w, u, v, wg, wu, wd):
+    T0 = x.shape[0]
     if G > 1 and not tokens_split_over_ep:   # each expert device exchanges a 1/G slice
-      g = jax.lax.axis_index("expert")
-      x, e, w, u, v = (jax.lax.dynamic_slice_in_dim(a, g * (a.shape[0] // G), a.shape[0] // G)
+      g, part = jax.lax.axis_index("expert"), -(-T0 // G)
+      pad = lambda a: jnp.pad(a, [(0, part * G - T0)] + [(0, 0)] * (a.ndim - 1))  # invalid rows
+      x, e, w, u, v = (jax.lax.dynamic_slice_in_dim(pad(a), g * part, part)
                        for a in (x, e, w, u, v))
     S = x.shape[0]
     C = capacity(cfg, S, K, G)
@@ -165,7 +167,7 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
     kept_SxK = jnp.any(same_SxKxK & kept_first_SxK[:, None, :], axis=2)   # its row went
     dropped = jnp.sum(valid_SxK & ~kept_SxK).astype(jnp.int32) + dropped_here
     if G > 1 and not tokens_split_over_ep:
-      y = jax.lax.all_gather(y, "expert", axis=0, tiled=True)
+      y = jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0]
     count_axes = tuple(tok_axes) + (("expert",) if G > 1 and not tokens_split_over_ep else ())
     return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
 

@@ -13,6 +13,7 @@ from model import expert_parallel
 from model.config import MoEConfig
 from model.moe import MoE
 from model.router import group_limit, top_k_routing
+from model.sharding import fit_spec
 
 AXES = ("data", "fsdp", "expert", "tensor", "context")
 B, L, D = 8, 16, 32
@@ -20,15 +21,15 @@ MESHES = {"data2_expert4": (2, 1, 4, 1, 1), "fsdp2_expert2_tensor2": (1, 2, 2, 2
           "expert8": (1, 1, 8, 1, 1), "data8": (8, 1, 1, 1, 1)}
 
 
-def _inputs():
-  x = jax.random.normal(jax.random.key(1), (B, L, D))
-  seg = jnp.ones((B, L), jnp.int32).at[:, 12:].set(0)    # 4 padding positions per row
+def _inputs(b=B, l=L):
+  x = jax.random.normal(jax.random.key(1), (b, l, D))
+  seg = jnp.ones((b, l), jnp.int32).at[:, l - 4:].set(0)    # 4 padding positions per row
   return x, seg
 
 
-def _run(cfg, mesh_shape):
+def _run(cfg, mesh_shape, b=B, l=L):
   """(loss, y, dropped_fraction, grads of params and x) of one MoE layer; loss on valid positions."""
-  x, seg = _inputs()
+  x, seg = _inputs(b, l)
   graphdef, params = nnx.split(MoE(D, cfg, rngs=nnx.Rngs(0)))
 
   def loss(params, x):
@@ -40,7 +41,8 @@ def _run(cfg, mesh_shape):
     return f(params, x)
   mesh = jax.make_mesh(mesh_shape, AXES, axis_types=(AxisType.Auto,) * 5)
   with jax.set_mesh(mesh):
-    return f(params, jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert")))))
+    spec = fit_spec(P(("data", "fsdp", "expert")), x.shape, dict(mesh.shape))
+    return f(params, jax.device_put(x, NamedSharding(mesh, spec)))
 
 
 def _close(a, b):
@@ -66,6 +68,19 @@ def test_dispatch_equals_one_device(mode, factor, router, mesh):
   valid = np.asarray(_inputs()[1] > 0)
   np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(ref_y)[valid], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  _close(grads, ref_grads)
+  assert float(dropped) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["all_gather", "all_to_all"])
+def test_a_batch_the_mesh_does_not_divide(mode):
+  """5 rows of 13 (65 tokens, e.g. eval prompts): rows stay whole on every device and the expert
+  devices split the tokens unevenly; still the oracle."""
+  cfg = MoEConfig(num_experts=8, expert_hidden=16, dispatch=mode, capacity_factor=8.0)
+  (ref_loss, (ref_y, _)), ref_grads = _run(cfg, None, 5, 13)
+  (loss, (y, dropped)), grads = _run(cfg, MESHES["data2_expert4"], 5, 13)
+  valid = np.asarray(_inputs(5, 13)[1] > 0)
+  np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(ref_y)[valid], rtol=1e-5, atol=1e-6)
   _close(grads, ref_grads)
   assert float(dropped) == 0.0
 
