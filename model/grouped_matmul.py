@@ -3,28 +3,29 @@
 Two ways in:
   * `grouped_matmul(x_MxK, w_ExKxN, group_sizes_E, ...)`: rows of x already sorted by expert.
   * `plan_dispatch(expert_SxK, ...)` -> `Dispatch`, then `dispatch`, `Dispatch.matmul` (any number
-    of times) and `combine`: the MoE layer does the bookkeeping (sort, padding, block experts) once
-    per layer and reuses it for the gate, up and down matmuls.
+    of times) and `combine`: the MoE layer does the bookkeeping (sort, tile table) once per layer
+    and reuses it for the gate, up and down matmuls.
 
 Source row s (a token) has K assignments a = s*K + j, each to one expert; invalid assignments
-(`valid_SxK`, e.g. the dynamic router's unused slots) take no row. Row layouts (R rows):
-  dense, ragged_dot  R = A = S*K: assignments sorted by expert, groups back to back.
-  blocked            R = nb * br >= A + E*(br-1) (worst case), br = `blocked_rows(A, E, block_rows)`:
-                     each expert's group starts on a block boundary and is padded to whole
-                     blocks, so every block has one expert; the used blocks are a prefix
-                     (`used_blocks`), the rest is empty. Empty rows are zeros.
+(`valid_SxK`, e.g. the dynamic router's unused slots) take no row. Row layout (every backend):
+R = A = S*K rows, the valid assignments sorted by expert with the groups back to back, then one
+empty row per invalid assignment. Empty rows give 0.
 
 Backends:
   dense       oracle: every expert on every row, then select (E times the FLOPs; tests only)
   ragged_dot  jax.lax.ragged_dot (XLA:CPU computes every expert densely: slow there)
-  blocked     pure JAX: a loop over chunks of blocks, each one batched matmul
-              einsum('bik,bkn->bin', x_blocks, w[block_expert]); the trip count is dynamic, so the
-              empty tail of the static buffer costs nothing
+  blocked     pure JAX: a loop over tiles of `block_rows` rows (`blocked_rows` picks the size),
+              each tile inside one expert's group: tile j of group e reads rows
+              start_e + j*br .. + br, computes them with that expert's [K, N] matrix (indexed in
+              place: no per-tile copy of the weights) and keeps only the rows of group e (the last
+              tile of a group overlaps the next groups' rows, which are masked). The tile count
+              is dynamic (sum over experts of ceil(group / br) <= A/br + E), so the loop costs
+              O(rows + experts) whatever the number of experts.
   auto        blocked on CPU; ragged_dot on GPU/TPU (tokamax later)
 
 Gradients avoid row scatters (slow on XLA:CPU): the row moves have custom VJPs that gather through
-the inverse permutation; the blocked weight gradient adds each block's product (a whole [K, N]
-slice) to its expert, O(blocks) rather than O(blocks * experts).
+the inverse permutation; the blocked backward runs the same tile loop, adding each tile's
+x^T dy into its expert's slice of the weight gradient in place (O(tiles), no scatter over blocks).
 """
 import dataclasses
 import functools
@@ -70,53 +71,79 @@ def _move_rows_bwd(res, dout_RxD):
 _move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
-def _block_chunks(used_blocks, chunk: int):
-  """Loop trip count: chunks of `chunk` blocks that hold any assignment (a dynamic count)."""
-  return (used_blocks + chunk - 1) // chunk
+def _tile(tiles, t, num_rows: int, br: int):
+  """Tile t of the table: (expert, first row read, mask [br, 1] of the rows it computes).
+
+  The tile reads rows s .. s + br, s = its nominal start clamped so the read stays inside the
+  buffer; it computes the rows from its nominal start to the end of its expert's group."""
+  expert_N, start_N, stop_N, _ = tiles
+  s_nom = start_N[t]
+  s = jnp.minimum(s_nom, num_rows - br)
+  rows = s + jnp.arange(br, dtype=jnp.int32)
+  return expert_N[t], s, ((rows >= s_nom) & (rows < stop_N[t]))[:, None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_matmul(x_NxBxK, w_ExKxN, block_expert_N, used_blocks, chunk):
-  """y[b] = x[b] @ w[block_expert[b]] for the first `used_blocks` blocks, 0 after them.
-
-  A loop over chunks of `chunk` blocks with a dynamic trip count: the empty blocks at the end of
-  the static buffer (its worst-case padding) cost nothing."""
-  nb, br, _ = x_NxBxK.shape
-
-  def body(i, y_NxBxN):
-    start = i * chunk
-    x_CxBxK = jax.lax.dynamic_slice_in_dim(x_NxBxK, start, chunk)
-    e_C = jax.lax.dynamic_slice_in_dim(block_expert_N, start, chunk)
-    y_CxBxN = jnp.einsum("bik,bkn->bin", x_CxBxK, jnp.take(w_ExKxN, e_C, axis=0))
-    return jax.lax.dynamic_update_slice_in_dim(y_NxBxN, y_CxBxN, start, 0)
-
-  y0 = jnp.zeros((nb, br, w_ExKxN.shape[2]), x_NxBxK.dtype)
-  return jax.lax.fori_loop(0, _block_chunks(used_blocks, chunk), body, y0)
+def _expert(w_ExKxN, e):
+  return jax.lax.dynamic_index_in_dim(w_ExKxN, e, keepdims=False)
 
 
-def _blocked_matmul_fwd(x_NxBxK, w_ExKxN, block_expert_N, used_blocks, chunk):
-  y = _blocked_matmul(x_NxBxK, w_ExKxN, block_expert_N, used_blocks, chunk)
-  return y, (x_NxBxK, w_ExKxN, block_expert_N, used_blocks)
+def _zeros(shape, dtype, tie: jax.Array) -> jax.Array:
+  """Zeros as the start of a loop carry, computed from one element of `tie` (always exactly 0).
+
+  Plain `jnp.zeros` of equal shapes are merged by XLA's CSE across the gate/up/down matmuls, and
+  every loop that then updates the shared buffer in place starts with a full copy of it (measured:
+  5-7% of the layer at 256 experts). An operand that differs per call keeps them apart."""
+  bits = jax.lax.bitcast_convert_type(tie.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+  zero = jax.lax.shift_right_logical(jax.lax.shift_right_logical(bits, jnp.uint32(31)),
+                                     jnp.uint32(1))                       # 0 whatever the bits
+  return jnp.broadcast_to(zero.astype(dtype), shape)
 
 
-def _blocked_matmul_bwd(chunk, res, dy_NxBxN):
-  x_NxBxK, w_ExKxN, block_expert_N, used_blocks = res
+def _update_rows(buf_RxD, s, mask_Bx1, new_BxD):
+  """buf[s:s+B] = new where mask, else unchanged (an in-place update of the loop carry)."""
+  old_BxD = jax.lax.dynamic_slice_in_dim(buf_RxD, s, new_BxD.shape[0])
+  return jax.lax.dynamic_update_slice_in_dim(buf_RxD, jnp.where(mask_Bx1, new_BxD, old_BxD), s, 0)
 
-  def body(i, carry):
-    dx_NxBxK, dw_ExKxN = carry
-    start = i * chunk
-    x_CxBxK = jax.lax.dynamic_slice_in_dim(x_NxBxK, start, chunk)
-    dy_CxBxN = jax.lax.dynamic_slice_in_dim(dy_NxBxN, start, chunk)
-    e_C = jax.lax.dynamic_slice_in_dim(block_expert_N, start, chunk)
-    dx_CxBxK = jnp.einsum("bin,bkn->bik", dy_CxBxN, jnp.take(w_ExKxN, e_C, axis=0))
-    # Accumulated in place, O(blocks) and not O(blocks * experts) (blocks are sorted by expert).
-    dw_ExKxN = dw_ExKxN.at[e_C].add(jnp.einsum("bik,bin->bkn", x_CxBxK, dy_CxBxN),
-                                    indices_are_sorted=True)
-    return jax.lax.dynamic_update_slice_in_dim(dx_NxBxK, dx_CxBxK, start, 0), dw_ExKxN
 
-  zeros = (jnp.zeros_like(x_NxBxK), jnp.zeros(w_ExKxN.shape, dy_NxBxN.dtype))
-  dx, dw = jax.lax.fori_loop(0, _block_chunks(used_blocks, chunk), body, zeros)
-  return dx, dw.astype(w_ExKxN.dtype), None, None
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_matmul(x_RxK, w_ExKxN, tiles, br: int):
+  """y[r] = x[r] @ w[expert of r] for the rows covered by the first `tiles[3]` tiles, 0 elsewhere."""
+  R = x_RxK.shape[0]
+
+  def body(t, y_RxN):
+    e, s, m = _tile(tiles, t, R, br)
+    y_BxN = jax.lax.dynamic_slice_in_dim(x_RxK, s, br) @ _expert(w_ExKxN, e)
+    return _update_rows(y_RxN, s, m, y_BxN)
+
+  y0 = _zeros((R, w_ExKxN.shape[2]), x_RxK.dtype, w_ExKxN)
+  return jax.lax.fori_loop(0, tiles[3], body, y0)
+
+
+def _blocked_matmul_fwd(x_RxK, w_ExKxN, tiles, br):
+  return _blocked_matmul(x_RxK, w_ExKxN, tiles, br), (x_RxK, w_ExKxN, tiles)
+
+
+def _blocked_matmul_bwd(br, res, dy_RxN):
+  x_RxK, w_ExKxN, tiles = res
+  R = x_RxK.shape[0]
+
+  def body(t, carry):
+    dx_RxK, dw_ExKxN = carry
+    e, s, m = _tile(tiles, t, R, br)
+    w_KxN = _expert(w_ExKxN, e)
+    # Rows outside the tile's group are zeroed in both factors: they add nothing to dw[e]
+    # (and a non-finite value in another group's row cannot leak in as 0 * inf).
+    x_BxK = jnp.where(m, jax.lax.dynamic_slice_in_dim(x_RxK, s, br), 0)
+    dy_BxN = jnp.where(m, jax.lax.dynamic_slice_in_dim(dy_RxN, s, br), 0)
+    dx_BxK = jax.lax.dot_general(dy_BxN, w_KxN, (((1,), (1,)), ((), ())))
+    dw_KxN = jax.lax.dot_general(x_BxK, dy_BxN, (((0,), (0,)), ((), ())))
+    dw_ExKxN = jax.lax.dynamic_update_index_in_dim(dw_ExKxN, _expert(dw_ExKxN, e) + dw_KxN, e, 0)
+    return _update_rows(dx_RxK, s, m, dx_BxK), dw_ExKxN
+
+  zeros = (_zeros(x_RxK.shape, x_RxK.dtype, dy_RxN),
+           _zeros(w_ExKxN.shape, dy_RxN.dtype, w_ExKxN))
+  dx, dw = jax.lax.fori_loop(0, tiles[3], body, zeros)
+  return dx, dw.astype(w_ExKxN.dtype), None
 
 
 _blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
@@ -127,16 +154,18 @@ _blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
 class Dispatch:
   """Where every assignment lives in the row layout of one backend (see module docstring)."""
   backend: str = dataclasses.field(metadata=dict(static=True))     # dense|ragged_dot|blocked
-  block_rows: int = dataclasses.field(metadata=dict(static=True))  # rows per block used
+  block_rows: int = dataclasses.field(metadata=dict(static=True))  # rows per tile (blocked)
   num_experts: int = dataclasses.field(metadata=dict(static=True))
   group_sizes_E: jax.Array     # int32: valid assignments per expert
   slot_SxK: jax.Array          # int32: layout row of each assignment; R for invalid ones
   assign_R: jax.Array          # int32: assignment held by each layout row; A for empty rows
   expert_R: jax.Array          # int32: expert of each layout row; E for empty rows
-  block_expert_N: jax.Array | None  # int32: expert of each block (blocked layout only)
-  used_blocks: jax.Array | None     # int32 scalar: blocks holding any assignment (a prefix)
-  chunk_blocks: int = dataclasses.field(default=1, metadata=dict(static=True))  # blocks per
-                                    # iteration of the blocked matmul loop; divides the block count
+  # The blocked backend's tile table (None for the others); tile t computes rows
+  # block_start_N[t] .. min(+ block_rows, block_stop_N[t]) with expert block_expert_N[t].
+  block_expert_N: jax.Array | None  # int32 [N]: expert of each tile (nondecreasing)
+  used_blocks: jax.Array | None     # int32 scalar: tiles in use (a prefix of the table)
+  block_start_N: jax.Array | None = None  # int32 [N]: first row of each tile
+  block_stop_N: jax.Array | None = None   # int32 [N]: end of the tile's expert's group
 
   @property
   def num_rows(self) -> int:
@@ -146,10 +175,10 @@ class Dispatch:
     """Each layout row times its expert's matrix; empty rows give 0. Output in x's dtype."""
     w = w_ExKxN.astype(x_RxK.dtype)
     if self.backend == "blocked":
-      x_NxBxK = x_RxK.reshape(-1, self.block_rows, x_RxK.shape[-1])
-      y_NxBxN = _blocked_matmul(x_NxBxK, w, self.block_expert_N, self.used_blocks,
-                                self.chunk_blocks)
-      return y_NxBxN.reshape(x_RxK.shape[0], -1)
+      if x_RxK.shape[0] == 0:
+        return jnp.zeros((0, w.shape[2]), x_RxK.dtype)
+      tiles = (self.block_expert_N, self.block_start_N, self.block_stop_N, self.used_blocks)
+      return _blocked_matmul(x_RxK, w, tiles, self.block_rows)
     if self.backend == "ragged_dot":
       y = jax.lax.ragged_dot(x_RxK, w, self.group_sizes_E)
     else:  # dense oracle: every expert on every row, one expert at a time (memory R x N)
@@ -160,18 +189,33 @@ class Dispatch:
     return jnp.where((self.expert_R < self.num_experts)[:, None], y, 0).astype(x_RxK.dtype)
 
 
-CHUNK_ROWS = 4096   # rows per iteration of the blocked matmul loop
-PAD_FRACTION = 4    # blocks shrink until the expected padding E * br / 2 is at most A / (2 * 4)
+PAD_FRACTION = 4    # tiles shrink until the expected padding E * br / 2 is at most A / (2 * 4)
+MIN_TILE_ROWS = 32  # smaller tiles cost more per row than their padding saves (measured on CPU)
 
 
 def blocked_rows(num_assignments: int, num_experts: int, block_rows: int) -> int:
-  """Rows per block: `block_rows`, halved while the expected padding (half a block per expert)
-  exceeds A / 8, down to 32 rows (smaller blocks make slow matmuls on CPU); small batches (eval,
-  decode) get at most A // E rows so the static buffer stays within 2 A rows."""
+  """Rows per tile: `block_rows`, halved while the expected padding of the last tile of every
+  group (half a tile per expert) exceeds A / 8, down to 32 rows; at most A."""
   br = block_rows
-  while br > 32 and num_experts * br > num_assignments // PAD_FRACTION:
+  while br > MIN_TILE_ROWS and num_experts * br > num_assignments // PAD_FRACTION:
     br //= 2
-  return max(1, min(br, num_assignments // num_experts))
+  return max(1, min(br, num_assignments))
+
+
+def _tile_table(group_sizes_E: jax.Array, br: int, num_rows: int):
+  """(expert_N, start_N, stop_N, used): tiles of br rows over groups laid out back to back from
+  row 0; group e gets ceil(size_e / br) tiles. The table is static, sized for the worst case."""
+  E = group_sizes_E.shape[0]
+  size_E = group_sizes_E.astype(jnp.int32)
+  nt = max(1, (num_rows + E * (br - 1)) // br)    # >= sum_e ceil(size_e / br)
+  tiles_E = -(-size_E // br)
+  tiles_end_E = jnp.cumsum(tiles_E)
+  end_E = jnp.cumsum(size_E)
+  t_N = jnp.arange(nt, dtype=jnp.int32)
+  expert_N = jnp.minimum(jnp.searchsorted(tiles_end_E, t_N, side="right"), E - 1).astype(jnp.int32)
+  j_N = t_N - (tiles_end_E - tiles_E)[expert_N]   # tile index inside its group
+  start_N = (end_E - size_E)[expert_N] + j_N * br
+  return expert_N, start_N.astype(jnp.int32), end_E[expert_N].astype(jnp.int32), tiles_end_E[-1]
 
 
 def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Array | None = None,
@@ -188,32 +232,16 @@ def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Arr
   group_sizes_E = jnp.zeros((E + 1,), jnp.int32).at[expert_A].add(1)[:E]
   valid_A = expert_A < E
 
+  slot_A = jnp.where(valid_A, sorted_pos_A, A)
+  assign_R = jnp.where(valid_A[order_A], order_A, A).astype(jnp.int32)
+  br, tiles = block_rows, (None,) * 4
   if backend == "blocked":
     br = blocked_rows(A, E, block_rows)
-    nb = -(-(A + E * (br - 1)) // br)                  # worst case
-    cb = max(1, min(CHUNK_ROWS // br, nb))
-    nb = -(-nb // cb) * cb                             # a whole number of chunks
-    R = nb * br
-    e_A = jnp.minimum(expert_A, E - 1)
-    start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-    padded_end_E = jnp.cumsum(-(-group_sizes_E // br) * br)
-    padded_start_E = padded_end_E - (-(-group_sizes_E // br) * br)
-    slot_A = jnp.where(valid_A, sorted_pos_A - start_E[e_A] + padded_start_E[e_A], R)
-    assign_R = jnp.full((R,), A, jnp.int32).at[slot_A].set(
-        jnp.arange(A, dtype=jnp.int32), mode="drop")
-    block_expert_N = jnp.minimum(
-        jnp.searchsorted(padded_end_E, jnp.arange(nb) * br, side="right"), E - 1)
-    block_expert_N = block_expert_N.astype(jnp.int32)
-    used_blocks = padded_end_E[-1] // br
-  else:
-    R, br = A, block_rows
-    slot_A = jnp.where(valid_A, sorted_pos_A, R)
-    assign_R = jnp.where(valid_A[order_A], order_A, A).astype(jnp.int32)
-    block_expert_N = used_blocks = None
-    cb = 1
+    tiles = _tile_table(group_sizes_E, br, A)
   expert_R = jnp.take(expert_A, assign_R, mode="fill", fill_value=E)
+  expert_N, start_N, stop_N, used = tiles
   return Dispatch(backend, br, E, group_sizes_E, slot_A.reshape(S, K).astype(jnp.int32),
-                  assign_R, expert_R, block_expert_N, used_blocks, cb)
+                  assign_R, expert_R, expert_N, used, start_N, stop_N)
 
 
 def dispatch(plan: Dispatch, x_SxD: jax.Array) -> jax.Array:
@@ -247,6 +275,4 @@ def grouped_matmul(x_MxK: jax.Array, w_ExKxN: jax.Array, group_sizes_E: jax.Arra
   expert_Mx1 = jnp.searchsorted(ends_E, jnp.arange(M), side="right").astype(jnp.int32)[:, None]
   plan = plan_dispatch(expert_Mx1, E, valid_SxK=expert_Mx1 < E, backend=backend,
                        block_rows=block_rows)
-  if plan.backend == "blocked":
-    return gather_assignments(plan, plan.matmul(dispatch(plan, x_MxK), w_ExKxN))
-  return plan.matmul(x_MxK, w_ExKxN)       # already in sorted layout: no row moves needed
+  return plan.matmul(x_MxK, w_ExKxN)       # already in the layout's order: no row moves needed
