@@ -14,6 +14,8 @@ empty row per invalid assignment. Empty rows give 0.
 Backends:
   dense       oracle: every expert on every row, then select (E times the FLOPs; tests only)
   ragged_dot  jax.lax.ragged_dot (XLA:CPU computes every expert densely: slow there)
+  tokamax     tokamax.ragged_dot (Pallas Mosaic kernels on GPU/TPU, its XLA path elsewhere); needs
+              `pip install tokamax`
   blocked     pure JAX: a loop over tiles of `block_rows` rows (`blocked_rows` picks the size),
               each tile inside one expert's group: tile j of group e reads rows
               start_e + j*br .. + br, computes them with that expert's [K, N] matrix (indexed in
@@ -21,7 +23,7 @@ Backends:
               tile of a group overlaps the next groups' rows, which are masked). The tile count
               is dynamic (sum over experts of ceil(group / br) <= A/br + E), so the loop costs
               O(rows + experts) whatever the number of experts.
-  auto        blocked on CPU; ragged_dot on GPU/TPU (tokamax later)
+  auto        blocked on CPU; tokamax on GPU/TPU when it is importable, else ragged_dot
 
 Gradients avoid row scatters (slow on XLA:CPU): the row moves have custom VJPs that gather through
 the inverse permutation; the blocked backward runs the same tile loop, adding each tile's
@@ -33,15 +35,34 @@ import functools
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "dense", "ragged_dot", "blocked")
+BACKENDS = ("auto", "dense", "ragged_dot", "blocked", "tokamax")
+
+
+def _tokamax():
+  """The tokamax module, or None when it is not installed (or does not import with this jax)."""
+  try:
+    import tokamax
+    from absl import flags
+  except Exception:   # ImportError, or a tokamax built for another jax
+    return None
+  # tokamax reads its options from absl flags and, if nobody parsed them, parses sys.argv, which
+  # fails on our command line (or pytest's): its options keep their defaults instead.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax
 
 
 def resolve_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"unknown grouped-matmul backend {backend!r}; choose from {BACKENDS}")
+  if backend == "tokamax" and _tokamax() is None:
+    raise ValueError("grouped-matmul backend 'tokamax' needs `pip install tokamax` "
+                     "(or choose auto, blocked or ragged_dot)")
   if backend != "auto":
     return backend
-  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+  if jax.default_backend() == "cpu":
+    return "blocked"
+  return "tokamax" if _tokamax() is not None else "ragged_dot"
 
 
 def _take_rows(x_SxD, idx_R):
@@ -153,7 +174,7 @@ _blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
   """Where every assignment lives in the row layout of one backend (see module docstring)."""
-  backend: str = dataclasses.field(metadata=dict(static=True))     # dense|ragged_dot|blocked
+  backend: str = dataclasses.field(metadata=dict(static=True))  # dense|ragged_dot|tokamax|blocked
   block_rows: int = dataclasses.field(metadata=dict(static=True))  # rows per tile (blocked)
   num_experts: int = dataclasses.field(metadata=dict(static=True))
   group_sizes_E: jax.Array     # int32: valid assignments per expert
@@ -181,6 +202,8 @@ class Dispatch:
       return _blocked_matmul(x_RxK, w, tiles, self.block_rows)
     if self.backend == "ragged_dot":
       y = jax.lax.ragged_dot(x_RxK, w, self.group_sizes_E)
+    elif self.backend == "tokamax":
+      y = _tokamax().ragged_dot(x_RxK, w, self.group_sizes_E)
     else:  # dense oracle: every expert on every row, one expert at a time (memory R x N)
       def one_expert(y_RxN, e):
         return jnp.where((self.expert_R == e)[:, None], x_RxK @ w[e], y_RxN), None
