@@ -11,7 +11,8 @@ class MoEConfig:
   num_experts: int = 8            # routed experts per MoE layer
   top_k: int = 2                  # experts each token takes (router "topk")
   expert_hidden: int = 256        # hidden width of one expert's SwiGLU
-  backend: str = "auto"           # grouped matmul: auto | blocked | ragged_dot | tokamax | dense
+  backend: str = "auto"           # grouped matmul: auto | blocked | ragged_dot | tokamax |
+                                  # megablox | dense (model/grouped_matmul.py)
   block_rows: int = 256           # most rows per block of the "blocked" grouped matmul (blocks
                                   # shrink to 32 when many experts share few tokens)
   load_balance_coef: float = 1e-2 # Switch/GShard load-balancing loss coefficient

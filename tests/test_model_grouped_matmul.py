@@ -48,7 +48,7 @@ def test_dense_oracle_matches_loop():
 
 
 @pytest.mark.parametrize("backend,block_rows", [
-    ("ragged_dot", 8), ("tokamax", 8), ("blocked", 1), ("blocked", 4), ("blocked", 16), ("blocked", 64)])
+    ("ragged_dot", 8), ("tokamax", 8), ("megablox", 8), ("blocked", 1), ("blocked", 4), ("blocked", 16), ("blocked", 64)])
 def test_backend_matches_dense_forward_and_grads(backend, block_rows):
   x, w, r = _inputs()
   oracle = _value_and_grads("dense", block_rows)
@@ -188,7 +188,7 @@ def test_plan_is_reused_for_several_matmuls():
   weight_TxK = jax.nn.softmax(jax.random.normal(kw1, (T, Kc)), axis=-1)
   want = sum(weight_TxK[:, j:j + 1] * jnp.einsum("tk,tkn,tnm->tm", x, w1[expert_TxK[:, j]],
                                                  w2[expert_TxK[:, j]]) for j in range(Kc))
-  for backend in ("dense", "ragged_dot", "tokamax", "blocked"):
+  for backend in ("dense", "ragged_dot", "tokamax", "megablox", "blocked"):
     plan = gmm.plan_dispatch(expert_TxK, E, backend=backend, block_rows=4)
     got = gmm.combine(plan, plan.matmul(plan.matmul(gmm.dispatch(plan, x), w1), w2), weight_TxK)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=backend)

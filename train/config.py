@@ -255,8 +255,9 @@ def validate(cfg: Config) -> None:
        f"must sum to model.head_dim/2={m.head_dim // 2}, got {list(m.rope_sections)}")
   need(moe.top_k <= moe.num_experts, "model.moe.top_k",
        f"must be at most model.moe.num_experts={moe.num_experts}, got {moe.top_k}")
-  need(moe.backend in ("auto", "blocked", "ragged_dot", "tokamax", "dense"), "model.moe.backend",
-       f"must be one of auto, blocked, ragged_dot, tokamax, dense; got '{moe.backend}'")
+  need(moe.backend in ("auto", "blocked", "ragged_dot", "tokamax", "megablox", "dense"),
+       "model.moe.backend",
+       f"must be one of auto, blocked, ragged_dot, tokamax, megablox, dense; got '{moe.backend}'")
   need(0 <= m.num_dense_layers < m.num_layers, "model.num_dense_layers",
        f"must lie in 0..model.num_layers-1={m.num_layers - 1}, got {m.num_dense_layers}")
   need(m.dense_hidden > 0, "model.dense_hidden", f"must be positive, got {m.dense_hidden}")
