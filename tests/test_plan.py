@@ -34,7 +34,10 @@ def test_plan_of_an_expert_parallel_mesh():
   assert total / 4 < p["param_bytes_per_device"] < total
   extra = p["optimizer_bytes_per_device"] - 2 * p["param_bytes_per_device"]   # AdamW mu and nu
   assert 0 <= extra <= 64                                                      # + step counters
-  assert p["flops_per_token"] > 6 * 0.5e6 and p["activation_bytes_per_device"] > 0
+  # XLA's count misses loop bodies past the first (the blocked grouped matmul is a loop); the
+  # model's count is 6 x active parameters + attention.
+  assert p["model_flops_per_token"] > 6 * 0.3e6 and p["activation_bytes_per_device"] > 0
+  assert 0 < p["flops_per_token"]
 
 
 def test_model_flops_by_hand():

@@ -118,8 +118,11 @@ def test_metrics_line_per_layer_and_modality():
          "active_fraction": np.array([0.25, 0.5]),
          "active_fraction_by_modality": np.array([[0.25, 0.0, 0.5], [0.25, 0.0, 0.75]]),
          "router_entropy": np.array([1.0, 1.2]),
-         "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1], [1.2, 0.0, 1.3]])}
+         "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1], [1.2, 0.0, 1.3]]),
+         "dropped_fraction": np.array([0.0, 0.1])}
   line = _metrics_line(raw, tokens=100, seconds=2.0)
+  assert line["moe/dropped_fraction"] == pytest.approx(0.05)
+  assert line["moe/dropped_fraction/layer_2"] == pytest.approx(0.1)
   assert line["tokens_per_s"] == 50 and line["loss"] == 1.0
   assert line["moe/active_fraction"] == pytest.approx(0.375)
   assert line["moe/active_fraction/text"] == pytest.approx(0.25)

@@ -91,7 +91,9 @@ def make_greedy_decode(setup: Setup, *, prompt_len: int, max_new_tokens: int):
 
     batch = jax.lax.fori_loop(0, max_new_tokens, write, batch)
     return batch["tokens"][:, prompt_len:prompt_len + max_new_tokens]
-  return jax.jit(decode)
+  # Replicated output: every process can read the generations (multi-host), whatever layout the
+  # mesh gives the batch inside.
+  return jax.jit(decode, out_shardings=setup.shardings["step"])
 
 
 def word_accuracy(decode, params, prompts, vocab, router=None) -> float:
