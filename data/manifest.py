@@ -4,10 +4,13 @@
   {"text": "plain text"}                         shorthand: one text part
   {"image": "a.png", "text": "caption"}          shorthand: the media first, then the text
   {"audio": "b.wav", "text": "transcript"}       (with both: image, audio, text)
+  {"image": "a.png", "text": "caption", "split": "heldout"}   any line: pin its split
 
 Paths are relative to the manifest's folder (absolute paths work too). Blank lines are skipped.
-Any other key, a part that is not exactly one of text/image/audio, or an example with no media and
-no text is a bad line.
+`"split"` ("train" or "heldout"), next to `parts` or the shorthand keys, pins which share of the
+prepared folder the example goes to; without it `omnimoe prepare` draws the split (data/prepare.py).
+Any other key, a split that is not one of those two words, a part that is not exactly one of
+text/image/audio, or an example with no media and no text is a bad line.
 """
 import dataclasses
 import json
@@ -16,6 +19,8 @@ from typing import Iterator
 
 KINDS = ("text", "image", "audio")
 SHORTHAND_ORDER = ("image", "audio", "text")
+SPLIT_KEY = "split"
+SPLITS = ("train", "heldout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +33,7 @@ class Part:
 class Entry:
   line: int                   # 1-based line number in the manifest
   parts: tuple[Part, ...]
+  split: str | None = None    # "train" / "heldout" when the line pins it, else None (drawn)
 
 
 class BadLine(ValueError):
@@ -38,9 +44,19 @@ class BadLine(ValueError):
     self.line, self.reason, self.path = line, reason, path
 
 
-def _parts(line: int, obj) -> tuple[Part, ...]:
-  if not isinstance(obj, dict):
-    raise BadLine(line, "a line must be a JSON object")
+def _split(line: int, obj: dict) -> str | None:
+  if SPLIT_KEY not in obj:
+    return None
+  value = obj[SPLIT_KEY]
+  if value not in SPLITS:
+    shown = json.dumps(value, ensure_ascii=False)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise BadLine(line, f"'split' must be \"train\" or \"heldout\", got {shown}")
+  return value
+
+
+def _parts(line: int, obj: dict) -> tuple[Part, ...]:
+  obj = {k: v for k, v in obj.items() if k != SPLIT_KEY}
   if "parts" in obj:
     if set(obj) != {"parts"}:
       extra = sorted(set(obj) - {"parts"})[0]
@@ -58,7 +74,8 @@ def _parts(line: int, obj) -> tuple[Part, ...]:
   else:
     unknown = sorted(set(obj) - set(KINDS))
     if unknown:
-      raise BadLine(line, f"unknown key '{unknown[0]}' (expected 'parts', or 'text'/'image'/'audio')")
+      raise BadLine(line, f"unknown key '{unknown[0]}' (expected 'parts', or 'text'/'image'/'audio'; "
+                          f"'split' may go with either)")
     parts = [_part(line, kind, obj[kind]) for kind in SHORTHAND_ORDER if kind in obj]
   if not any(p.kind != "text" or p.value for p in parts):
     raise BadLine(line, "empty example (no media and no text)")
@@ -79,7 +96,9 @@ def parse_line(line: int, text: str) -> Entry:
     obj = json.loads(text)
   except json.JSONDecodeError as e:
     raise BadLine(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
-  return Entry(line, _parts(line, obj))
+  if not isinstance(obj, dict):
+    raise BadLine(line, "a line must be a JSON object")
+  return Entry(line, _parts(line, obj), _split(line, obj))
 
 
 def read(path: str | pathlib.Path) -> Iterator[Entry | BadLine]:

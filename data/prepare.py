@@ -16,7 +16,10 @@ removes those whose process PID is no longer running on this machine.
 Rules:
 - Held-out: round(heldout_fraction * examples) manifest examples (at least 1 and at most all but one
   when there are two or more), drawn with a fixed seed from the non-blank lines, go to the held-out
-  share (eval/loss); a skipped line leaves the split a little smaller.
+  share (eval/loss); a skipped line leaves the split a little smaller. A line with `"split":
+  "train"` or `"heldout"` (data/manifest.py) goes where it says instead: the draw is still made over
+  all lines, so the lines without the key keep their draw, and the card counts the pinned lines
+  (`split_pinned`). Pinning every line makes the split exactly the manifest's.
 - An example with media must fit in `data.seq_len` tokens whole ([BOS] parts [EOS]); a text-only
   example longer than that is cut into pieces of at most seq_len - 2 text tokens (EOS only on the
   last), like the default dataset's text stream. Empty text parts are dropped.
@@ -295,6 +298,7 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
   samples = {(kind, split): _Reservoir(KMEANS_SAMPLE, CODEBOOK_SEED)
              for kind in ("image", "audio") for split in ("train", "heldout")}
   lengths, is_heldout, skipped, tally = [], [], [], _Tally(text_len)
+  pinned = {"train": 0, "heldout": 0}   # examples whose line pins its split
   for ordinal, entry in enumerate(manifest_lib.read(manifest)):
     try:
       if isinstance(entry, manifest_lib.BadLine):
@@ -305,7 +309,9 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
         raise BadData(_one_line(manifest, bad)) from None
       skipped.append({"line": bad.line, "path": bad.path, "reason": bad.reason})
       continue
-    split = "heldout" if ordinal in heldout else "train"
+    split = entry.split or ("heldout" if ordinal in heldout else "train")
+    if entry.split:
+      pinned[split] += 1
     tally.add(recs, split)
     for rec in recs:
       writer.write(records_lib.encode(rec))
@@ -338,6 +344,7 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
                         "text_tokens": tok.size},
       "feature_widths": {"image": image_patch_dim(cfg), "audio": cfg.n_mels},
       "examples": tally.examples,
+      "split_pinned": pinned,
       "examples_with": tally.with_modality,
       "media": tally.media,
       "records": {"total": len(lengths), **tally.records},

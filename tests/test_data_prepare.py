@@ -199,3 +199,56 @@ def test_config_overrides_reach_prepare(tmp_path, capsys):
   assert card["prepared_with"]["image_channels"] == 3 and card["feature_widths"]["image"] == 48
   assert recs[0].parts[0].patches_MxD.shape == (16, 48)
   assert np.load(tmp_path / "rgb" / "codebooks.npz")["image"].shape == (8, 48)
+
+
+def _split_of(tmp_path, lines, name):
+  prepare.prepare(write_manifest(tmp_path, lines), tmp_path / name, CFG)
+  return np.load(tmp_path / name / "index.npz")["heldout"].tolist(), read_records(tmp_path / name)[0]
+
+
+def test_split_key_pins_its_line_and_leaves_the_draw_of_the_others(tmp_path):
+  write_files(tmp_path)
+  lines = GOOD * 4                                    # 20 one-record examples: 4 drawn held out
+  drawn, card = _split_of(tmp_path, lines, "drawn")
+  assert sum(drawn) == 4 and card["split_pinned"] == {"train": 0, "heldout": 0}
+  to_train = drawn.index(True)                        # a drawn held-out line, pinned to train
+  to_heldout = drawn.index(False)                     # a drawn training line, pinned to held out
+  pinned_parts = {"parts": [{"text": "pinned "}, {"image": "a.png"}], "split": "heldout"}
+  lines = list(lines)
+  lines[to_train] = {**lines[to_train], "split": "train"}
+  lines[to_heldout] = pinned_parts
+  lines.insert(0, "")                                 # blank lines count for nothing, as before
+  got, card = _split_of(tmp_path, lines, "pinned")
+  want = list(drawn)
+  want[to_train], want[to_heldout] = False, True
+  assert got == want
+  assert card["split_pinned"] == {"train": 1, "heldout": 1}
+  assert card["examples"] == {"total": 20, "train": 16, "heldout": 4}
+
+
+def test_split_key_pins_every_piece_of_a_long_text(tmp_path):
+  cfg = dataclasses.replace(CFG, seq_len=40)
+  lines = [{"text": "x" * 100, "split": "heldout"}] + [{"text": f"short {i}", "split": "train"}
+                                                        for i in range(9)]
+  prepare.prepare(write_manifest(tmp_path, lines), tmp_path / "out", cfg)
+  assert np.load(tmp_path / "out" / "index.npz")["heldout"].tolist() == [True] * 3 + [False] * 9
+
+
+@pytest.mark.parametrize("value, shown", [('"test"', '"test"'), ("null", "null"),
+                                          ('["train"]', '["train"]'), ('"Train"', '"Train"')])
+def test_bad_split_value_exits_3_naming_the_line(tmp_path, capsys, value, shown):
+  write_files(tmp_path)
+  bad = '{"image": "a.png", "text": "x", "split": %s}' % value
+  manifest = write_manifest(tmp_path, GOOD[:3] + [bad] + GOOD[3:])
+  assert main(["prepare", str(manifest), "--out", str(tmp_path / "out"), *PINNED]) == 3
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert f"""manifest.jsonl:4: 'split' must be "train" or "heldout", got {shown}""" in err
+  assert not (tmp_path / "out").exists()
+  assert main(["prepare", str(manifest), "--out", str(tmp_path / "out"), "--skip-bad", *PINNED]) == 0
+  card, _ = read_records(tmp_path / "out")
+  assert [s["line"] for s in card["skipped"]["lines"]] == [4]
+  parts = '{"parts": [{"text": "x"}], "split": %s}' % value
+  assert main(["prepare", str(write_manifest(tmp_path, [parts])), "--out", str(tmp_path / "o2"),
+               *PINNED]) == 3
+  assert "manifest.jsonl:1: 'split' must be" in capsys.readouterr().err
