@@ -27,8 +27,8 @@ class MoEConfig:
   bias_update_rate: float = 0.0   # auxiliary-loss-free balance (DeepSeek-V3): step of the per-layer,
                                   # per-modality expert bias that ranks experts (~1e-3); 0 = off
   dispatch: str = "auto"          # how experts run on a mesh: auto | local | all_gather (dropless)
-                                  # | all_to_all (fixed capacity, drops) | ragged_all_to_all (GPU/TPU;
-                                  # not built yet); see model/expert_parallel.py
+                                  # | all_to_all (fixed capacity, drops) | ragged_all_to_all (GPU/TPU,
+                                  # dropless, exact sizes); see model/expert_parallel.py
   capacity_factor: float = 1.25   # all_to_all: rows per device pair = factor * fair share
   num_groups: int = 1             # expert groups (consecutive experts); set it to the expert axis
                                   # size so that a group is one device's experts

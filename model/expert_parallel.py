@@ -20,9 +20,16 @@ Modes (`model.moe.dispatch`):
               brings the rows back. Assignments whose row found no room, or past the receiver's
               list, are dropped (counted); padding tokens (segment 0) take no room and get 0. Rack-limited routing (max_groups, with num_groups = G) thus bounds the
               rows, and the bytes, per token.
-  ragged_all_to_all  GPU/TPU collective with exact sizes; XLA:CPU does not implement it, so it
-              is refused on CPU (see `resolve_dispatch`).
-  auto        local without a mesh, else all_gather.
+  ragged_all_to_all  dropless, exact sizes: the rows of all_to_all (one per token and expert
+              device) packed back to back, exchanged with jax.lax.ragged_all_to_all (sizes and
+              offsets first traded by two small all_to_alls), run by the receiver and sent back the
+              same way; the gradient is the reverse exchange (custom VJP). Buffers are sized for the
+              worst case (like all_gather), the bytes moved are only what is used. XLA:CPU does not
+              implement the collective, so on CPU it is refused, except in the tests, which run the
+              same bookkeeping with the collective emulated (EMULATE_RAGGED). It has not yet run on
+              a GPU or TPU.
+  auto        local without a mesh, else all_gather (ragged_all_to_all becomes auto's choice on
+              accelerators once it has been checked on one).
 
 Inside shard_map the tokens are split over the batch axes that divide them (data, fsdp, expert);
 when the `expert` axis does not split them, each expert device takes a 1/G slice for the
@@ -30,16 +37,21 @@ exchange and the results are gathered back. Expert weights enter split over `exp
 `tensor` (hidden width, then one psum over `tensor`); their other axes (fsdp) are gathered on entry
 by XLA, and their gradients are summed over the replicas by shard_map's transpose.
 """
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from model import grouped_matmul as gmm
 from model.sharding import fit_spec
 
 DISPATCH_MODES = ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_all")
+# Tests set this to run ragged_all_to_all's bookkeeping on CPU, with the collective emulated by
+# a padded all_to_all of the same semantics (`_emulated_ragged_all_to_all`).
+EMULATE_RAGGED = False
 TOKEN_AXES = ("data", "fsdp", "expert")
 
 
@@ -47,12 +59,9 @@ def resolve_dispatch(mode: str, mesh) -> str:
   """The mode to run: `auto` -> local without a mesh of several devices, else all_gather."""
   if mode not in DISPATCH_MODES:
     raise ValueError(f"model.moe.dispatch={mode!r} must be one of {DISPATCH_MODES}")
-  if mode == "ragged_all_to_all":
-    if jax.default_backend() == "cpu":
-      raise ValueError("model.moe.dispatch=ragged_all_to_all needs a GPU or TPU (XLA:CPU does not "
-                       "implement ragged_all_to_all); use all_gather (dropless) or all_to_all")
-    raise ValueError("model.moe.dispatch=ragged_all_to_all is not built yet; use all_gather "
-                     "(dropless) or all_to_all")
+  if mode == "ragged_all_to_all" and jax.default_backend() == "cpu" and not EMULATE_RAGGED:
+    raise ValueError("model.moe.dispatch=ragged_all_to_all needs a GPU or TPU (XLA:CPU does not "
+                     "implement ragged_all_to_all); use all_gather (dropless) or all_to_all")
   if mesh is None or mesh.empty or mesh.size == 1:
     return "local"
   return "all_gather" if mode == "auto" else mode
@@ -171,11 +180,122 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
     count_axes = tuple(tok_axes) + (("expert",) if G > 1 and not tokens_split_over_ep else ())
     return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
 
-  body = all_gather_body if mode == "all_gather" else all_to_all_body
+  def ragged_body(x, e, w, u, v, wg, wu, wd):
+    T0 = x.shape[0]
+    if G > 1 and not tokens_split_over_ep:   # each expert device exchanges a 1/G slice
+      g, part = jax.lax.axis_index("expert"), -(-T0 // G)
+      pad = lambda a: jnp.pad(a, [(0, part * G - T0)] + [(0, 0)] * (a.ndim - 1))
+      x, e, w, u, v = (jax.lax.dynamic_slice_in_dim(pad(a), g * part, part)
+                       for a in (x, e, w, u, v))
+    S = x.shape[0]
+    El = E // G
+    valid_SxK = u & v[:, None]
+    dest_SxK = e // El
+    same_SxKxK = (dest_SxK[:, :, None] == dest_SxK[:, None, :]) & valid_SxK[:, None, :]
+    first_SxK = valid_SxK & ~jnp.any(same_SxKxK & jnp.tril(jnp.ones((K, K), bool), -1), axis=2)
+    # One row per (token, destination), rows for device d back to back (no capacity, no gaps).
+    n_send = S * min(K, G)
+    slot_SxK, assign_N, sizes_G = _packed_slots(dest_SxK, first_SxK, G, n_send)
+    source_N = jnp.where(assign_N < S * K, assign_N // K, S)
+    dest_N = jnp.take(dest_SxK.reshape(-1), assign_N, mode="fill", fill_value=G)
+    e_NxK = jnp.take(e, source_N, axis=0, mode="fill", fill_value=0)
+    mine_NxK = (jnp.take(valid_SxK, source_N, axis=0, mode="fill", fill_value=False)
+                & (e_NxK // El == dest_N[:, None]))
+    send_e = jnp.where(mine_NxK, e_NxK % El, El)
+    send_w = jnp.where(mine_NxK, jnp.take(w, source_N, axis=0, mode="fill", fill_value=0), 0)
+    send_x = gmm._move_rows(x, source_N, slot_SxK)
+    a2a = lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)
+    offsets_G = jnp.cumsum(sizes_G) - sizes_G           # my rows for device d start here
+    recv_G = a2a(sizes_G)                               # rows each device sends me
+    landing_G = jnp.cumsum(recv_G) - recv_G             # where device s's rows land in mine
+    there_G = a2a(landing_G)                            # where my rows land on device d
+    n_recv = G * S                                      # at most one row per token per device
+    came_from_G = a2a(offsets_G)                        # where device s's rows to me start
+    out = (offsets_G, sizes_G, there_G, recv_G)
+    recv_x = _ragged_exchange(send_x, *out, landing_G, came_from_G, n_recv, S)
+    recv_w = _ragged_exchange(send_w, *out, landing_G, came_from_G, n_recv, S)
+    recv_e = _ragged_all_to_all(send_e, jnp.full((n_recv, K), El, send_e.dtype), *out, S)
+    y_N, _ = _receiver_experts(recv_x, recv_e, recv_w, El, n_recv * K, wg, wu, wd, kw)
+    back_N = _ragged_exchange(finish(y_N), landing_G, recv_G, came_from_G, sizes_G,
+                              offsets_G, there_G, n_send, S)
+    y = gmm._move_rows(back_N, slot_SxK.reshape(-1), assign_N[:, None]).reshape(S, K, -1).sum(1)
+    if G > 1 and not tokens_split_over_ep:
+      y = jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0]
+    return y, jnp.zeros((), jnp.int32)
+
+  body = {"all_gather": all_gather_body, "all_to_all": all_to_all_body,
+          "ragged_all_to_all": ragged_body}[mode]
   fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(tok_axes), P()),
                      check_vma=False)
   return fn(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDxH, w_up_ExDxH,
             w_down_ExHxD)
+
+
+def _ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G, cap: int):
+  """Rows [offsets[d], + sizes[d]) go to device d, written there at rows [there[d], + sizes[d])
+  of `out` (the rest of `out` unchanged): jax.lax.ragged_all_to_all, or its emulation."""
+  if not EMULATE_RAGGED:
+    return jax.lax.ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G,
+                                     axis_name="expert")
+  return _emulated_ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G, cap)
+
+
+def _emulated_ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G, cap: int):
+  """The semantics of jax.lax.ragged_all_to_all over `expert` from a padded all_to_all (`cap`
+  rows at most per pair), for the tests on CPU."""
+  G = sizes_G.shape[0]
+  i_C = jnp.arange(cap)
+  take_GxC = jnp.where(i_C < sizes_G[:, None], offsets_G[:, None] + i_C, x_NxD.shape[0])
+  blocks = jnp.take(x_NxD, take_GxC.reshape(-1), axis=0, mode="fill", fill_value=0)
+  got = jax.lax.all_to_all(blocks, "expert", 0, 0, tiled=True)        # [G * cap, ...] by sender
+  at_G = jax.lax.all_to_all(there_G, "expert", 0, 0, tiled=True)     # where sender s writes
+  put_GxC = jnp.where(i_C < recv_G[:, None], at_G[:, None] + i_C, out_MxD.shape[0])
+  return out_MxD.at[put_GxC.reshape(-1)].set(got, mode="drop")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _ragged_exchange(x_NxD, offsets_G, sizes_G, there_G, recv_G, landing_G, back_G,
+                     n_out: int, cap: int):
+  """A differentiable ragged exchange into `n_out` zero rows (see `_ragged_all_to_all`).
+  `landing_G` (where each sender's rows land here) and `back_G` (where they come from in the
+  sender's rows) give the reverse exchange, which is the gradient."""
+  out = jnp.zeros((n_out,) + x_NxD.shape[1:], x_NxD.dtype)
+  return _ragged_all_to_all(x_NxD, out, offsets_G, sizes_G, there_G, recv_G, cap)
+
+
+def _ragged_exchange_fwd(x_NxD, offsets_G, sizes_G, there_G, recv_G, landing_G, back_G, n_out,
+                         cap):
+  y = _ragged_exchange(x_NxD, offsets_G, sizes_G, there_G, recv_G, landing_G, back_G, n_out, cap)
+  return y, (x_NxD.shape[0], offsets_G, sizes_G, there_G, recv_G, landing_G, back_G)
+
+
+def _ragged_exchange_bwd(n_out, cap, res, dy_MxD):
+  """What device s wrote into my rows [landing[s], + recv[s]) goes back to its rows
+  [back[s], + recv[s])."""
+  n, offsets_G, sizes_G, there_G, recv_G, landing_G, back_G = res
+  out = jnp.zeros((n,) + dy_MxD.shape[1:], dy_MxD.dtype)
+  dx = _ragged_all_to_all(dy_MxD, out, landing_G, recv_G, back_G, sizes_G, cap)
+  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return (dx, *(zero(a) for a in (offsets_G, sizes_G, there_G, recv_G, landing_G, back_G)))
+
+
+_ragged_exchange.defvjp(_ragged_exchange_fwd, _ragged_exchange_bwd)
+
+
+def _packed_slots(dest_SxK, valid_SxK, groups: int, n_rows: int):
+  """Send-buffer layout of the ragged mode: the valid assignments sorted by destination, back to
+  back. Returns (slot_SxK: row of each, n_rows when invalid; assign_N: assignment of each row,
+  S*K when empty; sizes_G: rows per destination)."""
+  S, K = dest_SxK.shape
+  A = S * K
+  dest_A = jnp.where(valid_SxK.reshape(A), dest_SxK.reshape(A), groups).astype(jnp.int32)
+  order_A = jnp.argsort(dest_A, stable=True)
+  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
+  sizes = jnp.zeros((groups + 1,), jnp.int32).at[dest_A].add(1)[:groups]
+  slot_A = jnp.where(dest_A < groups, sorted_pos_A, n_rows)
+  assign_N = jnp.full((n_rows,), A, jnp.int32).at[slot_A].set(
+      jnp.arange(A, dtype=jnp.int32), mode="drop")
+  return slot_A.reshape(S, K), assign_N, sizes
 
 
 def _receiver_experts(x_NxD, local_NxK, w_NxK, num_local: int, cap: int, wg, wu, wd, kw):
