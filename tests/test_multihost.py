@@ -43,8 +43,9 @@ def test_two_processes_match_one_process(tmp_path):
                        text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-2000:]
 
-  # The two-process start-up has hung once in a few CI runs (one process waiting for its peer's
-  # CPU client): give each attempt a deadline and retry once on a fresh port and workdir.
+  # A start-up hang (one process waiting for its peer's CPU client while the peer had exited) came
+  # from both processes sharing one workdir probe file; fixed in train.loop.prepare_workdir and
+  # tested in test_train.py. Each attempt still has a deadline, and one retry on a fresh port.
   for attempt in range(2):
     port, two = free_port(), tmp_path / f"two{attempt}"
     procs = [subprocess.Popen(train_cmd(two, "--coordinator-address", f"127.0.0.1:{port}",

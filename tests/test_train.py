@@ -131,3 +131,30 @@ def test_metrics_line_per_layer_and_modality():
   assert "moe/active_fraction/image" not in line, "no image tokens: no key, not a misleading 0"
   assert list(line["moe/expert_load/audio/layer_1"]) == [0, 0, .5, .5]
   assert line["moe/router_entropy/text/layer_1"] == 1.0 and "moe/threshold" not in line
+
+
+def _check_workdir_many_times(path, times, failures):
+  from train.loop import WorkdirError, prepare_workdir
+  for _ in range(times):
+    try:
+      prepare_workdir(path)
+    except WorkdirError as e:
+      failures.put(str(e))
+      return
+
+
+def test_processes_checking_one_workdir_at_once_do_not_trip_each_other(tmp_path):
+  """The processes of a multi-host run check the same workdir at the same moment; with one shared
+  probe file one of them could delete the other's and stop (its peer then hung at start-up)."""
+  import multiprocessing
+  ctx = multiprocessing.get_context("fork")
+  failures = ctx.Queue()
+  procs = [ctx.Process(target=_check_workdir_many_times, args=(tmp_path / "run", 400, failures))
+           for _ in range(2)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join(timeout=120)
+  assert all(p.exitcode == 0 for p in procs)
+  assert failures.empty(), failures.get()
+  assert list((tmp_path / "run").iterdir()) == []        # no probe left behind

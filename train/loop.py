@@ -5,8 +5,10 @@ right before a checkpoint or an evaluation, whose state must be known to be fini
 """
 import dataclasses
 import math
+import os
 import pathlib
 import signal
+import socket
 import time
 
 import jax
@@ -69,7 +71,10 @@ def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
   path = pathlib.Path(workdir).absolute()
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_test"
+    # One probe per process: the processes of a multi-host run check the same workdir at once,
+    # and a shared name let one process delete the other's probe (seen as a start-up hang: the
+    # failed process exits, its peer waits for it in jax's CPU client).
+    probe = path / f".write_test-{socket.gethostname()}-{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
