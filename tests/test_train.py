@@ -1,4 +1,6 @@
 """The train step, state creation and checkpoints, in-process on the 8 simulated devices."""
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -133,28 +135,23 @@ def test_metrics_line_per_layer_and_modality():
   assert line["moe/router_entropy/text/layer_1"] == 1.0 and "moe/threshold" not in line
 
 
-def _check_workdir_many_times(path, times, failures):
-  from train.loop import WorkdirError, prepare_workdir
-  for _ in range(times):
-    try:
-      prepare_workdir(path)
-    except WorkdirError as e:
-      failures.put(str(e))
-      return
-
-
 def test_processes_checking_one_workdir_at_once_do_not_trip_each_other(tmp_path):
   """The processes of a multi-host run check the same workdir at the same moment; with one shared
   probe file one of them could delete the other's and stop (its peer then hung at start-up)."""
-  import multiprocessing
-  ctx = multiprocessing.get_context("fork")
-  failures = ctx.Queue()
-  procs = [ctx.Process(target=_check_workdir_many_times, args=(tmp_path / "run", 400, failures))
-           for _ in range(2)]
-  for p in procs:
-    p.start()
-  for p in procs:
-    p.join(timeout=120)
-  assert all(p.exitcode == 0 for p in procs)
-  assert failures.empty(), failures.get()
+  import subprocess
+  import sys
+  # Each process imports, says it is ready, waits for the other, then checks the workdir 2000
+  # times, so that the two loops overlap.
+  code = ("import pathlib, sys, time\nfrom train.loop import prepare_workdir\n"
+          "run, me, other = sys.argv[1:]\n"
+          "pathlib.Path(me).touch()\n"
+          "while not pathlib.Path(other).exists(): time.sleep(0.001)\n"
+          "for _ in range(2000):\n  prepare_workdir(run)\n")
+  root = pathlib.Path(__file__).parent.parent
+  ready = [str(tmp_path / "ready0"), str(tmp_path / "ready1")]
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), ready[i],
+                             ready[1 - i]], cwd=root, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  errors = [p.communicate(timeout=120)[1] for p in procs]
+  assert all(p.returncode == 0 for p in procs), errors
   assert list((tmp_path / "run").iterdir()) == []        # no probe left behind
