@@ -138,64 +138,30 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
            if tokens_split_over_ep else jax.lax.psum(y, "expert"))
     return y, jnp.zeros((), jnp.int32)
 
-  def all_to_all_body(x, e, w, u, v, wg, wu, wd):
-    T0 = x.shape[0]
-    if G > 1 and not tokens_split_over_ep:   # each expert device exchanges a 1/G slice
-      g, part = jax.lax.axis_index("expert"), -(-T0 // G)
-      pad = lambda a: jnp.pad(a, [(0, part * G - T0)] + [(0, 0)] * (a.ndim - 1))  # invalid rows
-      x, e, w, u, v = (jax.lax.dynamic_slice_in_dim(pad(a), g * part, part)
-                       for a in (x, e, w, u, v))
-    S = x.shape[0]
-    C = capacity(cfg, S, K, G)
+  split_here = G > 1 and not tokens_split_over_ep   # tokens repeated on the expert devices
+
+  def my_share(arrays):
+    """Each expert device exchanges a 1/G slice of tokens it holds in common (padded rows are
+    invalid: v = 0); -> (the arrays, the token count before)."""
+    T0 = arrays[0].shape[0]
+    if not split_here:
+      return arrays, T0
+    g, part = jax.lax.axis_index("expert"), -(-T0 // G)
+    pad = lambda a: jnp.pad(a, [(0, part * G - T0)] + [(0, 0)] * (a.ndim - 1))
+    return [jax.lax.dynamic_slice_in_dim(pad(a), g * part, part) for a in arrays], T0
+
+  def rows_to_send(x, e, w, u, v, layout):
+    """One row per (token, expert device it uses) at its first assignment's slot, with the
+    token's local expert ids (El = none) and weights for that device. `layout(dest_SxK,
+    first_SxK)` places the rows -> (slot_SxK, assign_N, ...)."""
     El = E // G
     valid_SxK = u & v[:, None]
     dest_SxK = e // El
     same_SxKxK = (dest_SxK[:, :, None] == dest_SxK[:, None, :]) & valid_SxK[:, None, :]
     earlier_KxK = jnp.tril(jnp.ones((K, K), bool), -1)      # [j, j']: j' comes before j
     first_SxK = valid_SxK & ~jnp.any(same_SxKxK & earlier_KxK, axis=2)
-    # One row per (token, destination device), at its first assignment's slot.
-    slot_SxK, assign_N = _slots(dest_SxK, first_SxK, G, C)
-    source_N = jnp.where(assign_N < S * K, assign_N // K, S)
-    dest_N = jnp.take(dest_SxK.reshape(-1), assign_N, mode="fill", fill_value=G)
-    e_NxK = jnp.take(e, source_N, axis=0, mode="fill", fill_value=0)
-    mine_NxK = (jnp.take(valid_SxK, source_N, axis=0, mode="fill", fill_value=False)
-                & (e_NxK // El == dest_N[:, None]))
-    send_e = jnp.where(mine_NxK, e_NxK % El, El)
-    send_w = jnp.where(mine_NxK, jnp.take(w, source_N, axis=0, mode="fill", fill_value=0), 0)
-    send_x = gmm._move_rows(x, source_N, slot_SxK)                          # [G*C, D]
-    exchange = ((lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)) if G > 1
-                else (lambda a: a))
-    recv_x, recv_e, recv_w = exchange(send_x), exchange(send_e), exchange(send_w)
-    y_N, dropped_here = _receiver_experts(recv_x, recv_e, recv_w, El,
-                                          math.ceil(cfg.capacity_factor * S
-                                                    * mean_experts_per_token(cfg)),
-                                          wg, wu, wd, kw)
-    back_N = exchange(finish(y_N))
-    y = gmm._move_rows(back_N, slot_SxK.reshape(-1), assign_N[:, None]).reshape(S, K, -1).sum(1)
-    kept_first_SxK = first_SxK & (slot_SxK < G * C)
-    kept_SxK = jnp.any(same_SxKxK & kept_first_SxK[:, None, :], axis=2)   # its row went
-    dropped = jnp.sum(valid_SxK & ~kept_SxK).astype(jnp.int32) + dropped_here
-    if G > 1 and not tokens_split_over_ep:
-      y = jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0]
-    count_axes = tuple(tok_axes) + (("expert",) if G > 1 and not tokens_split_over_ep else ())
-    return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
-
-  def ragged_body(x, e, w, u, v, wg, wu, wd):
-    T0 = x.shape[0]
-    if G > 1 and not tokens_split_over_ep:   # each expert device exchanges a 1/G slice
-      g, part = jax.lax.axis_index("expert"), -(-T0 // G)
-      pad = lambda a: jnp.pad(a, [(0, part * G - T0)] + [(0, 0)] * (a.ndim - 1))
-      x, e, w, u, v = (jax.lax.dynamic_slice_in_dim(pad(a), g * part, part)
-                       for a in (x, e, w, u, v))
+    slot_SxK, assign_N, *extra = layout(dest_SxK, first_SxK)
     S = x.shape[0]
-    El = E // G
-    valid_SxK = u & v[:, None]
-    dest_SxK = e // El
-    same_SxKxK = (dest_SxK[:, :, None] == dest_SxK[:, None, :]) & valid_SxK[:, None, :]
-    first_SxK = valid_SxK & ~jnp.any(same_SxKxK & jnp.tril(jnp.ones((K, K), bool), -1), axis=2)
-    # One row per (token, destination), rows for device d back to back (no capacity, no gaps).
-    n_send = S * min(K, G)
-    slot_SxK, assign_N, sizes_G = _packed_slots(dest_SxK, first_SxK, G, n_send)
     source_N = jnp.where(assign_N < S * K, assign_N // K, S)
     dest_N = jnp.take(dest_SxK.reshape(-1), assign_N, mode="fill", fill_value=G)
     e_NxK = jnp.take(e, source_N, axis=0, mode="fill", fill_value=0)
@@ -204,6 +170,40 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
     send_e = jnp.where(mine_NxK, e_NxK % El, El)
     send_w = jnp.where(mine_NxK, jnp.take(w, source_N, axis=0, mode="fill", fill_value=0), 0)
     send_x = gmm._move_rows(x, source_N, slot_SxK)
+    rows = dict(slot=slot_SxK, assign=assign_N, x=send_x, e=send_e, w=send_w, valid=valid_SxK,
+                same=same_SxKxK, first=first_SxK)
+    return rows, extra
+
+  def combine_back(back_N, rows, S, T0):
+    y = gmm._move_rows(back_N, rows["slot"].reshape(-1), rows["assign"][:, None])
+    y = y.reshape(S, K, -1).sum(1)
+    return jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0] if split_here else y
+
+  def all_to_all_body(x, e, w, u, v, wg, wu, wd):
+    (x, e, w, u, v), T0 = my_share([x, e, w, u, v])
+    S = x.shape[0]
+    C = capacity(cfg, S, K, G)
+    rows, _ = rows_to_send(x, e, w, u, v, lambda d, f: _slots(d, f, G, C))
+    exchange = ((lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)) if G > 1
+                else (lambda a: a))
+    y_N, dropped_here = _receiver_experts(
+        exchange(rows["x"]), exchange(rows["e"]), exchange(rows["w"]), E // G,
+        math.ceil(cfg.capacity_factor * S * mean_experts_per_token(cfg)), wg, wu, wd, kw)
+    y = combine_back(exchange(finish(y_N)), rows, S, T0)
+    kept_first_SxK = rows["first"] & (rows["slot"] < G * C)
+    kept_SxK = jnp.any(rows["same"] & kept_first_SxK[:, None, :], axis=2)   # its row went
+    dropped = jnp.sum(rows["valid"] & ~kept_SxK).astype(jnp.int32) + dropped_here
+    count_axes = tuple(tok_axes) + (("expert",) if split_here else ())
+    return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
+
+  def ragged_body(x, e, w, u, v, wg, wu, wd):
+    (x, e, w, u, v), T0 = my_share([x, e, w, u, v])
+    S = x.shape[0]
+    El = E // G
+    # Rows for device d back to back (no capacity, no gaps).
+    n_send = S * min(K, G)
+    rows, (sizes_G,) = rows_to_send(x, e, w, u, v, lambda d, f: _packed_slots(d, f, G, n_send))
+    send_x, send_e, send_w = rows["x"], rows["e"], rows["w"]
     a2a = lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)
     offsets_G = jnp.cumsum(sizes_G) - sizes_G           # my rows for device d start here
     recv_G = a2a(sizes_G)                               # rows each device sends me
@@ -218,10 +218,7 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
     y_N, _ = _receiver_experts(recv_x, recv_e, recv_w, El, n_recv * K, wg, wu, wd, kw)
     back_N = _ragged_exchange(finish(y_N), landing_G, recv_G, came_from_G, sizes_G,
                               offsets_G, there_G, n_send, S)
-    y = gmm._move_rows(back_N, slot_SxK.reshape(-1), assign_N[:, None]).reshape(S, K, -1).sum(1)
-    if G > 1 and not tokens_split_over_ep:
-      y = jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0]
-    return y, jnp.zeros((), jnp.int32)
+    return combine_back(back_N, rows, S, T0), jnp.zeros((), jnp.int32)
 
   body = {"all_gather": all_gather_body, "all_to_all": all_to_all_body,
           "ragged_all_to_all": ragged_body}[mode]
@@ -282,22 +279,6 @@ def _ragged_exchange_bwd(n_out, cap, res, dy_MxD):
 _ragged_exchange.defvjp(_ragged_exchange_fwd, _ragged_exchange_bwd)
 
 
-def _packed_slots(dest_SxK, valid_SxK, groups: int, n_rows: int):
-  """Send-buffer layout of the ragged mode: the valid assignments sorted by destination, back to
-  back. Returns (slot_SxK: row of each, n_rows when invalid; assign_N: assignment of each row,
-  S*K when empty; sizes_G: rows per destination)."""
-  S, K = dest_SxK.shape
-  A = S * K
-  dest_A = jnp.where(valid_SxK.reshape(A), dest_SxK.reshape(A), groups).astype(jnp.int32)
-  order_A = jnp.argsort(dest_A, stable=True)
-  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
-  sizes = jnp.zeros((groups + 1,), jnp.int32).at[dest_A].add(1)[:groups]
-  slot_A = jnp.where(dest_A < groups, sorted_pos_A, n_rows)
-  assign_N = jnp.full((n_rows,), A, jnp.int32).at[slot_A].set(
-      jnp.arange(A, dtype=jnp.int32), mode="drop")
-  return slot_A.reshape(S, K), assign_N, sizes
-
-
 def _receiver_experts(x_NxD, local_NxK, w_NxK, num_local: int, cap: int, wg, wu, wd, kw):
   """The received rows' assignments (local expert ids, num_local = none), the first `cap` of them
   in row order, run as one compact list: (y_NxD weighted sums, assignments past cap)."""
@@ -315,21 +296,39 @@ def _receiver_experts(x_NxD, local_NxK, w_NxK, num_local: int, cap: int, wg, wu,
   return y_NxD, jnp.sum(valid_A & (slot_NxK.reshape(-1) >= cap)).astype(jnp.int32)
 
 
+def _by_destination(dest_SxK, valid_SxK, groups: int):
+  """The valid assignments stably sorted by destination: (dest_A, groups for invalid ones;
+  sorted position of each; assignments per destination [groups + 1], the last the invalid)."""
+  A = dest_SxK.size
+  dest_A = jnp.where(valid_SxK.reshape(A), dest_SxK.reshape(A), groups).astype(jnp.int32)
+  order_A = jnp.argsort(dest_A, stable=True)
+  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
+  return dest_A, sorted_pos_A, jnp.zeros((groups + 1,), jnp.int32).at[dest_A].add(1)
+
+
+def _rows_of(slot_A, n_rows: int, shape):
+  """(slot_SxK, assign_N: the assignment each of the n_rows rows holds, S*K when empty)."""
+  A = slot_A.shape[0]
+  assign_N = jnp.full((n_rows,), A, jnp.int32).at[slot_A].set(
+      jnp.arange(A, dtype=jnp.int32), mode="drop")
+  return slot_A.reshape(shape), assign_N
+
+
 def _slots(dest_SxK, valid_SxK, groups: int, cap: int):
   """Send-buffer layout of the all_to_all mode: groups * cap rows, group d's rows first.
 
   Returns (slot_SxK: row of each assignment, groups*cap when invalid or past capacity;
   assign_N: assignment held by each row, S*K when empty)."""
-  S, K = dest_SxK.shape
-  A = S * K
-  dest_A = jnp.where(valid_SxK.reshape(A), dest_SxK.reshape(A), groups).astype(jnp.int32)
-  order_A = jnp.argsort(dest_A, stable=True)
-  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
-  counts = jnp.zeros((groups + 1,), jnp.int32).at[dest_A].add(1)
-  start = jnp.cumsum(counts) - counts
-  rank_A = sorted_pos_A - start[dest_A]
+  dest_A, sorted_pos_A, counts = _by_destination(dest_SxK, valid_SxK, groups)
+  rank_A = sorted_pos_A - (jnp.cumsum(counts) - counts)[dest_A]
   keep_A = (dest_A < groups) & (rank_A < cap)
-  slot_A = jnp.where(keep_A, dest_A * cap + rank_A, groups * cap)
-  assign_N = jnp.full((groups * cap,), A, jnp.int32).at[slot_A].set(
-      jnp.arange(A, dtype=jnp.int32), mode="drop")
-  return slot_A.reshape(S, K), assign_N
+  return _rows_of(jnp.where(keep_A, dest_A * cap + rank_A, groups * cap), groups * cap,
+                  dest_SxK.shape)
+
+
+def _packed_slots(dest_SxK, valid_SxK, groups: int, n_rows: int):
+  """Send-buffer layout of the ragged mode: the valid assignments sorted by destination, back to
+  back. Returns (slot_SxK, n_rows when invalid; assign_N; sizes_G: rows per destination)."""
+  dest_A, sorted_pos_A, counts = _by_destination(dest_SxK, valid_SxK, groups)
+  slot_A = jnp.where(dest_A < groups, sorted_pos_A, n_rows)
+  return (*_rows_of(slot_A, n_rows, dest_SxK.shape), counts[:groups])
