@@ -169,13 +169,13 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
                 & (e_NxK // El == dest_N[:, None]))
     send_e = jnp.where(mine_NxK, e_NxK % El, El)
     send_w = jnp.where(mine_NxK, jnp.take(w, source_N, axis=0, mode="fill", fill_value=0), 0)
-    send_x = gmm._move_rows(x, source_N, slot_SxK)
+    send_x = gmm.move_rows(x, source_N, slot_SxK)
     rows = dict(slot=slot_SxK, assign=assign_N, x=send_x, e=send_e, w=send_w, valid=valid_SxK,
                 same=same_SxKxK, first=first_SxK)
     return rows, extra
 
   def combine_back(back_N, rows, S, T0):
-    y = gmm._move_rows(back_N, rows["slot"].reshape(-1), rows["assign"][:, None])
+    y = gmm.move_rows(back_N, rows["slot"].reshape(-1), rows["assign"][:, None])
     y = y.reshape(S, K, -1).sum(1)
     return jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0] if split_here else y
 
@@ -287,12 +287,12 @@ def _receiver_experts(x_NxD, local_NxK, w_NxK, num_local: int, cap: int, wg, wu,
   cap = min(cap, N * K)
   slot_NxK, assign_C = _slots(jnp.zeros((N, K), jnp.int32), valid_A.reshape(N, K), 1, cap)
   row_C = jnp.where(assign_C < N * K, assign_C // K, N)
-  x_CxD = gmm._move_rows(x_NxD, row_C, slot_NxK)
+  x_CxD = gmm.move_rows(x_NxD, row_C, slot_NxK)
   e_C = jnp.take(local_NxK.reshape(-1), assign_C, mode="fill", fill_value=num_local)
   w_C = jnp.take(w_NxK.reshape(-1), assign_C, mode="fill", fill_value=0)
   y_CxD = swiglu_experts(x_CxD, jnp.minimum(e_C, num_local - 1)[:, None],
                          (e_C < num_local)[:, None], w_C[:, None], wg, wu, wd, **kw)
-  y_NxD = gmm._move_rows(y_CxD, slot_NxK.reshape(-1), assign_C[:, None]).reshape(N, K, -1).sum(1)
+  y_NxD = gmm.move_rows(y_CxD, slot_NxK.reshape(-1), assign_C[:, None]).reshape(N, K, -1).sum(1)
   return y_NxD, jnp.sum(valid_A & (slot_NxK.reshape(-1) >= cap)).astype(jnp.int32)
 
 

@@ -94,7 +94,7 @@ def _take_rows(x_SxD, idx_R):
 
 
 @jax.custom_vjp
-def _move_rows(x_SxD, idx_R, inverse_SxG):
+def move_rows(x_SxD, idx_R, inverse_SxG):
   """out[r] = x[idx[r]] (0 where idx is out of range).
 
   inverse_SxG lists, for every source row, the (up to G) output rows that read it (out of range =
@@ -113,7 +113,7 @@ def _move_rows_bwd(res, dout_RxD):
   return dx, None, None
 
 
-_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
 def _tile(tiles, t, num_rows: int, br: int):
@@ -297,12 +297,12 @@ def dispatch(plan: Dispatch, x_SxD: jax.Array) -> jax.Array:
   """Source rows -> layout rows [R, D] (empty rows are 0)."""
   K = plan.slot_SxK.shape[1]
   source_R = jnp.where(plan.assign_R < plan.slot_SxK.size, plan.assign_R // K, x_SxD.shape[0])
-  return _move_rows(x_SxD, source_R, plan.slot_SxK)
+  return move_rows(x_SxD, source_R, plan.slot_SxK)
 
 
 def gather_assignments(plan: Dispatch, y_RxD: jax.Array) -> jax.Array:
   """Layout rows -> one row per assignment [S*K, D] (invalid assignments are 0)."""
-  return _move_rows(y_RxD, plan.slot_SxK.reshape(-1), plan.assign_R[:, None])
+  return move_rows(y_RxD, plan.slot_SxK.reshape(-1), plan.assign_R[:, None])
 
 
 def combine(plan: Dispatch, y_RxD: jax.Array, weights_SxK: jax.Array) -> jax.Array:
