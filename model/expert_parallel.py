@@ -26,10 +26,11 @@ Modes (`model.moe.dispatch`):
               same way; the gradient is the reverse exchange (custom VJP). Buffers are sized for the
               worst case (like all_gather), the bytes moved are only what is used. XLA:CPU does not
               implement the collective, so on CPU it is refused, except in the tests, which run the
-              same bookkeeping with the collective emulated (EMULATE_RAGGED). It has not yet run on
-              a GPU or TPU.
-  auto        local without a mesh, else all_gather (ragged_all_to_all becomes auto's choice on
-              accelerators once it has been checked on one).
+              same bookkeeping with the collective emulated (EMULATE_RAGGED); a test lowers it for
+              CUDA and TPU (jax.export), but it has not yet run on a GPU or TPU. With no expert
+              axis (G = 1) nothing is exchanged and it runs as all_gather does.
+  auto        local without a mesh of several devices; on GPU or TPU with an expert axis,
+              ragged_all_to_all; else all_gather.
 
 Inside shard_map the tokens are split over the batch axes that divide them (data, fsdp, expert);
 when the `expert` axis does not split them, each expert device takes a 1/G slice for the
@@ -52,19 +53,31 @@ DISPATCH_MODES = ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_al
 # Tests set this to run ragged_all_to_all's bookkeeping on CPU, with the collective emulated by
 # a padded all_to_all of the same semantics (`_emulated_ragged_all_to_all`).
 EMULATE_RAGGED = False
+# `omnimoe plan --platform gpu|tpu` sets this (with EMULATE_RAGGED) to plan an accelerator's choices.
+PLATFORM: str | None = None
 TOKEN_AXES = ("data", "fsdp", "expert")
 
 
+def platform() -> str:
+  """The backend the program is built for: jax.default_backend(), or what `omnimoe plan
+  --platform` (PLATFORM) asks for when it compiles a GPU/TPU step on simulated CPUs."""
+  return PLATFORM or jax.default_backend()
+
+
 def resolve_dispatch(mode: str, mesh) -> str:
-  """The mode to run: `auto` -> local without a mesh of several devices, else all_gather."""
+  """The mode to run (see the module docstring for `auto`)."""
   if mode not in DISPATCH_MODES:
     raise ValueError(f"model.moe.dispatch={mode!r} must be one of {DISPATCH_MODES}")
-  if mode == "ragged_all_to_all" and jax.default_backend() == "cpu" and not EMULATE_RAGGED:
+  if mode == "ragged_all_to_all" and platform() == "cpu" and not EMULATE_RAGGED:
     raise ValueError("model.moe.dispatch=ragged_all_to_all needs a GPU or TPU (XLA:CPU does not "
                      "implement ragged_all_to_all); use all_gather (dropless) or all_to_all")
   if mesh is None or mesh.empty or mesh.size == 1:
     return "local"
-  return "all_gather" if mode == "auto" else mode
+  if mode == "auto":
+    on_accelerator = platform() in ("gpu", "tpu")
+    has_expert_axis = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1) > 1
+    return "ragged_all_to_all" if on_accelerator and has_expert_axis else "all_gather"
+  return mode
 
 
 def swiglu_experts(x_SxD, expert_SxK, valid_SxK, weight_SxK, w_gate_ExDxH, w_up_ExDxH,
@@ -117,6 +130,8 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
   ep_axis = fit_spec(P("expert"), (E,), sizes)[0]          # None when G does not divide E
   tp_axis = fit_spec(P("tensor"), (H,), sizes)[0]
   G = sizes["expert"] if ep_axis else 1
+  if G == 1 and mode == "ragged_all_to_all":
+    mode = "all_gather"          # no expert axis: every device runs all experts, nothing moves
   tokens_split_over_ep = "expert" in tok_axes
   w_in = P(ep_axis, None, tp_axis)
   specs = (P(tok_axes), P(tok_axes), P(tok_axes), P(tok_axes), P(tok_axes),

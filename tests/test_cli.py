@@ -116,6 +116,9 @@ def test_config_command_prints_resolved_config(capsys):
     (["train", "train.steps=abc"], "config key 'train.steps' expects an integer"),
     (["config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["eval"], "eval needs --workdir"),
+    (["train", "model.moe.dispatch=ragged_all_to_all"], "needs a GPU or TPU (XLA:CPU does not"),
+    (["plan", "model.moe.dispatch=ragged_all_to_all", "mesh.within_rack.expert=2",
+      "mesh.within_rack.data=2"], "plan it for one with --platform gpu"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, needle):
   proc = run_cli(*args)

@@ -153,6 +153,50 @@ def test_bad_dispatch_modes_are_refused_in_one_line():
     MoE(D, MoEConfig(dispatch="ragged_all_to_all"), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("platform, mesh, expected", [
+    ("cpu", "data2_expert4", "all_gather"), ("gpu", "data2_expert4", "ragged_all_to_all"),
+    ("tpu", "expert8", "ragged_all_to_all"), ("gpu", "data8", "all_gather"),
+    ("gpu", None, "local")])
+def test_auto_dispatch_by_platform_and_mesh(platform, mesh, expected, monkeypatch):
+  """auto: ragged_all_to_all on an accelerator with an expert axis; all_gather on CPU or with no
+  expert axis; local on one device."""
+  monkeypatch.setattr(expert_parallel, "PLATFORM", platform)
+  m = None if mesh is None else jax.make_mesh(MESHES[mesh], AXES, axis_types=(AxisType.Auto,) * 5)
+  assert expert_parallel.resolve_dispatch("auto", m) == expected
+  assert expert_parallel.resolve_dispatch("all_to_all", m) == ("local" if m is None else "all_to_all")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_ragged_all_to_all_lowers_for_gpu_and_tpu(platform, monkeypatch):
+  """The real collective (not the emulation), forward and backward of one MoE layer on data 2 x
+  expert 4, lowered for CUDA and TPU with jax.export (no accelerator needed): 4 exchanges forward
+  (tokens, weights, local expert ids, results back) and 3 backward (the custom VJP's reverse
+  exchanges), each within one data replica's 4 expert devices."""
+  from jax import export
+  monkeypatch.setattr(expert_parallel, "PLATFORM", "gpu" if platform == "cuda" else platform)
+  cfg = MoEConfig(num_experts=8, expert_hidden=16, dispatch="auto")
+  graphdef, params = nnx.split(MoE(D, cfg, rngs=nnx.Rngs(0)))
+  x, seg = _inputs()
+
+  def loss(params, x):
+    y, _ = nnx.merge(graphdef, params)(x, seg)
+    return jnp.sum(jnp.sin(y))
+
+  mesh = jax.make_mesh(MESHES["data2_expert4"], AXES, axis_types=(AxisType.Auto,) * 5)
+  with jax.set_mesh(mesh):
+    x = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
+    exported = export.export(
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), platforms=[platform],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(params, x)
+  text = exported.mlir_module()
+  calls = [line for line in text.splitlines() if "stablehlo.custom_call @ragged_all_to_all" in line]
+  assert len(calls) == 7, len(calls)
+  ids = np.vectorize(lambda d: d.id)(mesh.devices).reshape(2, 4)
+  groups = "dense<" + str(ids.tolist()).replace(" ", "") + ">"
+  assert all(groups in line.replace(" ", "") for line in calls), calls[0]
+  assert exported.platforms == (platform,)
+
+
 def test_group_limit_hand_case():
   # 2 tokens, 6 experts in 3 groups of 2; group score = sum of its two scores.
   scores = jnp.array([[0.30, 0.00, 0.20, 0.20, 0.25, 0.05],    # groups 0.30, 0.40, 0.30

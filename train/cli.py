@@ -4,7 +4,7 @@ else lives here.
   omnimoe train   [CONFIG.yaml] [--workdir DIR] [key=value ...]
   omnimoe eval    [CONFIG.yaml] --workdir DIR [--effort low,medium,high] [key=value ...]
   omnimoe prepare MANIFEST.jsonl --out DIR [--skip-bad] [CONFIG.yaml] [key=value ...]
-  omnimoe plan    [CONFIG.yaml] [--devices N] [key=value ...]
+  omnimoe plan    [CONFIG.yaml] [--devices N] [--platform cpu|gpu|tpu] [key=value ...]
   omnimoe config  [CONFIG.yaml] [key=value ...]
   omnimoe report  --workdir DIR [--out DIR] [--last N]
 
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     if name == "plan":
       s.add_argument("--devices", type=int,
                      help="simulated CPU devices (default: what the mesh sizes and rack_size imply)")
+      s.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default="cpu",
+                     help="plan the choices made on this platform (model.moe.dispatch=auto is "
+                          "ragged_all_to_all on gpu/tpu with an expert axis; default cpu)")
     if name in ("train", "eval"):
       s.add_argument("--workdir", help="run directory (default: runs/<config name>)")
       s.add_argument("--coordinator-address", metavar="HOST:PORT",
@@ -120,8 +123,11 @@ def _plan(ns: argparse.Namespace, cfg) -> int:
   if len(jax.devices()) != devices:
     return _fail(EXIT_USAGE, f"plan needs {devices} simulated devices but JAX already started with "
                              f"{len(jax.devices())}; run it as its own command")
+  if cfg.model.moe.dispatch == "ragged_all_to_all" and ns.platform == "cpu":
+    return _fail(EXIT_USAGE, "model.moe.dispatch=ragged_all_to_all runs on GPU or TPU only; plan it "
+                             "for one with --platform gpu (or tpu)")
   try:
-    print(plan.describe(plan.plan(cfg)))
+    print(plan.describe(plan.plan(cfg, ns.platform)))
   except config_lib.ConfigError as e:
     return _fail(EXIT_USAGE, str(e))
   return EXIT_OK
@@ -166,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
   from train import distributed, loop  # heavy imports (jax) only once the arguments are good
   try:
     distributed.initialize(ns.coordinator_address, ns.num_processes, ns.process_id)
+    from model.expert_parallel import resolve_dispatch
+    resolve_dispatch(cfg.model.moe.dispatch, None)   # ragged_all_to_all on CPU: one line, exit 2
   except ValueError as e:
     return _fail(EXIT_USAGE, str(e))
   try:

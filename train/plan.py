@@ -12,6 +12,14 @@ for the mesh, then XLA's own analyses are read back:
 - collective bytes per device per step, by kind, summed from the compiled program's collectives.
 The compile is for the CPU backend, so figures are those of XLA:CPU's partitioning and buffer
 assignment; on GPU/TPU the same partitioning holds while fusion and memory reuse differ.
+
+`platform` ("gpu" or "tpu"; `omnimoe plan --platform`) plans the choices made on that accelerator:
+`model.moe.dispatch=auto` becomes ragged_all_to_all when the mesh has an expert axis. XLA:CPU has
+no ragged_all_to_all, so the step is compiled with the collective emulated by a padded all_to_all
+(model/expert_parallel.py EMULATE_RAGGED): its activations are an upper bound and its all-to-all
+bytes the worst case (every token sends a row to every expert device); the bytes a ragged exchange
+moves are estimated as that x r / G (G expert devices; r the expert devices a token reaches on
+average when its experts are drawn uniformly, `expected_rows_per_token`).
 """
 import math
 import re
@@ -21,6 +29,7 @@ import numpy as np
 
 from train.config import Config
 
+PLATFORMS = ("cpu", "gpu", "tpu")
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -60,9 +69,35 @@ def model_flops_per_token(cfg: Config, params) -> float:
   return 6 * active + 6 * m.num_layers * m.num_heads * m.head_dim * cfg.data.seq_len
 
 
-def plan(cfg: Config) -> dict:
-  """Compiles the train step for `cfg`'s mesh on the devices present and returns the figures."""
+def expected_rows_per_token(moe, groups: int) -> float:
+  """Expert devices a token reaches on average when its k experts are k distinct experts drawn
+  uniformly (balanced routing): G x (1 - C(E - E/G, k) / C(E, k)); at most max_groups when the
+  routing groups are the expert devices."""
+  E = moe.num_experts
+  k = max(1, round(moe.top_k if moe.router == "topk" else moe.target_active_fraction * E))
+  rows = groups * (1 - math.comb(E - E // groups, k) / math.comb(E, k))
+  if moe.max_groups and moe.num_groups == groups:
+    rows = min(rows, moe.max_groups)
+  return rows
+
+
+def plan(cfg: Config, platform: str = "cpu") -> dict:
+  """Compiles the train step for `cfg`'s mesh on the devices present and returns the figures,
+  with the MoE dispatch `platform` would choose (see the module docstring)."""
+  from model import expert_parallel
+  if platform not in PLATFORMS:
+    raise ValueError(f"--platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
+  saved = expert_parallel.PLATFORM, expert_parallel.EMULATE_RAGGED
+  expert_parallel.PLATFORM, expert_parallel.EMULATE_RAGGED = platform, platform != "cpu"
+  try:
+    return _plan(cfg, platform)
+  finally:
+    expert_parallel.PLATFORM, expert_parallel.EMULATE_RAGGED = saved
+
+
+def _plan(cfg: Config, platform: str) -> dict:
   import data
+  from model import expert_parallel
   from train.mesh import batch_sharding, check_batch, make_mesh
   from train.state import make_setup
   from train.step import make_train_step
@@ -86,7 +121,15 @@ def plan(cfg: Config) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   devices = mesh.devices.size
   params = setup.abstract_state["params"]
-  return {
+  moe = cfg.model.moe
+  dispatch = expert_parallel.resolve_dispatch(moe.dispatch, mesh)
+  G = mesh.shape["expert"] if moe.num_experts % mesh.shape["expert"] == 0 else 1
+  if dispatch == "ragged_all_to_all" and G == 1:
+    dispatch = "all_gather"
+  collectives = collective_bytes(compiled.as_text())
+  out = {
+      "platform": platform,
+      "dispatch": dispatch,
       "mesh": dict(mesh.shape),
       "devices": devices,
       "parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
@@ -97,8 +140,12 @@ def plan(cfg: Config) -> dict:
       "flops_per_token": float(cost.get("flops", 0.0)) * devices / (b * l),
       "model_flops_per_token": model_flops_per_token(cfg, params),
       "tokens_per_step": b * l,
-      "collective_bytes_per_device_per_step": collective_bytes(compiled.as_text()),
+      "collective_bytes_per_device_per_step": collectives,
   }
+  if dispatch == "ragged_all_to_all":
+    share = expected_rows_per_token(moe, G) / G
+    out["ragged_all_to_all_expected_bytes"] = int(collectives["all-to-all"] * share)
+  return out
 
 
 def _gib(n: int) -> str:
@@ -107,14 +154,23 @@ def _gib(n: int) -> str:
 
 def describe(p: dict) -> str:
   mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items() if v > 1) or "one device"
+  ragged = "ragged_all_to_all_expected_bytes" in p
+  bound = " (an upper bound: ragged_all_to_all emulated with padded copies)" if ragged else ""
   lines = [f"mesh: {mesh} ({p['devices']} devices)",
+           f"MoE dispatch:              {p['dispatch']} (as chosen on {p['platform']})",
            f"parameters:                {p['parameters'] / 1e6:.1f} M",
            f"params per device:         {_gib(p['param_bytes_per_device'])}",
            f"optimizer per device:      {_gib(p['optimizer_bytes_per_device'])}",
-           f"activations per device:    {_gib(p['activation_bytes_per_device'])} (compiled step's temporaries)",
+           f"activations per device:    {_gib(p['activation_bytes_per_device'])} (compiled step's "
+           f"temporaries){bound}",
            f"FLOPs per token:           {p['model_flops_per_token'] / 1e9:.3f} GFLOP (model count, "
            f"forward + backward); XLA's count {p['flops_per_token'] / 1e9:.3f} GFLOP",
            f"tokens per step:           {p['tokens_per_step']}",
            "collectives per device per step:"]
-  lines += [f"  {k:<20s} {_gib(v)}" for k, v in p["collective_bytes_per_device_per_step"].items()]
+  for k, v in p["collective_bytes_per_device_per_step"].items():
+    note = "  (emulated ragged exchange: the worst case)" if ragged and k == "all-to-all" else ""
+    lines.append(f"  {k:<20s} {_gib(v)}{note}")
+  if ragged:
+    lines.append(f"  ragged_all_to_all    {_gib(p['ragged_all_to_all_expected_bytes'])} (expected "
+                 "under balanced routing: the all-to-all x devices a token reaches / expert devices)")
   return "\n".join(lines)
