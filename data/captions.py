@@ -2,7 +2,14 @@
 
 "the digit {word}" is drawn for 40% of the captions of each modality; its prefix `EVAL_PROMPT` is
 what the cross-modal evaluation feeds after the media, asking the model for the English word.
+
+The embedded dataset draws a template per example (`table`); files written for `omnimoe prepare`
+repeat each image or tone once per template, `copies` times (2, 1, 1, 1 for images; 4, 3, 3 for
+tones), so drawing a folder's records uniformly gives the same caption distribution exactly.
 """
+import fractions
+import math
+
 import numpy as np
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -34,3 +41,22 @@ def table(templates) -> tuple[np.ndarray, list[list[str]]]:
   assert abs(probs.sum() - 1.0) < 1e-9, probs
   captions = [[render(t, d) for d in range(10)] for t, _ in templates]
   return np.cumsum(probs), captions
+
+
+MAX_COPIES = 100            # `copies` refuses probabilities that need more copies than this
+
+
+def copies(templates) -> tuple[int, ...]:
+  """The smallest whole numbers of copies per template in exact proportion to its probability:
+  ((t, 0.4), (u, 0.2), (v, 0.2), (w, 0.2)) -> (2, 1, 1, 1)."""
+  probs = [fractions.Fraction(p).limit_denominator(MAX_COPIES) for _, p in templates]
+  denominator = math.lcm(*(p.denominator for p in probs))
+  counts = [int(p * denominator) for p in probs]
+  divisor = math.gcd(*counts)
+  counts = tuple(c // divisor for c in counts)
+  total = sum(counts)
+  for (template, p), c in zip(templates, counts):
+    if abs(c / total - p) > 1e-12:
+      raise ValueError(f"caption template {template!r}: probability {p} is not a fraction with a "
+                       f"denominator of at most {MAX_COPIES}; it cannot be repeated exactly")
+  return counts

@@ -1,4 +1,11 @@
-"""Handwritten digit images (scikit-learn's 1797 8x8 digits): split and patchify."""
+"""Handwritten digit images (scikit-learn's 1797 8x8 digits): split and patchify.
+
+Pixels are what an 8-bit image file of the digit holds: sklearn's values are integers 0..16, stored
+as the byte round(value * 255 / 16) and read as byte / 255 (as `data.image_io` decodes a PNG). So
+the embedded dataset and the same digits written as PNG files (data/default_manifest.py) and
+prepared give bit-identical patches; the digit value is recoverable exactly
+(round(byte * 16 / 255)).
+"""
 import dataclasses
 
 import numpy as np
@@ -7,7 +14,8 @@ from sklearn.datasets import load_digits
 from data.config import DataConfig
 
 IMAGE_SIDE = 8
-PIXEL_MAX = 16.0
+PIXEL_MAX = 16.0            # sklearn's pixel values are integers 0..PIXEL_MAX
+BYTE_MAX = 255              # an 8-bit pixel
 SPLIT_SEED = 20240607       # fixed: the held-out images are the same for every run seed
 
 
@@ -18,6 +26,16 @@ class DigitImages:
   indices_N: np.ndarray       # int64 [N], row in sklearn's `load_digits()` arrays
   grid: tuple[int, int]       # (rows, cols) of patches
   pixels_NxHxW: np.ndarray    # float32 [N, 8, 8], the images the patches were cut from
+
+
+def pixel_bytes(values: np.ndarray) -> np.ndarray:
+  """sklearn pixel values (0..16) -> uint8, the nearest 8-bit values: round(value * 255 / 16)."""
+  return np.rint(np.asarray(values, np.float64) * (BYTE_MAX / PIXEL_MAX)).astype(np.uint8)
+
+
+def unit_pixels(values: np.ndarray) -> np.ndarray:
+  """sklearn pixel values (0..16) -> float32 in [0, 1]: byte / 255, as an image file decodes."""
+  return pixel_bytes(values).astype(np.float32) / np.float32(BYTE_MAX)
 
 
 def split_indices(num_images: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +68,7 @@ def shift(image_HxW: np.ndarray, dy: int, dx: int) -> np.ndarray:
 def load_split(cfg: DataConfig) -> tuple[DigitImages, DigitImages]:
   """(train, heldout) digit images, patchified with `cfg.image_patch`."""
   digits = load_digits()
-  images = (digits.images / PIXEL_MAX).astype(np.float32)
+  images = unit_pixels(digits.images)
   labels = digits.target.astype(np.int32)
   patches = patchify(images, cfg.image_patch)
   side = IMAGE_SIDE // cfg.image_patch

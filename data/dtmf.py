@@ -3,6 +3,11 @@
 A key's tone is the sum of one low "row" and one high "column" sinusoid (ITU-T Q.23). Each drawn
 tone gets a random amplitude, +-1.5% frequency jitter per component, random phases and Gaussian
 noise at about 10 dB SNR.
+
+A tone is what a 16-bit recording of it holds: samples on the 16-bit PCM grid (k / 32768), with
+headroom (the clean tone peaks at its amplitude, at most 0.5; the noise adds less than 0.4 more),
+so a 16-bit WAV of it (data/default_manifest.py) stores it exactly, never clipped, and the file's
+log-mel frames equal the embedded dataset's bit for bit.
 """
 import functools
 
@@ -18,10 +23,13 @@ KEY_HZ[0] = (ROW_HZ[3], COL_HZ[1])
 
 JITTER = 0.015              # relative frequency jitter (uniform, each component)
 SNR_DB = 10.0               # signal-to-noise ratio of the added Gaussian noise
-AMPLITUDE = (0.3, 1.0)      # peak amplitude range of the clean tone
+PCM_SCALE = 32768.0         # samples are k / PCM_SCALE (16-bit PCM)
+AMPLITUDE = (0.15, 0.5)     # peak amplitude range of the clean tone (headroom: see above)
 
 # Log-mel: log(power + LOG_FLOOR), then (x - LOG_MEAN) / LOG_SCALE. Fixed constants (not fitted), so
-# a frame's features never depend on other data; chosen so features over tones are about N(0, 1).
+# a frame's features never depend on other data (audio files are featurized with them too); chosen
+# so features over tones were about N(0, 1) when tones peaked at 1 (with the headroom: mean about
+# -0.7, standard deviation about 0.9).
 LOG_FLOOR = 1e-6
 LOG_MEAN = -9.0
 LOG_SCALE = 2.0
@@ -41,14 +49,15 @@ def num_frames(cfg: DataConfig) -> int:
 
 
 def synthesize(digit: int, rng: np.random.Generator, cfg: DataConfig) -> np.ndarray:
-  """float32 [samples] waveform of one noisy, jittered DTMF tone for `digit`."""
+  """float32 [samples] waveform of one noisy, jittered DTMF tone for `digit`, on the 16-bit grid."""
   t = np.arange(num_samples(cfg)) / cfg.sample_rate
   amplitude = rng.uniform(*AMPLITUDE)
   freqs = np.asarray(KEY_HZ[int(digit)]) * (1.0 + rng.uniform(-JITTER, JITTER, size=2))
   phases = rng.uniform(0.0, 2 * np.pi, size=2)
   clean = 0.5 * amplitude * np.sin(2 * np.pi * freqs[:, None] * t + phases[:, None]).sum(0)
   noise_std = np.sqrt((amplitude ** 2 / 4) / 10 ** (SNR_DB / 10))   # clean power = a^2 / 4
-  return (clean + noise_std * rng.standard_normal(t.shape)).astype(np.float32)
+  wave = clean + noise_std * rng.standard_normal(t.shape)
+  return (np.rint(wave * PCM_SCALE) / PCM_SCALE).astype(np.float32)
 
 
 def _hz_to_mel(hz):

@@ -48,13 +48,18 @@ def test_patchify_row_major():
     digits.patchify(image, 3)
 
 
-def test_image_features_are_scaled_patches(ds):
-  images = load_digits().images / 16.0
+def test_image_features_are_8_bit_patches(ds):
+  """Pixels are the 8-bit values an image file holds: round(value * 255 / 16) / 255."""
+  sk = load_digits().images
+  images = np.rint(sk * 255 / 16).astype(np.float32) / np.float32(255)   # as a PNG decodes
   i = 5
   media = ds.train.images[i]
   expected = digits.patchify(images[ds.train.image_indices[i]][None], CFG.image_patch)[0]
   d = CFG.image_patch ** 2
-  np.testing.assert_allclose(media.features_MxF[:, :d], expected, rtol=1e-6)
+  np.testing.assert_array_equal(media.features_MxF[:, :d], expected)
+  # The digit value is recoverable exactly from every pixel.
+  np.testing.assert_array_equal(np.rint(np.rint(ds.train.pixels_NxHxW * 255) * 16 / 255),
+                                sk[ds.train.image_indices])
   assert np.all(media.features_MxF[:, d:] == 0)
   assert 0.0 <= media.features_MxF.min() and media.features_MxF.max() <= 1.0
   codes = media.tokens_M - ds.vocab.image_offset

@@ -1,9 +1,10 @@
 """The embedded default dataset written as files (data/default_manifest.py) and prepared: oracles.
 
 What comes back out of the prepared folder is checked against the embedded dataset itself
-(data/default_dataset.py, data/digits.py, data/text_corpus.py) and against log-mel frames computed
-here from the same synthesized waveforms.
+(data/default_dataset.py, data/digits.py, data/text_corpus.py, data/dtmf.py): image patches and
+audio frames bit for bit, text byte for byte, captions in exact proportion.
 """
+import collections
 import json
 import pathlib
 
@@ -13,6 +14,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import data
+from data import captions as captions_lib
 from data import default_dataset, default_manifest, dtmf, prepare, records, text_corpus
 from data.captions import WORDS
 from data.config import DataConfig, Source
@@ -22,6 +24,7 @@ CFG = DataConfig(image_patch=4, image_side=8, image_channels=1, sample_rate=8000
                  heldout_fraction=0.2, prefetch=0)   # pinned: the defaults get tuned
 TONES = 3        # per digit: 1 held out (round(0.2 * 3))
 SEED = 5
+IMAGE_COPIES, AUDIO_COPIES = 5, 10   # lines per image (2+1+1+1) and per tone (4+3+3)
 
 
 @pytest.fixture(scope="module")
@@ -55,37 +58,65 @@ def _image_index(line) -> int:
 
 def test_every_line_is_pinned_and_the_card_counts(written):
   w, card, by_kind = written
-  assert (w.images, w.tones, w.documents) == (1797, 30, len(text_corpus.documents()))
+  docs = len(text_corpus.documents())
+  assert (w.images, w.tones, w.documents) == (1797, 30, docs)
+  assert w.lines == {"image": 1797 * IMAGE_COPIES, "audio": 30 * AUDIO_COPIES, "text": docs}
   assert card["skipped"]["count"] == 0
-  assert card["examples"]["total"] == 1797 + 30 + w.documents
+  assert card["examples"]["total"] == 1797 * IMAGE_COPIES + 30 * AUDIO_COPIES + docs
   assert card["split_pinned"] == {"train": card["examples"]["train"],
                                   "heldout": card["examples"]["heldout"]}
   assert card["prepared_with"]["image_side"] == 8 and card["prepared_with"]["image_channels"] == 1
-  assert w.heldout == {"image": 359, "audio": 10, "text": w.heldout["text"]}
+  assert w.heldout == {"image": 359 * IMAGE_COPIES, "audio": 10 * AUDIO_COPIES,
+                       "text": w.heldout["text"]}
 
 
-def test_image_patches_are_the_embedded_pixels_through_8_bits(written, embedded):
-  """(a) Every prepared patch vector is the embedded one as an 8-bit image holds it: the byte
-  nearest value/16 over 255, bit for bit; the embedded float comes back exactly from it."""
+def test_copies_are_the_template_probabilities_exactly():
+  assert captions_lib.copies(captions_lib.IMAGE_TEMPLATES) == (2, 1, 1, 1)
+  assert captions_lib.copies(captions_lib.AUDIO_TEMPLATES) == (4, 3, 3)
+  assert captions_lib.copies((("a", 1 / 3), ("b", 2 / 3))) == (1, 2)
+  with pytest.raises(ValueError, match="cannot be repeated exactly"):
+    captions_lib.copies((("a", 0.123456), ("b", 0.876544)))
+  with pytest.raises(ValueError, match="cannot be repeated exactly"):
+    captions_lib.copies((("a", 0.5), ("b", 0.4)))   # does not sum to 1
+
+
+def test_captions_repeat_each_medium_in_the_template_proportions(written):
+  """Every image (tone) has each template's caption exactly copies[t] times, all in one split: a
+  uniform draw over the records gives each template exactly its probability."""
+  _, _, by_kind = written
+  sk = load_digits()
+  for kind, templates, copies in (("image", captions_lib.IMAGE_TEMPLATES, IMAGE_COPIES),
+                                  ("audio", captions_lib.AUDIO_TEMPLATES, AUDIO_COPIES)):
+    per_file = collections.defaultdict(list)
+    for line, rec, held in by_kind[kind]:
+      per_file[line[kind]].append((rec.parts[1].decode(), held))
+    assert all(len(v) == copies for v in per_file.values())
+    for name, captions in per_file.items():
+      stem = pathlib.PurePosixPath(name).stem.split("_")
+      digit = int(sk.target[int(stem[1])]) if kind == "image" else int(stem[1])
+      want = {captions_lib.render(t, digit): n
+              for (t, _), n in zip(templates, captions_lib.copies(templates))}
+      assert collections.Counter(c for c, _ in captions) == want
+      assert len({h for _, h in captions}) == 1
+
+
+def test_image_patches_are_the_embedded_patches_bit_for_bit(written, embedded):
+  """(a) Every prepared patch vector is the embedded one exactly: both are the 8-bit pixel values
+  round(value * 255 / 16) / 255 (data/digits.py), computed here from sklearn's integers too."""
   _, _, by_kind = written
   sk = load_digits()
   patches = {}
   for split in (embedded.train, embedded.heldout):
     for i, media in zip(split.image_indices, split.images):
       patches[int(i)] = media.features_MxF[:, :16]
-  assert len(by_kind["image"]) == 1797
+  assert len(by_kind["image"]) == 1797 * IMAGE_COPIES
   for line, rec, _ in by_kind["image"]:
     i = _image_index(line)
     (part, caption), = [rec.parts]
     assert part.grid == (2, 2) and caption == line["text"].encode()
-    got, want = part.patches_MxD, patches[i]
-    # What image_io decodes from the PNG byte round(v * 255 / 16), computed here from sklearn's ints.
+    np.testing.assert_array_equal(part.patches_MxD, patches[i])
     byte = np.rint(sk.images[i] * 255 / 16).astype(np.float32)
-    np.testing.assert_array_equal(got, _patchify(byte / np.float32(255)))
-    # Lossless in the digit value: the embedded float is recovered exactly.
-    np.testing.assert_array_equal(
-        (np.rint(np.rint(got * 255) * 16 / 255) / 16).astype(np.float32), want)
-    assert np.abs(got - want).max() <= 0.5 / 255 + 1e-7
+    np.testing.assert_array_equal(part.patches_MxD, _patchify(byte / np.float32(255)))
 
 
 def _patchify(pixels_HxW):
@@ -95,8 +126,8 @@ def _patchify(pixels_HxW):
 def test_heldout_images_are_exactly_the_embedded_heldout_images(written, embedded):
   """(b)"""
   _, _, by_kind = written
-  held = sorted(_image_index(line) for line, _, h in by_kind["image"] if h)
-  train = sorted(_image_index(line) for line, _, h in by_kind["image"] if not h)
+  held = sorted({_image_index(line) for line, _, h in by_kind["image"] if h})
+  train = sorted({_image_index(line) for line, _, h in by_kind["image"] if not h})
   assert held == sorted(embedded.heldout.image_indices.tolist())
   assert train == sorted(embedded.train.image_indices.tolist())
   labels = dict(zip(embedded.heldout.image_indices.tolist(), embedded.heldout.image_labels.tolist()))
@@ -106,26 +137,37 @@ def test_heldout_images_are_exactly_the_embedded_heldout_images(written, embedde
       assert WORDS[digit] in line["text"] or str(digit) in line["text"]
 
 
-def test_audio_frames_are_the_log_mel_of_the_16_bit_waveform(written, embedded):
-  """(c) Frames read back = log-mel of the synthesized waveform rounded to 16-bit PCM, exactly."""
+def test_audio_frames_are_the_embedded_frames_bit_for_bit(written, embedded):
+  """(c) Frames read back from the WAV = the embedded dataset's frames of the same draw, exactly:
+  the synthesized tone is on the 16-bit grid and never reaches full scale, so the file holds it
+  exactly."""
   _, _, by_kind = written
-  assert len(by_kind["audio"]) == 10 * TONES
+  assert len(by_kind["audio"]) == 10 * TONES * AUDIO_COPIES
   for line, rec, held in by_kind["audio"]:
     digit, k = (int(x) for x in pathlib.PurePosixPath(line["audio"]).stem.split("_")[1:])
     assert held == (k == TONES - 1)
-    wave = default_manifest.tone_waveform(digit, k, SEED, CFG)
-    # The same draw the embedded dataset makes from the same generator state:
-    rng = np.random.default_rng([SEED, default_manifest.TONE_STREAM, digit, k])
-    np.testing.assert_array_equal(wave, dtmf.synthesize(digit, rng, CFG))
-    pcm = np.clip(np.rint(wave.astype(np.float64) * 32768), -32768, 32767) / 32768
     (part, caption), = [rec.parts]
-    assert part.frames_MxD.shape == (embedded.frames_per_tone, CFG.n_mels)
-    np.testing.assert_array_equal(part.frames_MxD, dtmf.log_mel(pcm.astype(np.float32), CFG))
     assert caption == line["text"].encode()
-    # Rounding to 1/32768 is small next to the features' scale (about N(0, 1)); what 16-bit PCM
-    # changes beyond that is clipping at full scale (loud tones peak above 1: up to ~0.5 here).
-    clipped = np.clip(wave.astype(np.float64), -1, 32767 / 32768).astype(np.float32)
-    assert np.abs(part.frames_MxD - dtmf.log_mel(clipped, CFG)).max() < 2e-3
+    # What the embedded dataset makes from the same generator state:
+    rng = np.random.default_rng([SEED, default_manifest.TONE_STREAM, digit, k])
+    want = embedded.tone(digit, rng).features_MxF[:, :CFG.n_mels]
+    assert part.frames_MxD.shape == want.shape == (embedded.frames_per_tone, CFG.n_mels)
+    np.testing.assert_array_equal(part.frames_MxD, want)
+
+
+def test_no_default_tone_reaches_full_scale():
+  """Every tone the default files hold (seed 0, TONES_PER_DIGIT per digit) has headroom: no sample
+  is clipped by 16-bit PCM."""
+  cfg = DataConfig()
+  peak = max(np.abs(default_manifest.tone_waveform(d, k, 0, cfg)).max()
+             for d in range(10) for k in range(default_manifest.TONES_PER_DIGIT))
+  assert peak < 0.9 < default_manifest.PCM_FULL_SCALE
+
+
+def test_a_tone_that_would_clip_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setattr(dtmf, "AMPLITUDE", (1.0, 1.0))   # peaks ~1.35: clips
+  with pytest.raises(ValueError, match="would clip as 16-bit PCM"):
+    default_manifest.write_default_manifest(tmp_path, tones_per_digit=1, limit=0)
 
 
 def test_text_round_trips_and_matches_the_embedded_pieces(written, embedded):
@@ -152,11 +194,12 @@ def test_text_round_trips_and_matches_the_embedded_pieces(written, embedded):
 def test_cli_writes_a_subset_and_a_run_reads_it(tmp_path, capsys):
   default_manifest.main([str(tmp_path / "d"), "--limit", "12", "--tones-per-digit", "1", "--by-kind",
                          "--seed", "3"])
-  assert "12 images, 10 tones, 12 text documents" in capsys.readouterr().out
+  assert ("12 images, 10 tones, 12 text documents in 60 + 100 + 12 lines"
+          in capsys.readouterr().out)
   for name in ("manifest", "images", "tones", "text"):
     assert (tmp_path / "d" / f"{name}.jsonl").is_file()
   lines = (tmp_path / "d" / "manifest.jsonl").read_text().splitlines()
-  assert len(lines) == 34 and all('"split": ' in l for l in lines)
+  assert len(lines) == 172 and all('"split": ' in l for l in lines)
   prepare.prepare(tmp_path / "d" / "manifest.jsonl", tmp_path / "out", CFG)
   cfg = DataConfig(**{**CFG.__dict__, "sources": (Source(str(tmp_path / "out")),)})
   it = data.train_iterator(cfg, batch_size=4, seed=0)

@@ -43,6 +43,16 @@ def test_tones_differ_per_draw_and_repeat_per_seed():
   assert not np.allclose(a, c)
 
 
+def test_tones_are_on_the_16_bit_grid_with_headroom():
+  """A tone is what a 16-bit WAV stores exactly: samples k / 32768, far from full scale."""
+  rng = np.random.default_rng(0)
+  waves = np.stack([dtmf.synthesize(d % 10, rng, CFG) for d in range(1000)]).astype(np.float64)
+  ints = waves * 32768
+  np.testing.assert_array_equal(ints, np.rint(ints))
+  assert np.abs(waves).max() < 0.9
+  assert np.abs(waves).max(1).min() > 0.1   # and not silent: the quietest tone peaks above 0.1
+
+
 def test_log_mel_shape_and_scale():
   assert dtmf.num_frames(CFG) == 1 + (1600 - 256) // 128
   rng = np.random.default_rng(0)

@@ -1,0 +1,133 @@
+"""The embedded default dataset as three prepared folders, built once per data config and cached.
+
+  folders = default_prepared.ensure(cfg)   # [(images, 0.7), (tones, 0.15), (text, 0.15)]
+
+`ensure` writes the default dataset's files (data/default_manifest.py, by kind) into a private
+temporary folder, prepares each kind with `omnimoe prepare`'s code and the run's data settings,
+and renames the result into the cache:
+
+  CACHE/default-prepared/KEY/{images,tones,text}/   three prepared folders (data/prepare.py)
+  CACHE/default-prepared/KEY/build.json              what KEY is the hash of
+
+CACHE is `cache_dir`, else $OMNIMOE_CACHE, else ~/.cache/omnimoe. KEY hashes everything the files
+depend on: the data keys that prepare and the file writer read (`BUILD_KEYS`), the tokenizer's path
+and file content, the tones per digit, the text corpus and `VERSION` (bumped when the synthesis or
+the file layout changes).
+
+Safe when several processes (hosts of one machine) call it at once: each builds in its own
+`.KEY.partial-PID-THREAD` folder and renames it to KEY only when complete; a build that finds KEY
+already there discards its own and uses KEY. So a KEY folder is always complete; one that is not
+(changed by hand) is refused, never used. Temporary folders of killed builds are removed by the
+next build of the same KEY.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import threading
+
+from data import default_manifest, prepare, text_corpus
+from data import tokenizer as tokenizer_lib
+from data.config import DataConfig
+
+VERSION = 1                  # bump when the synthesis, the captions or the file layout change
+CACHE_ENV = "OMNIMOE_CACHE"
+SUBFOLDER = "default-prepared"
+BUILD_FILE = "build.json"
+# The data keys the written files and the prepared folders depend on (the rest keep their defaults
+# in the build, so nothing else can change the output).
+BUILD_KEYS = prepare.PREPARED_KEYS + ("seq_len", "heldout_fraction", "tone_seconds", "tokenizer")
+FOLDERS = tuple(name for _, name in default_manifest.KINDS)   # images, tones, text
+
+
+def cache_root(cache_dir: pathlib.Path | None = None) -> pathlib.Path:
+  """cache_dir, else $OMNIMOE_CACHE, else ~/.cache/omnimoe."""
+  if cache_dir is not None:
+    return pathlib.Path(cache_dir)
+  env = os.environ.get(CACHE_ENV, "").strip()
+  return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "omnimoe"
+
+
+def build_inputs(cfg: DataConfig, tones_per_digit: int, limit: int | None) -> dict:
+  """Everything the built folders depend on (JSON); the cache key is its hash."""
+  tok = tokenizer_lib.load(cfg.tokenizer)
+  corpus = hashlib.sha256(b"\0".join(text_corpus.documents())).hexdigest()
+  return {"version": VERSION, "data": {k: getattr(cfg, k) for k in BUILD_KEYS if k != "tokenizer"},
+          "tokenizer": {"path": tok.path, "sha256": getattr(tok, "sha256", None)},
+          "tones_per_digit": tones_per_digit, "limit": limit, "text_corpus_sha256": corpus}
+
+
+def cache_key(inputs: dict) -> str:
+  return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _weights(cfg: DataConfig) -> tuple[float, ...]:
+  return cfg.weight_image, cfg.weight_audio, cfg.weight_text
+
+
+def ensure(cfg: DataConfig, cache_dir: pathlib.Path | None = None, *,
+           tones_per_digit: int = default_manifest.TONES_PER_DIGIT,
+           limit: int | None = None) -> list[tuple[pathlib.Path, float]]:
+  """[(images folder, cfg.weight_image), (tones, cfg.weight_audio), (text, cfg.weight_text)],
+  built on first use (see the module docstring). `limit`: only the first N images and text
+  documents (quick tests). Raises ValueError (one line) for bad settings or a broken cache
+  folder."""
+  inputs = build_inputs(cfg, tones_per_digit, limit)
+  final = cache_root(cache_dir) / SUBFOLDER / cache_key(inputs)
+  if not final.exists():
+    _build(cfg, inputs, final, tones_per_digit, limit)
+  _check_complete(final, inputs)
+  return [(final / name, w) for name, w in zip(FOLDERS, _weights(cfg))]
+
+
+def _check_complete(final: pathlib.Path, inputs: dict) -> None:
+  missing = [name for name in FOLDERS if not prepare.is_prepared(final / name)]
+  try:
+    recorded = json.loads((final / BUILD_FILE).read_text())
+  except (OSError, ValueError):
+    recorded = None
+  if missing or recorded != json.loads(json.dumps(inputs)):
+    why = f"missing {', '.join(missing)}" if missing else f"{BUILD_FILE} does not match"
+    raise ValueError(f"cache folder '{final}' is incomplete or changed ({why}); remove it and "
+                     f"run again")
+
+
+def _build(cfg: DataConfig, inputs: dict, final: pathlib.Path, tones_per_digit: int,
+           limit: int | None) -> None:
+  """Builds into a private temporary folder beside `final` and renames it to `final`, unless
+  another build got there first (then this one is discarded)."""
+  # Only the keys in the hash reach the build; an absolute tokenizer path does not depend on the
+  # current directory (the file's content is in the hash).
+  build_cfg = DataConfig(**{k: getattr(cfg, k) for k in BUILD_KEYS})
+  if inputs["tokenizer"]["path"]:
+    build_cfg = dataclasses.replace(build_cfg, tokenizer=inputs["tokenizer"]["path"])
+  final.parent.mkdir(parents=True, exist_ok=True)
+  _remove_stale_temps(final)
+  tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{threading.get_ident()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    default_manifest.write_default_manifest(tmp / "files", tones_per_digit=tones_per_digit,
+                                            limit=limit, by_kind=True, cfg=build_cfg)
+    for name in FOLDERS:
+      prepare.prepare(tmp / "files" / f"{name}.jsonl", tmp / name, build_cfg)
+    shutil.rmtree(tmp / "files")
+    (tmp / BUILD_FILE).write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
+    try:
+      tmp.rename(final)         # atomic; fails when another build renamed its folder first
+    except OSError:
+      if not final.exists():
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temps(final: pathlib.Path) -> None:
+  """Removes `.KEY.partial-PID-*` folders of builds whose process is gone (killed mid-build)."""
+  prefix = f".{final.name}.partial-"
+  for path in final.parent.glob(prefix + "*"):
+    pid = path.name[len(prefix):].split("-")[0]
+    if pid.isdigit() and int(pid) != os.getpid() and not prepare._pid_running(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
