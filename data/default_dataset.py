@@ -71,15 +71,6 @@ class DefaultDataset:
     codes = kmeans.assign(frames, self.audio_codebook_KxD)
     return audio_media(self.vocab.audio_ids(codes), frames, self.feature_dim)
 
-  def shifted_image(self, split: Split, i: int, rng: np.random.Generator) -> Media:
-    """Image `i` of `split` moved by up to `image_shift` pixels each way (training augmentation)."""
-    s = self.cfg.image_shift
-    dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
-    pixels = digits.shift(split.pixels_NxHxW[i], dy, dx)
-    patches = digits.patchify(pixels[None], self.cfg.image_patch)[0]
-    codes = kmeans.assign(patches, self.image_codebook_KxD)
-    return image_media(self.vocab.image_ids(codes), patches, self.image_grid, self.feature_dim)
-
 
 def validate(cfg: DataConfig) -> None:
   weights = (cfg.weight_image, cfg.weight_audio, cfg.weight_text)

@@ -13,7 +13,7 @@ from data.config import DataConfig
 from data.default_dataset import build
 from data.examples import make_example
 from data.packing import pack
-from data.pipeline import loss_weight_table
+from data.packing import loss_weight_table
 
 
 def _rows(cfg: DataConfig) -> list[list[tuple]]:

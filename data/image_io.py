@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageOps
 
+from data import digits
 from data.config import DataConfig
 
 RESAMPLE = Image.Resampling.BICUBIC
@@ -58,6 +59,20 @@ def patchify(pixels_HxWxC: np.ndarray, patch: int) -> np.ndarray:
   h, w, c = pixels_HxWxC.shape
   x = pixels_HxWxC.reshape(h // patch, patch, w // patch, patch, c)
   return x.transpose(0, 2, 1, 3, 4).reshape((h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches_MxD: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+  """The inverse of `patchify`: [rows*cols, p*p*C] -> [rows*p, cols*p, C]."""
+  rows, cols = grid
+  c = patches_MxD.shape[1] // (patch * patch)
+  x = patches_MxD.reshape(rows, cols, patch, patch, c)
+  return x.transpose(0, 2, 1, 3, 4).reshape(rows * patch, cols * patch, c)
+
+
+def shift_patches(patches_MxD: np.ndarray, grid: tuple[int, int], patch: int, dy: int,
+                  dx: int) -> np.ndarray:
+  """The image behind `patches_MxD` moved by (dy, dx) pixels (zero fill), as patches again."""
+  return patchify(digits.shift(unpatchify(patches_MxD, grid, patch), dy, dx), patch)
 
 
 def load_patches(path: str | pathlib.Path, cfg: DataConfig) -> np.ndarray:

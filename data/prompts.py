@@ -16,7 +16,7 @@ from data.config import DataConfig
 from data.default_dataset import build
 from data.examples import make_example
 from data.packing import pack
-from data.pipeline import loss_weight_table
+from data.packing import loss_weight_table
 
 TONES_PER_DIGIT = 30        # default size of the audio prompt set (without `limit`)
 

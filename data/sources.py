@@ -2,9 +2,14 @@
 
 `data.sources` is a list of `{path, weight}`: a folder written by `omnimoe prepare` (a relative
 path is read from the current directory, whether it came from a YAML file or the command line), or
-the word `default` for the embedded dataset. `[]` (or only `default`) is the default dataset exactly as
-before (data/pipeline.py); any prepared folder with a positive weight selects the mixed pipeline
-(data/mixture.py). Sources with weight 0 are left out.
+the word `default` for the embedded dataset; `[]` means `[{path: default, weight: 1}]`. Sources
+with weight 0 are left out. Every run reads its sources through one pipeline (data/mixture.py).
+
+The default dataset trains from prepared folders like any other source: its files go through
+`omnimoe prepare` once per data config (data/default_prepared.py, cached), and its weight is split
+over its images, tones and text folders by data.weight_image/audio/text (`Mixture.train_sources`).
+Its held-out side stays the embedded one (`Mixture.sources`, `Mixture.default`): held-out images
+and text, freshly drawn tones, and the cross-modal evals.
 
 How vocabularies and codebooks combine (one rule, enforced here):
 - The unified vocabulary depends only on the config (`data.image_codebook`, `data.audio_codebook`):
@@ -25,9 +30,9 @@ import pathlib
 
 import numpy as np
 
-from data import default_dataset, kmeans
+from data import default_dataset, default_prepared, kmeans
 from data import prepared as prepared_lib
-from data.config import DEFAULT_SOURCE, DataConfig, feature_dim
+from data.config import DEFAULT_SOURCE, DataConfig, Source, feature_dim
 from data.examples import Example
 from data.vocab import MOD_AUDIO, MOD_IMAGE, Vocab
 
@@ -39,7 +44,7 @@ def _active(cfg: DataConfig):
 
 
 def is_default_only(cfg: DataConfig) -> bool:
-  """True when the run reads the embedded default dataset alone (the original pipeline)."""
+  """True when the run reads the default dataset alone (`data.sources` empty or only `default`)."""
   return all(s.path == DEFAULT_SOURCE for _, s in _active(cfg))
 
 
@@ -66,6 +71,7 @@ class Resolved:
   weight: float
   folder: prepared_lib.PreparedFolder | None   # None: the default dataset
   label: str = ""             # short name for metric keys (`labels`)
+  kind: str = ""              # a default-dataset training folder: "images", "tones" or "text"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,6 +80,8 @@ class Mixture:
   vocab: Vocab
   feature_dim: int
   sources: tuple[Resolved, ...]              # positive weights only, in config order
+  train_sources: tuple[Resolved, ...]        # what training draws from: `sources` with the default
+                                             # one replaced by its three prepared folders
   codebooks: dict                            # "image" / "audio" -> float32 [K, D] (run-wide)
   codebook_from: dict                        # "image" / "audio" -> the source's name
   default: default_dataset.DefaultDataset | None
@@ -110,18 +118,24 @@ def resolve(cfg: DataConfig) -> Mixture:
 @functools.lru_cache(maxsize=8)
 def _resolve(cfg: DataConfig, versions: tuple) -> Mixture:
   del versions   # cache key only
-  if is_default_only(cfg):
-    raise ValueError("resolve() is for runs with a prepared source; this run reads the default "
-                     "dataset alone")
-  sources, default = [], None
-  for (i, s), label in zip(_active(cfg), labels(cfg)):
-    name = f"data.sources[{i}] '{s.path}'"
+  active = _active(cfg) or [(None, Source(DEFAULT_SOURCE, 1.0))]
+  sources, train_sources, default = [], [], None
+  for (i, s), label in zip(active, labels(cfg)):
+    name = "the default dataset" if i is None else f"data.sources[{i}] '{s.path}'"
     if s.path == DEFAULT_SOURCE:
       if cfg.image_channels != 1:
         raise ValueError(f"{name}: the default dataset is grayscale; mixing it needs "
                          f"data.image_channels=1, got {cfg.image_channels}")
       default = default_dataset.build(cfg)
       sources.append(Resolved(name, s.weight, None, label))
+      folders = default_prepared.ensure(cfg)
+      total = sum(w for _, w in folders)
+      for path, w in folders:
+        if w > 0:
+          folder = prepared_lib.open_folder(path)
+          prepared_lib.check_matches(folder, cfg, name)
+          train_sources.append(Resolved(f"{name} ({path.name})", s.weight * w / total, folder,
+                                        label, path.name))
     else:
       try:
         folder = prepared_lib.open_folder(s.path)
@@ -129,6 +143,7 @@ def _resolve(cfg: DataConfig, versions: tuple) -> Mixture:
         raise ValueError(f"data.sources[{i}]: {e}") from None
       prepared_lib.check_matches(folder, cfg, name)
       sources.append(Resolved(name, s.weight, folder, label))
+      train_sources.append(sources[-1])
 
   codebooks, codebook_from = {}, {}
   for source in sources:
@@ -140,14 +155,14 @@ def _resolve(cfg: DataConfig, versions: tuple) -> Mixture:
   recode = default is not None and any(
       codebooks[k] is not own_k for k, own_k in (("image", default.image_codebook_KxD),
                                                 ("audio", default.audio_codebook_KxD)))
-  return Mixture(cfg, Vocab.from_config(cfg), feature_dim(cfg), tuple(sources), codebooks,
-                 codebook_from, default, recode)
+  return Mixture(cfg, Vocab.from_config(cfg), feature_dim(cfg), tuple(sources),
+                 tuple(train_sources), codebooks, codebook_from, default, recode)
 
 
 def describe(mix: Mixture) -> str:
   """One line per source and where the codebooks come from (for logs and the README)."""
-  total = sum(s.weight for s in mix.sources)
-  lines = [f"{s.name}: weight {s.weight / total:.2f}" for s in mix.sources]
+  total = sum(s.weight for s in mix.train_sources)
+  lines = [f"{s.name}: weight {s.weight / total:.2f}" for s in mix.train_sources]
   lines += [f"{kind} codebook: {mix.codebook_from[kind]}" for kind in KINDS if kind in mix.codebooks]
   return "\n".join(lines)
 

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from data import default_dataset, sampler
+from data import default_dataset, mixture
 from data.config import DataConfig
 from data.examples import audio_media, image_media, make_example
 from data.packing import pack
-from data.pipeline import TrainBatchFn, loss_weight_table
+from data.packing import loss_weight_table
 from data.vocab import BOS, EOS, MOD_AUDIO, MOD_IMAGE, MOD_TEXT
 
 # Mixture pinned (not the tuned defaults) so every modality fills a fair share of the rows.
@@ -20,8 +20,21 @@ def ds():
 
 
 @pytest.fixture(scope="module")
-def batch():
-  return TrainBatchFn(CFG, seed=3, batch_size=24, process_index=0, process_count=1)(5)
+def stream():
+  """The training stream's global batches (one host): batch 5 and the rows it was planned from."""
+  batches = mixture.MixedBatches(CFG, batch_size=24, seed=3, process_index=0, process_count=1)
+  start = 0
+  for _ in range(5):
+    start = batches.plan(start)[1]
+  rows, _ = batches.plan(start)
+  it = iter(batches)
+  it.set_state({"next_example": start})
+  return batches, rows, next(it)
+
+
+@pytest.fixture(scope="module")
+def batch(stream):
+  return stream[2]
 
 
 def oracle_positions(modality_L, segment_ids_L, grid):
@@ -86,11 +99,11 @@ def test_pack_refuses_overflow():
     pack([[ex, ex]], seq_len=20, feature_dim=4, loss_weight_by_modality=np.ones(4, np.float32))
 
 
-def test_no_example_token_lost_or_duplicated(ds, batch):
-  """Each row is exactly its drawn examples back to back, then padding."""
+def test_no_example_token_lost_or_duplicated(stream):
+  """Each row is exactly its planned examples back to back, then padding."""
+  batches, rows, batch = stream
   for row in range(24):
-    rng = sampler.row_rng(sampler.TRAIN_STREAM, 3, 5 * 24 + row)
-    examples = sampler.sample_row(ds, ds.train, rng)
+    examples = [batches.builder.example(item) for item in rows[row]]
     tokens = np.concatenate([e.tokens_N for e in examples])
     n = len(tokens)
     np.testing.assert_array_equal(batch["tokens"][row, :n], tokens)
@@ -142,9 +155,18 @@ def test_features_zero_on_text_and_modality_matches_vocab(ds, batch):
 
 
 def test_rows_are_well_filled_and_mixed(batch):
+  """Under 10% padding (first fit), and the examples' kinds in about the mixture's shares
+  (0.4 / 0.4 / 0.2 of examples: text pieces are whole, so text holds most of the tokens)."""
   assert (batch["segment_ids"] == 0).mean() < 0.1
-  for m in (MOD_TEXT, MOD_IMAGE, MOD_AUDIO):
-    assert (batch["modality"] == m).mean() > 0.05
+  kinds = []
+  for seg_L, mod_L in zip(batch["segment_ids"], batch["modality"]):
+    for s in range(1, seg_L.max() + 1):
+      mods = set(mod_L[seg_L == s].tolist())
+      kinds.append(MOD_IMAGE if MOD_IMAGE in mods else MOD_AUDIO if MOD_AUDIO in mods else MOD_TEXT)
+  shares = {m: kinds.count(m) / len(kinds) for m in (MOD_IMAGE, MOD_AUDIO, MOD_TEXT)}
+  assert len(kinds) >= 60
+  for m, want in ((MOD_IMAGE, 0.4), (MOD_AUDIO, 0.4), (MOD_TEXT, 0.2)):
+    assert abs(shares[m] - want) < 0.15, shares
   assert np.all(batch["tokens"] < default_dataset.build(CFG).vocab.used_size)
 
 

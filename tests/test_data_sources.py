@@ -1,4 +1,5 @@
 """Prepared folders on the grain pipeline: round trip, packing, determinism, hosts, mixing, eval."""
+import collections
 import dataclasses
 import json
 import wave
@@ -107,10 +108,23 @@ def take(cfg, n, *, seed=0, batch_size=B, **kw):
 def test_round_trip_one_epoch_gives_back_exactly_the_files(dataset):
   _, cfg, expected, heldout_lines = dataset
   want = sorted(seg for line, segs in expected.items() if line not in heldout_lines for seg in segs)
-  batches, state = take(cfg, 12)
+  it = data.train_iterator(cfg, batch_size=B, seed=0)
+  batches, positions = [], []
+  while not positions or positions[-1] < len(want):   # until the batch that ends the epoch
+    batches.append(next(it))
+    positions.append(it.get_state()["next_example"])
+  it.close()
   got = [s for b in batches for s in segments(b)]
-  assert state["next_example"] == len(got) >= len(want)
-  epoch = got[:len(want)]
+  assert positions[-1] == len(got) >= len(want)
+  # Rows are filled first-fit, so within a batch the row-major order is not the stream order: the
+  # batches before the last hold the epoch's first records, the last one the rest of the epoch
+  # (and the start of the next).
+  before = [s[:3] for b in batches[:-1] for s in segments(b)]
+  rest = collections.Counter(want) - collections.Counter(before)
+  assert sum(rest.values()) == len(want) - len(before)      # `before`: distinct epoch records
+  assert not rest - collections.Counter(s[:3] for s in segments(batches[-1]))
+  epoch = [s for b in batches[:-1] for s in segments(b)] + [
+      s for s in segments(batches[-1]) if rest[s[:3]] and not rest.subtract([s[:3]])]
   assert sorted(s[:3] for s in epoch) == want   # every training record once, bit for bit
   long_pieces = [s for s in epoch if s[0].startswith(b"#long") or s[0] in
                  {p[0] for p in expected[37]}]
@@ -224,9 +238,13 @@ def test_mixing_with_the_default_dataset(dataset):
   mix = sources.resolve(mixed)
   assert mix.recode_default and mix.codebook_from == {"image": mix.sources[0].name,
                                                       "audio": mix.sources[0].name}
+  # Training draws from the prepared folder and the default dataset's own three folders, the
+  # default's weight split 0.7 / 0.15 / 0.15 (data.weight_image/audio/text).
+  assert [t.kind for t in mix.train_sources] == ["", "images", "tones", "text"]
+  np.testing.assert_allclose([t.weight for t in mix.train_sources], [3.0, 0.7, 0.15, 0.15])
   keys = mixture.key_stream(mix, seed=0)
-  counts = np.bincount([keys[g][0] for g in range(400)], minlength=2)
-  assert counts.tolist() == [300, 100]
+  counts = np.bincount([keys[g][0] for g in range(4000)], minlength=4)
+  np.testing.assert_allclose(counts / 4000, [0.75, 0.175, 0.0375, 0.0375], atol=0.01)
   [batch], _ = take(mixed, 1, batch_size=8)
   book = np.load(folder / "prep" / "codebooks.npz")["image"]
   where = batch["modality"] == MOD_IMAGE
