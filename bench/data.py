@@ -4,7 +4,8 @@
     python -m bench.data --batches 10 --steps 3 model.num_layers=2     # overrides: as `omnimoe`
 
 Pipelines timed (each alone, consumer pulling as fast as it can, prefetch as configured):
-- `default`: the embedded default dataset;
+- `default`: the default dataset (its three cached prepared folders; `first_batch_s` includes
+  building them when the cache is cold);
 - `prepared`: a folder `omnimoe prepare` builds from files the bench writes first
   (data/demo_files.py: digit PNGs, DTMF WAVs, text lines; `--examples` of them).
 Model: `--steps` timed train steps (after one compile step) of the same config through

@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import threading
 
 from data import default_manifest, prepare, text_corpus
@@ -77,6 +78,8 @@ def ensure(cfg: DataConfig, cache_dir: pathlib.Path | None = None, *,
   inputs = build_inputs(cfg, tones_per_digit, limit)
   final = cache_root(cache_dir) / SUBFOLDER / cache_key(inputs)
   if not final.exists():
+    print(f"omnimoe: preparing the default dataset into {final} (once per data config, about "
+          f"10 s)", file=sys.stderr)
     _build(cfg, inputs, final, tones_per_digit, limit)
   _check_complete(final, inputs)
   return [(final / name, w) for name, w in zip(FOLDERS, _weights(cfg))]
