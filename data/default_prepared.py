@@ -132,5 +132,5 @@ def _remove_stale_temps(final: pathlib.Path) -> None:
   prefix = f".{final.name}.partial-"
   for path in final.parent.glob(prefix + "*"):
     pid = path.name[len(prefix):].split("-")[0]
-    if pid.isdigit() and int(pid) != os.getpid() and not prepare._pid_running(int(pid)):
+    if pid.isdigit() and int(pid) != os.getpid() and not prepare.pid_running(int(pid)):
       shutil.rmtree(path, ignore_errors=True)

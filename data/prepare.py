@@ -89,7 +89,7 @@ def _temp_name(out: pathlib.Path, kind: str, pid: int) -> pathlib.Path:
   return out.absolute().parent / f".{out.name}.{kind}-{pid}"
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -111,7 +111,7 @@ def remove_stale_temps(out: pathlib.Path) -> list[pathlib.Path]:
     for path in out.parent.glob(glob.escape(prefix) + "*"):
       pid = path.name[len(prefix):]
       if (pid.isdigit() and int(pid) != os.getpid() and path.is_dir() and not path.is_symlink()
-          and not _pid_running(int(pid))):
+          and not pid_running(int(pid))):
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
   return removed
