@@ -172,3 +172,25 @@ def test_rows_are_well_filled_and_mixed(batch):
 
 def test_loss_weight_table():
   np.testing.assert_array_equal(loss_weight_table(CFG), [0.0, 1.0, 0.5, 2.0])
+
+
+def test_plan_rows_is_first_fit():
+  """`mixture.plan_rows` (a max segment tree over the rows' room) places every item where a plain
+  scan for the first row with room would, and stops at the same item."""
+  def scan(items, seq_len, num_rows):
+    rows, room, consumed = [[] for _ in range(num_rows)], [seq_len] * num_rows, 0
+    for item in items:
+      r = next((r for r in range(num_rows) if room[r] >= item.length), None)
+      if r is None:
+        break
+      rows[r].append(item)
+      room[r] -= item.length
+      consumed += 1
+    return [row for row in rows if row], consumed
+
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    num_rows, seq_len = int(rng.integers(1, 40)), int(rng.integers(8, 130))
+    items = [mixture.Item(0, i, int(rng.integers(1, seq_len + 1)), None)
+             for i in range(int(rng.integers(0, 400)))]
+    assert mixture.plan_rows(iter(items), seq_len, num_rows) == scan(items, seq_len, num_rows)
