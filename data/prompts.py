@@ -27,9 +27,9 @@ class PromptSet:
   prompt_len: int                # P: the prompt fills positions 0..P-1 of every row
   next_position: np.ndarray      # int32 [N]: running index of the first generated token
   answers: list[str]             # the English word each row should produce
-  prompt_ids: np.ndarray | None = None   # int32: the prompt's text ids (after the media)
-  expected: tuple[bytes, ...] = ()       # per row: the text prompt_ids + the generation (up to
-                                         # EOS) must decode to, e.g. b"the digit seven"
+  prompt_ids: np.ndarray         # int32: the prompt's text ids (after the media)
+  expected: tuple[bytes, ...]    # per row: what prompt_ids + the generation (up to EOS) must
+                                 # decode to, e.g. b"the digit seven"
 
 
 def eval_prompt_ids(vocab) -> np.ndarray:

@@ -272,7 +272,7 @@ def validate(cfg: Config) -> None:
        f"must divide model.moe.num_experts={moe.num_experts}, got {moe.num_groups}")
   need(0 <= moe.max_groups <= moe.num_groups, "model.moe.max_groups",
        f"must lie in 0..model.moe.num_groups={moe.num_groups} (0 = no limit), got {moe.max_groups}")
-  if moe.max_groups and moe.num_experts % moe.num_groups == 0:
+  if moe.max_groups:
     reach = moe.max_groups * (moe.num_experts // moe.num_groups)
     k = moe.top_k if moe.router == "topk" else moe.k_max
     need(k <= reach, "model.moe.max_groups",

@@ -172,7 +172,8 @@ class _Graphs:
     if key not in self.built:
       variant = with_moe(self.cfg, **dict(key))
       setup = make_setup(variant, self.mesh, self.info)
-      self.built[key] = (setup, Evaluator(variant, setup, self.info.vocab), make_fraction_fn(setup))
+      evaluator = Evaluator(variant, setup, self.info.vocab, sets=self.base[1].sets)   # same data
+      self.built[key] = (setup, evaluator, make_fraction_fn(setup))
     return self.built[key]
 
 

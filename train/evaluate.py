@@ -102,15 +102,11 @@ def word_accuracy(decode, params, prompts, vocab, router=None) -> float:
   batch = {k: jnp.asarray(v) for k, v in prompts.batch.items()}
   generated = np.asarray(decode(params, batch, jnp.asarray(prompts.next_position), router))
   correct = 0
-  for i, (row, answer) in enumerate(zip(generated, prompts.answers)):
+  for row, expected in zip(generated, prompts.expected, strict=True):
     ends = np.flatnonzero(row == EOS)
     if len(ends) == 0:
       continue
-    if prompts.expected:
-      correct += vocab.decode_text(np.concatenate([prompts.prompt_ids, row[:ends[0]]])) == \
-          prompts.expected[i]
-    else:
-      correct += vocab.decode_text(row[:ends[0]]) == answer.encode()
+    correct += vocab.decode_text(np.concatenate([prompts.prompt_ids, row[:ends[0]]])) == expected
   return correct / len(prompts.answers)
 
 
@@ -118,9 +114,10 @@ class Evaluator:
   """Holds the eval sets and compiled functions of one run; `__call__(params, router=None)` ->
   metrics dict (`router`: the train state's router controller state, where it has one)."""
 
-  def __init__(self, cfg: Config, setup: Setup, vocab):
+  def __init__(self, cfg: Config, setup: Setup, vocab, sets: EvalData | None = None):
+    """`sets`: eval data already loaded for this config's data (else loaded here)."""
     self.cfg, self.setup, self.vocab = cfg, setup, vocab
-    self.sets = load_eval_data(cfg)
+    self.sets = load_eval_data(cfg) if sets is None else sets
     self.eval_step = make_eval_step(cfg, setup, lambda ids: vocab.modality_of(ids, xp=jnp, specials_as_text=True))
     self.decoders = {
         name: make_greedy_decode(setup, prompt_len=p.prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
