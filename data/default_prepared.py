@@ -107,7 +107,7 @@ def _build(cfg: DataConfig, inputs: dict, final: pathlib.Path, tones_per_digit: 
   if inputs["tokenizer"]["path"]:
     build_cfg = dataclasses.replace(build_cfg, tokenizer=inputs["tokenizer"]["path"])
   final.parent.mkdir(parents=True, exist_ok=True)
-  _remove_stale_temps(final)
+  prepare.remove_stale_temps(final)
   tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{threading.get_ident()}"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
@@ -125,12 +125,3 @@ def _build(cfg: DataConfig, inputs: dict, final: pathlib.Path, tones_per_digit: 
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_temps(final: pathlib.Path) -> None:
-  """Removes `.KEY.partial-PID-*` folders of builds whose process is gone (killed mid-build)."""
-  prefix = f".{final.name}.partial-"
-  for path in final.parent.glob(prefix + "*"):
-    pid = path.name[len(prefix):].split("-")[0]
-    if pid.isdigit() and int(pid) != os.getpid() and not prepare.pid_running(int(pid)):
-      shutil.rmtree(path, ignore_errors=True)

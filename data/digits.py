@@ -56,16 +56,6 @@ def patchify(images_NxHxW: np.ndarray, patch: int) -> np.ndarray:
   return x.transpose(0, 1, 3, 2, 4).reshape(n, (h // patch) * (w // patch), patch * patch)
 
 
-def shift(image_HxW: np.ndarray, dy: int, dx: int) -> np.ndarray:
-  """The image ([H, W] or [H, W, C]) moved by (dy, dx) pixels; what moves out is lost, what moves
-  in is zero (background)."""
-  h, w = image_HxW.shape[:2]
-  out = np.zeros_like(image_HxW)
-  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
-      image_HxW[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
-  return out
-
-
 def load_split(cfg: DataConfig) -> tuple[DigitImages, DigitImages]:
   """(train, heldout) digit images, patchified with `cfg.image_patch`."""
   digits = load_digits()

@@ -11,7 +11,6 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageOps
 
-from data import digits
 from data.config import DataConfig
 
 RESAMPLE = Image.Resampling.BICUBIC
@@ -69,10 +68,20 @@ def unpatchify(patches_MxD: np.ndarray, grid: tuple[int, int], patch: int) -> np
   return x.transpose(0, 2, 1, 3, 4).reshape(rows * patch, cols * patch, c)
 
 
+def shift(pixels_HxW: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  """The image ([H, W] or [H, W, C]) moved by (dy, dx) pixels; what moves out is lost, what moves
+  in is zero (background)."""
+  h, w = pixels_HxW.shape[:2]
+  out = np.zeros_like(pixels_HxW)
+  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
+      pixels_HxW[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
+  return out
+
+
 def shift_patches(patches_MxD: np.ndarray, grid: tuple[int, int], patch: int, dy: int,
                   dx: int) -> np.ndarray:
   """The image behind `patches_MxD` moved by (dy, dx) pixels (zero fill), as patches again."""
-  return patchify(digits.shift(unpatchify(patches_MxD, grid, patch), dy, dx), patch)
+  return patchify(shift(unpatchify(patches_MxD, grid, patch), dy, dx), patch)
 
 
 def load_patches(path: str | pathlib.Path, cfg: DataConfig) -> np.ndarray:

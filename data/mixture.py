@@ -46,8 +46,8 @@ class Item(NamedTuple):
   source: int
   key: int                    # record index (prepared) or draw index (default)
   length: int
-  recipe: object              # (Recipe, rng) for a default-dataset held-out draw, else the
-                              # item's training-stream position
+  recipe: object = None       # (Recipe, rng) for a default-dataset held-out draw
+  position: int = -1          # place in the training stream (draws the image shift)
 
 
 class EpochShuffle:
@@ -70,13 +70,13 @@ class EpochShuffle:
 
 
 class _Key:
-  """Maps a component's element to (source, key); a class so grain can pickle it."""
+  """Maps a component's record id to (source, record id); a class so grain can pickle it."""
 
-  def __init__(self, source: int, ids: np.ndarray | None):
-    self.source, self.ids = source, ids
+  def __init__(self, source: int):
+    self.source = source
 
   def __call__(self, i):
-    return self.source, int(i if self.ids is None else self.ids[i])
+    return self.source, int(i)
 
 
 def key_stream(mix: sources_lib.Mixture, seed: int) -> grain.MapDataset:
@@ -84,7 +84,7 @@ def key_stream(mix: sources_lib.Mixture, seed: int) -> grain.MapDataset:
   parts = []
   for s, source in enumerate(mix.train_sources):
     shuffle = EpochShuffle(source.folder.train_ids, sources_lib.seed_for(seed, s))
-    parts.append(grain.MapDataset.range(NUM_DEFAULT).map(shuffle).map(_Key(s, None)))
+    parts.append(grain.MapDataset.range(NUM_DEFAULT).map(shuffle).map(_Key(s)))
   if len(parts) == 1:
     return parts[0]
   return grain.MapDataset.mix(parts, [s.weight for s in mix.train_sources])
@@ -98,15 +98,14 @@ class Builder:
   def __init__(self, mix: sources_lib.Mixture, seed: int, heldout: bool):
     self.mix, self.seed, self.heldout = mix, seed, heldout
     self.sources = mix.sources if heldout else mix.train_sources
-    self.stream = sampler.MIXED_EVAL_STREAM if heldout else sampler.MIXED_TRAIN_STREAM
 
   def item(self, source: int, key: int, position: int = -1) -> Item:
     """`position`: the item's place in the training stream (draws its image shift)."""
     folder = self.sources[source].folder
     if folder is not None:
-      return Item(source, key, int(folder.lengths_N[key]), position)
-    ds = self.mix.default
-    rng = sampler.row_rng(self.stream, self.seed, key)
+      return Item(source, key, int(folder.lengths_N[key]), position=position)
+    ds = self.mix.default                     # only held out: training reads its folders
+    rng = sampler.row_rng(sampler.MIXED_EVAL_STREAM, self.seed, key)
     recipe = sampler.draw_recipe(ds, ds.heldout, rng)
     return Item(source, key, recipe.length, (recipe, rng))
 
@@ -115,7 +114,7 @@ class Builder:
     if folder is not None:
       record = folder.record(item.key)
       if not self.heldout and self.mix.cfg.image_shift > 0:
-        record = self.shifted(record, item.recipe)
+        record = self.shifted(record, item.position)
       return prepared_lib.to_example(record, self.mix.vocab, self.mix.codebooks,
                                      self.mix.feature_dim)
     ds = self.mix.default
@@ -125,6 +124,8 @@ class Builder:
   def shifted(self, record: records.Record, position: int) -> records.Record:
     """Training augmentation: each image moved by up to data.image_shift pixels each way (zero
     fill), drawn from the item's stream position (the same every time it is built)."""
+    if not any(isinstance(part, records.ImagePart) for part in record.parts):
+      return record
     s, rng = self.mix.cfg.image_shift, sampler.row_rng(sampler.SHIFT_STREAM, self.seed, position)
     parts = []
     for part in record.parts:

@@ -100,8 +100,9 @@ def pid_running(pid: int) -> bool:
 
 
 def remove_stale_temps(out: pathlib.Path) -> list[pathlib.Path]:
-  """Removes `.OUT.partial-PID` / `.OUT.old-PID` folders beside `out` left by prepares that were
-  killed before they could clean up (PID no longer running); returns what it removed."""
+  """Removes `.OUT.partial-PID[-ANY]` / `.OUT.old-PID[-ANY]` folders beside `out` left by
+  processes that were killed before they could clean up (PID no longer running; data/
+  default_prepared.py adds a thread id); returns what it removed."""
   out = pathlib.Path(out).absolute()
   removed = []
   if not out.parent.is_dir():
@@ -109,7 +110,7 @@ def remove_stale_temps(out: pathlib.Path) -> list[pathlib.Path]:
   for kind in ("partial", "old"):
     prefix = f".{out.name}.{kind}-"
     for path in out.parent.glob(glob.escape(prefix) + "*"):
-      pid = path.name[len(prefix):]
+      pid = path.name[len(prefix):].split("-")[0]
       if (pid.isdigit() and int(pid) != os.getpid() and path.is_dir() and not path.is_symlink()
           and not pid_running(int(pid))):
         shutil.rmtree(path, ignore_errors=True)

@@ -18,8 +18,8 @@ from data.examples import Example, make_example
 IMAGE, AUDIO, TEXT = 0, 1, 2
 
 # Independent random streams: rng = default_rng([stream, seed, index]).
-PROMPT_STREAM = 2            # (0 and 1 were the streams of the former in-memory training pipeline)
-MIXED_TRAIN_STREAM, MIXED_EVAL_STREAM = 3, 4   # one example per index (data/mixture.py)
+PROMPT_STREAM = 2            # (0, 1 and 3 were streams of the former in-memory training draws)
+MIXED_EVAL_STREAM = 4       # one held-out example per index (data/mixture.py)
 SHIFT_STREAM = 5            # image shifts of training records, per stream position (data/mixture.py)
 
 

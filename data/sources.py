@@ -71,7 +71,6 @@ class Resolved:
   weight: float
   folder: prepared_lib.PreparedFolder | None   # None: the default dataset
   label: str = ""             # short name for metric keys (`labels`)
-  kind: str = ""              # a default-dataset training folder: "images", "tones" or "text"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -135,7 +134,7 @@ def _resolve(cfg: DataConfig, versions: tuple) -> Mixture:
           folder = prepared_lib.open_folder(path)
           prepared_lib.check_matches(folder, cfg, name)
           train_sources.append(Resolved(f"{name} ({path.name})", s.weight * w / total, folder,
-                                        label, path.name))
+                                        label))
     else:
       try:
         folder = prepared_lib.open_folder(s.path)
@@ -157,14 +156,6 @@ def _resolve(cfg: DataConfig, versions: tuple) -> Mixture:
                                                 ("audio", default.audio_codebook_KxD)))
   return Mixture(cfg, Vocab.from_config(cfg), feature_dim(cfg), tuple(sources),
                  tuple(train_sources), codebooks, codebook_from, default, recode)
-
-
-def describe(mix: Mixture) -> str:
-  """One line per source and where the codebooks come from (for logs and the README)."""
-  total = sum(s.weight for s in mix.train_sources)
-  lines = [f"{s.name}: weight {s.weight / total:.2f}" for s in mix.train_sources]
-  lines += [f"{kind} codebook: {mix.codebook_from[kind]}" for kind in KINDS if kind in mix.codebooks]
-  return "\n".join(lines)
 
 
 def seed_for(seed: int, source_index: int) -> int:

@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import data
-from data import captions, default_dataset, digits, text_corpus
+from data import captions, default_dataset, digits, image_io, text_corpus
 from data.config import DataConfig
 from data.vocab import MOD_IMAGE
 
@@ -73,7 +73,7 @@ def _shifted_keys(split, cfg):
   for pixels in split.pixels_NxHxW:
     for dy in range(-s, s + 1):
       for dx in range(-s, s + 1):
-        keys.add(digits.patchify(digits.shift(pixels, dy, dx)[None], cfg.image_patch)[0].tobytes())
+        keys.add(digits.patchify(image_io.shift(pixels, dy, dx)[None], cfg.image_patch)[0].tobytes())
   return keys
 
 
@@ -107,10 +107,10 @@ def test_heldout_images_never_appear_in_training(shift):
 
 def test_shift_moves_pixels_and_fills_zeros():
   image = np.arange(64, dtype=np.float32).reshape(8, 8) + 1
-  moved = digits.shift(image, 1, -2)
+  moved = image_io.shift(image, 1, -2)
   np.testing.assert_array_equal(moved[1:, :6], image[:7, 2:])
   assert (moved[0] == 0).all() and (moved[:, 6:] == 0).all()
-  np.testing.assert_array_equal(digits.shift(image, 0, 0), image)
+  np.testing.assert_array_equal(image_io.shift(image, 0, 0), image)
 
 
 def test_codebooks_use_many_codes_and_build_fast():

@@ -241,7 +241,8 @@ def test_mixing_with_the_default_dataset(dataset):
                                                       "audio": mix.sources[0].name}
   # Training draws from the prepared folder and the default dataset's own three folders, the
   # default's weight split 0.7 / 0.15 / 0.15 (data.weight_image/audio/text).
-  assert [t.kind for t in mix.train_sources] == ["", "images", "tones", "text"]
+  assert [t.name for t in mix.train_sources] == [mix.sources[0].name] + [
+      f"{mix.sources[1].name} ({kind})" for kind in ("images", "tones", "text")]
   np.testing.assert_allclose([t.weight for t in mix.train_sources], [3.0, 0.7, 0.15, 0.15])
   keys = mixture.key_stream(mix, seed=0)
   counts = np.bincount([keys[g][0] for g in range(4000)], minlength=4)
