@@ -100,9 +100,9 @@ def _text_split(cfg: DataConfig, vocab: Vocab):
   def pieces(idx):
     out, nbytes = [], []
     for i in idx:
-      cut = vocab.text_tokenizer.cut(docs[i], cfg.seq_len - 2)
-      out += [(vocab.encode_text(p), j == len(cut) - 1) for j, p in enumerate(cut)]
-      nbytes += [len(p) for p in cut]
+      for piece, ids, last in vocab.text_pieces(docs[i], cfg.seq_len - 2):
+        out.append((ids, last))
+        nbytes.append(len(piece))
     return tuple(out), tuple(nbytes)
   return pieces(train), pieces(heldout)
 

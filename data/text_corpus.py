@@ -53,9 +53,3 @@ def split_documents(docs: list[bytes], heldout_fraction: float) -> tuple[list[in
   order = np.random.default_rng(SPLIT_SEED).permutation(len(docs))
   num_heldout = max(1, int(round(heldout_fraction * len(docs))))
   return sorted(order[num_heldout:].tolist()), sorted(order[:num_heldout].tolist())
-
-
-def chunks(doc: bytes, max_bytes: int) -> list[tuple[bytes, bool]]:
-  """Cut a document into pieces of at most `max_bytes`: [(piece, is_last_piece_of_document)]."""
-  pieces = [doc[i:i + max_bytes] for i in range(0, len(doc), max_bytes)]
-  return [(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]

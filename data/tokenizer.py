@@ -50,7 +50,7 @@ class ByteTokenizer:
     return np.asarray(ids).astype(np.uint8).tobytes()
 
   def cut(self, text: bytes, max_tokens: int) -> list[bytes]:
-    """Pieces of at most `max_tokens` bytes (like data/text_corpus.chunks)."""
+    """Pieces of at most `max_tokens` bytes."""
     return [text[i:i + max_tokens] for i in range(0, len(text), max_tokens)]
 
 

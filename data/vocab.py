@@ -79,11 +79,11 @@ class Vocab:
     ids = np.asarray(ids).reshape(-1)
     return self.text_tokenizer.decode(ids[self.is_text(ids)] - self.text_offset)
 
-  def text_pieces(self, text: bytes, max_tokens: int) -> list[tuple[np.ndarray, bool]]:
-    """A long text as [(ids, is_last_piece)], each piece at most `max_tokens` ids; the pieces'
-    texts concatenate to `text` (bytes: pieces of max_tokens bytes, like text_corpus.chunks)."""
+  def text_pieces(self, text: bytes, max_tokens: int) -> list[tuple[bytes, np.ndarray, bool]]:
+    """A long text as [(piece, its ids, is_last_piece)], each piece at most `max_tokens` ids; the
+    pieces concatenate to `text` (bytes: pieces of max_tokens bytes)."""
     pieces = self.text_tokenizer.cut(text, max_tokens)
-    return [(self.encode_text(p), i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    return [(p, self.encode_text(p), i == len(pieces) - 1) for i, p in enumerate(pieces)]
 
   def is_text(self, ids, xp=np):
     """True where an id is a text token (not a special)."""

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 import data
 from data import captions, default_dataset, digits, image_io, text_corpus
 from data.config import DataConfig
-from data.vocab import MOD_IMAGE
+from data.vocab import MOD_IMAGE, Vocab
 
 CFG = DataConfig()
 
@@ -176,12 +176,12 @@ def test_text_documents_deterministic_and_split():
   assert sorted(train + heldout) == list(range(len(docs)))
 
 
-def test_text_chunks_cover_document():
+def test_text_pieces_cover_document():
   doc = bytes(range(250))
-  pieces = text_corpus.chunks(doc, 100)
-  assert [len(p) for p, _ in pieces] == [100, 100, 50]
-  assert [last for _, last in pieces] == [False, False, True]
-  assert b"".join(p for p, _ in pieces) == doc
+  pieces = Vocab.from_config(DataConfig()).text_pieces(doc, 100)
+  assert [len(p) for p, _, _ in pieces] == [100, 100, 50]
+  assert [last for *_, last in pieces] == [False, False, True]
+  assert b"".join(p for p, _, _ in pieces) == doc
 
 
 def test_bad_configs_are_refused():

@@ -3,7 +3,6 @@ import dataclasses
 import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -72,13 +71,15 @@ def test_long_text_is_cut_into_pieces_that_fit_and_add_up(model, max_tokens):
   vocab = vocab_of(model)
   text = ("".join(TEXTS) * 3).encode()
   pieces = vocab.text_pieces(text, max_tokens)
-  assert len(pieces) > 1 and [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
-  assert all(0 < len(ids) <= max_tokens for ids, _ in pieces)
-  assert b"".join(vocab.decode_text(ids) for ids, _ in pieces) == text
-  # Bytes (the default) cut exactly like text_corpus.chunks.
+  assert len(pieces) > 1 and [last for *_, last in pieces] == [False] * (len(pieces) - 1) + [True]
+  assert all(0 < len(ids) <= max_tokens for _, ids, _ in pieces)
+  assert b"".join(vocab.decode_text(ids) for _, ids, _ in pieces) == text
+  assert b"".join(piece for piece, _, _ in pieces) == text
+  # Bytes (the default): consecutive slices of max_tokens bytes.
   byte_vocab = Vocab.from_config(DataConfig())
-  got = [(byte_vocab.decode_text(ids), last) for ids, last in byte_vocab.text_pieces(text, max_tokens)]
-  assert got == text_corpus.chunks(text, max_tokens)
+  got = [(byte_vocab.decode_text(ids), last) for _, ids, last in byte_vocab.text_pieces(text, max_tokens)]
+  want = [text[i:i + max_tokens] for i in range(0, len(text), max_tokens)]
+  assert got == [(p, i == len(want) - 1) for i, p in enumerate(want)]
 
 
 def test_default_dataset_text_and_bits_per_byte_denominator(model):
