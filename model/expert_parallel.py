@@ -64,8 +64,15 @@ def platform() -> str:
   return PLATFORM or jax.default_backend()
 
 
-def resolve_dispatch(mode: str, mesh) -> str:
-  """The mode to run (see the module docstring for `auto`)."""
+def expert_groups(mesh, num_experts: int) -> int:
+  """G: the devices the experts are split over (the `expert` axis, when it divides them), else 1."""
+  g = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1)
+  return g if num_experts % g == 0 else 1
+
+
+def resolve_dispatch(mode: str, mesh, num_experts: int) -> str:
+  """The mode to run (see the module docstring for `auto`); `num_experts` (with a mesh) says
+  whether the expert axis splits the experts: without that, ragged_all_to_all runs as all_gather."""
   if mode not in DISPATCH_MODES:
     raise ValueError(f"model.moe.dispatch={mode!r} must be one of {DISPATCH_MODES}")
   if mode == "ragged_all_to_all" and platform() == "cpu" and not EMULATE_RAGGED:
@@ -73,10 +80,11 @@ def resolve_dispatch(mode: str, mesh) -> str:
                      "implement ragged_all_to_all); use all_gather (dropless) or all_to_all")
   if mesh is None or mesh.empty or mesh.size == 1:
     return "local"
+  split = expert_groups(mesh, num_experts) > 1
   if mode == "auto":
-    on_accelerator = platform() in ("gpu", "tpu")
-    has_expert_axis = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1) > 1
-    return "ragged_all_to_all" if on_accelerator and has_expert_axis else "all_gather"
+    return "ragged_all_to_all" if platform() in ("gpu", "tpu") and split else "all_gather"
+  if mode == "ragged_all_to_all" and not split:
+    return "all_gather"          # no expert axis: every device runs all experts, nothing moves
   return mode
 
 
@@ -105,7 +113,7 @@ def rows_per_token(cfg, groups: int) -> float:
   return rows
 
 
-def capacity(cfg, tokens: int, slots: int, groups: int) -> int:
+def capacity(cfg, tokens: int, groups: int) -> int:
   """Rows each device may send each expert device (all_to_all): capacity_factor x the fair share
   of its tokens' rows; at most one row per token."""
   c = math.ceil(cfg.capacity_factor * tokens * rows_per_token(cfg, groups) / groups)
@@ -116,7 +124,7 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
                    w_down_ExHxD, cfg, *, batch_size: int):
   """(y_TxD, dropped assignments int32) for T = batch_size * L tokens, B-major (see module doc)."""
   mesh = jax.sharding.get_abstract_mesh()
-  mode = resolve_dispatch(cfg.dispatch, mesh)
+  mode = resolve_dispatch(cfg.dispatch, mesh, w_gate_ExDxH.shape[0])
   kw = dict(backend=cfg.backend, block_rows=cfg.block_rows)
   if mode == "local":
     y = swiglu_experts(x_TxD, expert_TxK, used_TxK, weight_TxK, w_gate_ExDxH, w_up_ExDxH,
@@ -129,9 +137,7 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
   tok_axes = () if tok is None else (tok,) if isinstance(tok, str) else tuple(tok)
   ep_axis = fit_spec(P("expert"), (E,), sizes)[0]          # None when G does not divide E
   tp_axis = fit_spec(P("tensor"), (H,), sizes)[0]
-  G = sizes["expert"] if ep_axis else 1
-  if G == 1 and mode == "ragged_all_to_all":
-    mode = "all_gather"          # no expert axis: every device runs all experts, nothing moves
+  G = expert_groups(mesh, E)
   tokens_split_over_ep = "expert" in tok_axes
   w_in = P(ep_axis, None, tp_axis)
   specs = (P(tok_axes), P(tok_axes), P(tok_axes), P(tok_axes), P(tok_axes),
@@ -197,7 +203,7 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
   def all_to_all_body(x, e, w, u, v, wg, wu, wd):
     (x, e, w, u, v), T0 = my_share([x, e, w, u, v])
     S = x.shape[0]
-    C = capacity(cfg, S, K, G)
+    C = capacity(cfg, S, G)
     rows, _ = rows_to_send(x, e, w, u, v, lambda d, f: _slots(d, f, G, C))
     exchange = ((lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)) if G > 1
                 else (lambda a: a))
@@ -230,7 +236,8 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
     recv_x = _ragged_exchange(send_x, *out, landing_G, came_from_G, n_recv, S)
     recv_w = _ragged_exchange(send_w, *out, landing_G, came_from_G, n_recv, S)
     recv_e = _ragged_all_to_all(send_e, jnp.full((n_recv, K), El, send_e.dtype), *out, S)
-    y_N, _ = _receiver_experts(recv_x, recv_e, recv_w, El, n_recv * K, wg, wu, wd, kw)
+    # Dropless: every received assignment runs (no compact list, unlike all_to_all).
+    y_N = swiglu_experts(recv_x, jnp.minimum(recv_e, El - 1), recv_e < El, recv_w, wg, wu, wd, **kw)
     back_N = _ragged_exchange(finish(y_N), landing_G, recv_G, came_from_G, sizes_G,
                               offsets_G, there_G, n_send, S)
     return combine_back(back_N, rows, S, T0), jnp.zeros((), jnp.int32)
@@ -255,7 +262,6 @@ def _ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G, cap:
 def _emulated_ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G, cap: int):
   """The semantics of jax.lax.ragged_all_to_all over `expert` from a padded all_to_all (`cap`
   rows at most per pair), for the tests on CPU."""
-  G = sizes_G.shape[0]
   i_C = jnp.arange(cap)
   take_GxC = jnp.where(i_C < sizes_G[:, None], offsets_G[:, None] + i_C, x_NxD.shape[0])
   blocks = jnp.take(x_NxD, take_GxC.reshape(-1), axis=0, mode="fill", fill_value=0)

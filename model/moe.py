@@ -47,7 +47,7 @@ class MoE(nnx.Module):
     if cfg.router == "dynamic" and not 1 <= cfg.k_min <= cfg.k_max <= E:
       raise ValueError(f"moe.k_min={cfg.k_min}, k_max={cfg.k_max} need 1 <= k_min <= k_max <= "
                        f"num_experts={E}")
-    resolve_dispatch(cfg.dispatch, None)   # a bad mode fails when the model is built
+    resolve_dispatch(cfg.dispatch, None, cfg.num_experts)   # a bad mode fails when the model is built
     if cfg.capacity_factor <= 0:
       raise ValueError(f"moe.capacity_factor={cfg.capacity_factor} must be > 0")
     if cfg.num_groups < 1 or E % cfg.num_groups:
@@ -94,7 +94,7 @@ class MoE(nnx.Module):
                bias_MxE: jax.Array | None = None) -> tuple[jax.Array, dict]:
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
-    T, E = B * L, cfg.num_experts
+    T = B * L
     x_TxD = x_BxLxD.reshape(T, D).astype(self.dtype)
     valid_T = segment_ids_BxL.reshape(T) > 0
 

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     distributed.initialize(ns.coordinator_address, ns.num_processes, ns.process_id)
     from model.expert_parallel import resolve_dispatch
-    resolve_dispatch(cfg.model.moe.dispatch, None)   # ragged_all_to_all on CPU: one line, exit 2
+    resolve_dispatch(cfg.model.moe.dispatch, None, cfg.model.moe.num_experts)   # ragged on CPU: one line, exit 2
   except ValueError as e:
     return _fail(EXIT_USAGE, str(e))
   try:

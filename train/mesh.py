@@ -64,7 +64,7 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
     raise ConfigError("config key 'mesh.within_rack.context': context parallelism is not built yet; "
                       "keep it 1")
   across = _resolve("across_racks", vars(cfg.across_racks), len(racks), "racks")
-  within = _resolve("within_rack", vars(cfg.within_rack), rack_size, f"devices of a rack")
+  within = _resolve("within_rack", vars(cfg.within_rack), rack_size, "devices of a rack")
   across_shape = (across["data"], across["fsdp"], 1, 1, 1)
   within_shape = tuple(within[a] for a in AXES)
   if devices[0].platform == "cpu" or len(racks) == 1 and cfg.rack_size:

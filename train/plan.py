@@ -122,10 +122,8 @@ def _plan(cfg: Config, platform: str) -> dict:
   devices = mesh.devices.size
   params = setup.abstract_state["params"]
   moe = cfg.model.moe
-  dispatch = expert_parallel.resolve_dispatch(moe.dispatch, mesh)
-  G = mesh.shape["expert"] if moe.num_experts % mesh.shape["expert"] == 0 else 1
-  if dispatch == "ragged_all_to_all" and G == 1:
-    dispatch = "all_gather"
+  dispatch = expert_parallel.resolve_dispatch(moe.dispatch, mesh, moe.num_experts)
+  G = expert_parallel.expert_groups(mesh, moe.num_experts)
   collectives = collective_bytes(compiled.as_text())
   out = {
       "platform": platform,
