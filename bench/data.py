@@ -33,10 +33,11 @@ import time
 import jax
 import numpy as np
 
-import data
-from data import demo_files, prepare
-from data.config import Source
-from train import config as config_lib
+from omnimoe import data
+from omnimoe.data.builtin import demo_files
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.config import Source
+from omnimoe.train import config as config_lib
 
 GOAL = 5.0
 
@@ -60,9 +61,9 @@ def time_pipeline(data_cfg, *, batch_size: int, seed: int, batches: int) -> dict
 
 
 def time_train_steps(cfg, *, steps: int) -> dict:
-  from train.mesh import batch_sharding, global_batch, make_mesh
-  from train.state import init_state, make_setup
-  from train.step import make_train_step
+  from omnimoe.train.mesh import batch_sharding, global_batch, make_mesh
+  from omnimoe.train.state import init_state, make_setup
+  from omnimoe.train.step import make_train_step
   mesh = make_mesh()
   info = data.dataset_info(cfg.data, cfg.train.seed)
   setup = make_setup(cfg, mesh, info)

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import MoEConfig
-from model.moe import MoE
-from model.router import top_k_routing
+from omnimoe.model.config import MoEConfig
+from omnimoe.model.moe import MoE
+from omnimoe.model.router import top_k_routing
 
 BACKENDS = ("blocked", "ragged_dot", "dense", "onehot")
 ONEHOT_CHUNK = 8     # experts per einsum of the one-hot baseline

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from model.config import ModelConfig
-from model.decoder import Decoder
-from model.synthetic import synthetic_batch
+from omnimoe.model.config import ModelConfig
+from omnimoe.model.decoder import Decoder
+from omnimoe.model.synthetic import synthetic_batch
 
 
 def step_time(cfg: ModelConfig, batch: dict, vocab_size: int, feature_dim: int, steps: int):

@@ -11,15 +11,15 @@ Public API (the trainer depends on these names):
   heldout_text_bytes(cfg, *, batch_size) -> UTF-8 bytes of each of those batches
   prompt_set(cfg, *, modality, seed, max_new_tokens, limit=None) -> PromptSet
 """
-from data.captions import EVAL_PROMPT
-from data.config import DataConfig
-from data.default_dataset import DatasetInfo
-from data.heldout_text import heldout_text_batches, heldout_text_bytes
-from data.packing import BATCH_KEYS
-from data.pipeline import dataset_info, eval_batches, eval_batches_by_source, train_iterator
-from data.prompts import PromptSet, prompt_set
-from data.sources import has_default as has_default_source
-from data.vocab import Vocab
+from omnimoe.data.builtin.captions import EVAL_PROMPT
+from omnimoe.data.config import DataConfig
+from omnimoe.data.builtin.default_dataset import DatasetInfo
+from omnimoe.data.pipeline.heldout_text import heldout_text_batches, heldout_text_bytes
+from omnimoe.data.packing import BATCH_KEYS
+from omnimoe.data.pipeline.api import dataset_info, eval_batches, eval_batches_by_source, train_iterator
+from omnimoe.data.pipeline.prompts import PromptSet, prompt_set
+from omnimoe.data.pipeline.sources import has_default as has_default_source
+from omnimoe.data.vocab import Vocab
 
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DatasetInfo", "EVAL_PROMPT", "PromptSet", "Vocab",

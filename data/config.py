@@ -35,7 +35,7 @@ class DataConfig:
   image_side: int = 8             # `omnimoe prepare`: images are resized to side x side pixels
   image_channels: int = 1         # `omnimoe prepare`: 1 = grayscale, 3 = RGB (channels innermost)
   tokenizer: str = ""             # text tokenizer: "" = UTF-8 bytes; else a sentencepiece .model file
-                                  # (relative: from the current directory; `python -m data.tokenizer
+                                  # (relative: from the current directory; `python -m omnimoe.data.tokenizer
                                   # train` makes one); the vocabulary grows to its pieces
 
 

@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data import vocab as vocab_lib
+from omnimoe.data import vocab as vocab_lib
+from omnimoe.model.modality import AUDIO, IMAGE, TEXT
 
 
 class Media(NamedTuple):
@@ -19,7 +20,7 @@ class Media(NamedTuple):
   features_MxF: np.ndarray    # float32 [M, F] patch / frame vectors, zero-padded to F
   positions_Mx3: np.ndarray   # int32 [M, 3] (t, h, w) as if the media started at running index 0
   span: int                   # how far the running index advances past the media
-  modality: int               # vocab.MOD_IMAGE or vocab.MOD_AUDIO
+  modality: int               # IMAGE.code or AUDIO.code (model/modality.py)
 
 
 class Example(NamedTuple):
@@ -41,13 +42,13 @@ def image_media(ids_M: np.ndarray, patches_MxD: np.ndarray, grid: tuple[int, int
   r, c = np.divmod(np.arange(rows * cols), cols)
   positions = np.stack([np.zeros_like(r), r, c], axis=1).astype(np.int32)
   return Media(np.asarray(ids_M, np.int32), pad_features(patches_MxD, feature_dim), positions,
-               max(rows, cols), vocab_lib.MOD_IMAGE)
+               max(rows, cols), IMAGE.code)
 
 
 def audio_media(ids_M: np.ndarray, frames_MxD: np.ndarray, feature_dim: int) -> Media:
   j = np.arange(len(ids_M), dtype=np.int32)
   return Media(np.asarray(ids_M, np.int32), pad_features(frames_MxD, feature_dim),
-               np.stack([j, j, j], axis=1), len(ids_M), vocab_lib.MOD_AUDIO)
+               np.stack([j, j, j], axis=1), len(ids_M), AUDIO.code)
 
 
 def _text_positions(start: int, n: int) -> np.ndarray:
@@ -62,13 +63,13 @@ def make_example(text_ids: np.ndarray, feature_dim: int, media: Media | None = N
     head = np.asarray([vocab_lib.BOS], np.int32)
     tokens = np.concatenate([head, tail])
     return Example(tokens, np.zeros((len(tokens), feature_dim), np.float32),
-                   np.full(len(tokens), vocab_lib.MOD_TEXT, np.int8),
+                   np.full(len(tokens), TEXT.code, np.int8),
                    _text_positions(0, len(tokens)))
   m = len(media.tokens_M)
   tokens = np.concatenate([[vocab_lib.BOS], media.tokens_M, tail]).astype(np.int32)
   features = np.zeros((len(tokens), feature_dim), np.float32)
   features[1:1 + m] = media.features_MxF
-  modality = np.full(len(tokens), vocab_lib.MOD_TEXT, np.int8)
+  modality = np.full(len(tokens), TEXT.code, np.int8)
   modality[1:1 + m] = media.modality
   positions = np.concatenate([_text_positions(0, 1), media.positions_Mx3 + 1,
                               _text_positions(1 + media.span, len(tail))])
@@ -84,7 +85,7 @@ def make_sequence(parts, feature_dim: int, eos: bool = True) -> Example:
   """
   tokens = [np.asarray([vocab_lib.BOS], np.int32)]
   features = [np.zeros((1, feature_dim), np.float32)]
-  modality = [np.full(1, vocab_lib.MOD_TEXT, np.int8)]
+  modality = [np.full(1, TEXT.code, np.int8)]
   positions = [_text_positions(0, 1)]
   start = 1
   for part in parts:
@@ -98,13 +99,13 @@ def make_sequence(parts, feature_dim: int, eos: bool = True) -> Example:
       n = len(part)
       tokens.append(np.asarray(part, np.int32))
       features.append(np.zeros((n, feature_dim), np.float32))
-      modality.append(np.full(n, vocab_lib.MOD_TEXT, np.int8))
+      modality.append(np.full(n, TEXT.code, np.int8))
       positions.append(_text_positions(start, n))
       start += n
   if eos:
     tokens.append(np.asarray([vocab_lib.EOS], np.int32))
     features.append(np.zeros((1, feature_dim), np.float32))
-    modality.append(np.full(1, vocab_lib.MOD_TEXT, np.int8))
+    modality.append(np.full(1, TEXT.code, np.int8))
     positions.append(_text_positions(start, 1))
   return Example(np.concatenate(tokens), np.concatenate(features), np.concatenate(modality),
                  np.concatenate(positions).astype(np.int32))

@@ -6,7 +6,7 @@ Each row holds whole examples back to back (segment ids 1, 2, ...) and padding a
 """
 import numpy as np
 
-from data.examples import Example
+from omnimoe.data.examples import Example
 
 BATCH_KEYS = ("tokens", "features", "modality", "segment_ids", "positions", "targets",
               "loss_weights")

@@ -14,7 +14,7 @@ takes at most N tokens, and the pieces concatenate to the text (cuts fall on cha
 
 Train a model on your own text, offline:
 
-  python -m data.tokenizer train TEXT_OR_MANIFEST... --vocab 2000 --out runs/tok.model
+  python -m omnimoe.data.tokenizer train TEXT_OR_MANIFEST... --vocab 2000 --out runs/tok.model
 
 Inputs ending in `.jsonl` are read as `omnimoe prepare` manifests (their text parts); any other
 file is plain UTF-8 text, one paragraph per blank-line-separated block.
@@ -114,7 +114,7 @@ def load(path: str | pathlib.Path) -> ByteTokenizer | SentencePieceTokenizer:
     where = "" if given.is_absolute() else " (a relative path is read from the current directory)"
     what = "is not a file" if full.exists() else "does not exist"
     raise TokenizerError(f"data.tokenizer '{full}' {what}{where}; train one with "
-                         f"`python -m data.tokenizer train TEXT --vocab N --out {given}`")
+                         f"`python -m omnimoe.data.tokenizer train TEXT --vocab N --out {given}`")
   stat = full.stat()
   return _load(full, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
@@ -159,7 +159,7 @@ def describe(fingerprint: str, path: str = "") -> str:
 
 def read_texts(paths: Iterable[str | pathlib.Path]) -> Iterator[str]:
   """Paragraphs of plain text files, and the text parts of `.jsonl` manifests."""
-  from data import manifest as manifest_lib
+  from omnimoe.data.prepare import manifest as manifest_lib
   for path in map(pathlib.Path, paths):
     if not path.is_file():
       raise TokenizerError(f"training text '{path.absolute()}' does not exist")
@@ -215,7 +215,7 @@ def train(texts: Iterable[str], vocab_size: int, out: str | pathlib.Path, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m data.tokenizer",
+  p = argparse.ArgumentParser(prog="python -m omnimoe.data.tokenizer",
                               description="Train a sentencepiece model for data.tokenizer.")
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train a model on text files or prepare manifests (offline)")

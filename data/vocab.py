@@ -15,16 +15,14 @@ import dataclasses
 
 import numpy as np
 
-from data import tokenizer as tokenizer_lib
-from data.config import DataConfig
+from omnimoe.data import tokenizer as tokenizer_lib
+from omnimoe.model.modality import AUDIO, IMAGE, PAD as NO_MODALITY, TEXT
+from omnimoe.data.config import DataConfig
 
 PAD, BOS, EOS = 0, 1, 2
 NUM_SPECIALS = 4            # PAD, BOS, EOS and one reserved id
 NUM_BYTES = 256
 SIZE_MULTIPLE = 128
-
-# Values of the `modality` array and of `Vocab.modality_of`.
-MOD_PAD, MOD_TEXT, MOD_IMAGE, MOD_AUDIO = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +95,10 @@ class Vocab:
     special except PAD) count as text, as in the batch's `modality` array and its loss weights.
     """
     ids = xp.asarray(ids)
-    special = MOD_TEXT if specials_as_text else MOD_PAD
-    out = xp.where(ids < self.image_offset, MOD_TEXT, MOD_IMAGE)
-    out = xp.where(ids < self.text_offset, xp.where(ids == self.pad, MOD_PAD, special), out)
-    out = xp.where(ids >= self.audio_offset, MOD_AUDIO, out)
+    special = TEXT.code if specials_as_text else NO_MODALITY.code
+    out = xp.where(ids < self.image_offset, TEXT.code, IMAGE.code)
+    out = xp.where(ids < self.text_offset, xp.where(ids == self.pad, NO_MODALITY.code, special), out)
+    out = xp.where(ids >= self.audio_offset, AUDIO.code, out)
     return out.astype(xp.int8)
 
   def image_ids(self, codes: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ Backends:
 import jax
 import jax.numpy as jnp
 
-from model.blockwise_attention import blockwise_attention
+from omnimoe.model.blockwise_attention import blockwise_attention
 
 IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn")
 

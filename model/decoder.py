@@ -17,15 +17,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import ModelConfig
-from model.embed import MultimodalEmbed
-from model.mlp import SwiGLU
-from model.moe import MoE
-from model.norm import RMSNorm
-from model.rope import rope_angles
-from model.router import init_router_state
-from model.self_attention import SelfAttention
-from model.sharding import constrain, param, require_auto_axes
+from omnimoe.model.config import ModelConfig
+from omnimoe.model.embed import MultimodalEmbed
+from omnimoe.model.mlp import SwiGLU
+from omnimoe.model.moe import MoE
+from omnimoe.model.norm import RMSNorm
+from omnimoe.model.rope import rope_angles
+from omnimoe.model.router import init_router_state
+from omnimoe.model.self_attention import SelfAttention
+from omnimoe.model.sharding import constrain, param, require_auto_axes
 
 ACT = ("batch", "length", "act_embed")
 

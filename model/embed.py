@@ -1,16 +1,16 @@
 """Input embedding of the unified sequence.
 
-Text and specials (modality 0 pad, 1 text) look up `tokens` in a table over the vocabulary;
-image (2) and audio (3) positions project their continuous `features` with a per-modality linear
-embedder plus a learned per-modality bias. The modality picks which one each position gets.
+Text and specials (modalities pad and text) look up `tokens` in a table over the vocabulary;
+media positions (`modality.MEDIA`: image, audio) project their continuous `features` with a
+per-modality linear embedder plus a learned per-modality bias. The modality picks which one each
+position gets.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.sharding import constrain, param
-
-IMAGE, AUDIO = 2, 3
+from omnimoe.model.modality import MEDIA
+from omnimoe.model.sharding import constrain, param
 
 
 class MultimodalEmbed(nnx.Module):
@@ -21,10 +21,10 @@ class MultimodalEmbed(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.table_VxD = param(rngs, normal(1.0), (vocab_size, d_model), ("vocab", "embed"),
                            param_dtype)
-    # Row 0: image embedder, row 1: audio embedder.
-    self.proj_MxFxD = param(rngs, normal(feature_dim ** -0.5), (2, feature_dim, d_model),
+    # Row i embeds MEDIA[i] (image, audio).
+    self.proj_MxFxD = param(rngs, normal(feature_dim ** -0.5), (len(MEDIA), feature_dim, d_model),
                             (None, None, "embed"), param_dtype)
-    self.bias_MxD = param(rngs, jax.nn.initializers.zeros, (2, d_model), (None, "embed"),
+    self.bias_MxD = param(rngs, jax.nn.initializers.zeros, (len(MEDIA), d_model), (None, "embed"),
                           param_dtype)
 
   def __call__(self, tokens_BxL, features_BxLxF, modality_BxL) -> jax.Array:
@@ -35,7 +35,8 @@ class MultimodalEmbed(nnx.Module):
     proj = self.proj_MxFxD[...].astype(self.dtype)
     bias = self.bias_MxD[...].astype(self.dtype)
     feats = features_BxLxF.astype(self.dtype)
-    image_BxLxD = feats @ proj[0] + bias[0]
-    audio_BxLxD = feats @ proj[1] + bias[1]
     m = modality_BxL[..., None]
-    return jnp.where(m == IMAGE, image_BxLxD, jnp.where(m == AUDIO, audio_BxLxD, text_BxLxD))
+    out_BxLxD = text_BxLxD
+    for i, media in enumerate(MEDIA):
+      out_BxLxD = jnp.where(m == media.code, feats @ proj[i] + bias[i], out_BxLxD)
+    return out_BxLxD

@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from model import grouped_matmul as gmm
-from model.sharding import fit_spec
+from omnimoe.model import grouped_matmul as gmm
+from omnimoe.model.sharding import fit_spec
 
 DISPATCH_MODES = ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_all")
 # Tests set this to run ragged_all_to_all's bookkeeping on CPU, with the collective emulated by

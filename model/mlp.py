@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.sharding import param
+from omnimoe.model.sharding import param
 
 
 class SwiGLU(nnx.Module):

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.expert_parallel import resolve_dispatch, routed_experts
-from model.config import MoEConfig
-from model.mlp import SwiGLU
-from model.router import balance_stats, dynamic_routing, top_k_routing
-from model.sharding import param
+from omnimoe.model.expert_parallel import resolve_dispatch, routed_experts
+from omnimoe.model.config import MoEConfig
+from omnimoe.model.mlp import SwiGLU
+from omnimoe.model.router import balance_stats, dynamic_routing, top_k_routing
+from omnimoe.model.sharding import param
 
 ROUTERS = ("topk", "dynamic")
 

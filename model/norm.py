@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.sharding import param
+from omnimoe.model.sharding import param
 
 
 class RMSNorm(nnx.Module):

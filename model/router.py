@@ -11,7 +11,7 @@ jit with a data-sharded batch that is the global batch (XLA inserts the cross-de
 import jax
 import jax.numpy as jnp
 
-MODALITIES = ("text", "image", "audio")   # modality ids 1, 2, 3 of the batch contract
+from omnimoe.model.modality import CODES, NAMES as MODALITIES
 
 
 def group_limit(scores_TxE: jax.Array, num_groups: int, max_groups: int) -> jax.Array:
@@ -155,7 +155,7 @@ def balance_stats(logits_TxE: jax.Array, probs_TxE: jax.Array, expert_TxK: jax.A
       "router_entropy": jax.lax.stop_gradient(jnp.sum(entropy_T * v_T) / n),
   }
   if modality_T is not None:
-    m_TxM = (modality_T[:, None] == jnp.arange(1, len(MODALITIES) + 1)).astype(jnp.float32)
+    m_TxM = (modality_T[:, None] == jnp.asarray(CODES)).astype(jnp.float32)
     mv_TxM = m_TxM * v_T[:, None]
     counts_MxE = jnp.einsum("tm,te->me", mv_TxM, onehot_TxE)
     aux["expert_load_by_modality"] = counts_MxE / jnp.maximum(

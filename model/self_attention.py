@@ -3,11 +3,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import attend
-from model.config import ModelConfig
-from model.norm import RMSNorm
-from model.rope import apply_rope
-from model.sharding import constrain, param
+from omnimoe.model.attention import attend
+from omnimoe.model.config import ModelConfig
+from omnimoe.model.norm import RMSNorm
+from omnimoe.model.rope import apply_rope
+from omnimoe.model.sharding import constrain, param
 
 HEADS = ("batch", "length", "act_heads", None)
 

@@ -30,8 +30,8 @@ def test_onehot_baseline_equals_the_moe_layer():
   import jax
   import numpy as np
   from flax import nnx
-  from model.config import MoEConfig
-  from model.moe import MoE
+  from omnimoe.model.config import MoEConfig
+  from omnimoe.model.moe import MoE
   cfg = MoEConfig(num_experts=16, top_k=2, expert_hidden=8, backend="blocked")
   layer = MoE(8, cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (1, 32, 8))

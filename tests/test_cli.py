@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from train.cli import main
+from omnimoe.train.cli import main
 
 ROOT = pathlib.Path(__file__).parent.parent
 # A model small enough that a few steps take seconds on 2 cores.
@@ -22,7 +22,7 @@ SMALL = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.n
 
 
 def run_cli(*args, **kw):
-  return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=ROOT, capture_output=True,
+  return subprocess.run([sys.executable, "-m", "omnimoe.train.cli", *args], cwd=ROOT, capture_output=True,
                         text=True, **kw)
 
 
@@ -79,7 +79,7 @@ def test_sigkill_midway_then_resume_is_bit_identical(tmp_path):
   assert full.returncode == 0, full.stderr
 
   killed_dir = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, "-m", "train.cli", "train", *args, "--workdir",
+  proc = subprocess.Popen([sys.executable, "-m", "omnimoe.train.cli", "train", *args, "--workdir",
                            str(killed_dir)], cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
@@ -137,7 +137,7 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_loss_exits_4_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-  import data
+  from omnimoe import data
   real = data.train_iterator
 
   class Poisoned:
@@ -171,7 +171,7 @@ def test_non_finite_loss_exits_4_and_keeps_last_good_checkpoint(tmp_path, monkey
 
 
 def test_overrides_may_follow_options():
-  from train.cli import _parse
+  from omnimoe.train.cli import _parse
   ns = _parse(["train", "configs/tiny.yaml", "--workdir", "runs/x", "train.steps=5", "model.num_layers=2"])
   assert ns.args == ["configs/tiny.yaml", "train.steps=5", "model.num_layers=2"]
   assert ns.workdir == "runs/x"

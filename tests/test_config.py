@@ -2,8 +2,8 @@ import pathlib
 
 import pytest
 
-from train import config as config_lib
-from train.config import Config, ConfigError
+from omnimoe.train import config as config_lib
+from omnimoe.train.config import Config, ConfigError
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -95,7 +95,7 @@ def test_dynamic_router_keys_are_checked(overrides, needle):
 
 
 def test_data_sources_override_parses_to_typed_records(tmp_path):
-  from data.config import Source
+  from omnimoe.data.config import Source
   cfg = config_lib.load(None, ["data.sources=[{path: runs/prep, weight: 1.0}, {path: default, weight: 2}, other]"])
   assert cfg.data.sources == (Source("runs/prep", 1.0), Source("default", 2.0), Source("other", 1.0))
   assert isinstance(cfg.data.sources[1].weight, float)

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-import data
-from data import captions, default_dataset, digits, image_io, text_corpus
-from data.config import DataConfig
-from data.vocab import MOD_IMAGE, Vocab
+from omnimoe import data
+from omnimoe.data.builtin import captions
+from omnimoe.data.builtin import default_dataset
+from omnimoe.data.builtin import digits
+from omnimoe.data.prepare import image_io
+from omnimoe.data.builtin import text_corpus
+from omnimoe.data.config import DataConfig
+from omnimoe.data.vocab import Vocab
+from omnimoe.model.modality import IMAGE
 
 CFG = DataConfig()
 
@@ -91,7 +96,7 @@ def test_heldout_images_never_appear_in_training(shift):
     batch = next(it)
     for row in range(16):
       for seg in np.unique(batch["segment_ids"][row])[1:]:
-        where = (batch["segment_ids"][row] == seg) & (batch["modality"][row] == MOD_IMAGE)
+        where = (batch["segment_ids"][row] == seg) & (batch["modality"][row] == IMAGE.code)
         if where.any():
           key = batch["features"][row][where][:, :cfg.image_patch ** 2].tobytes()
           assert key in train and key not in heldout

@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-import data
-from data import captions as captions_lib
-from data import default_dataset, default_manifest, dtmf, prepare, records, text_corpus
-from data.captions import WORDS
-from data.config import DataConfig, Source
-from data.vocab import MOD_AUDIO, MOD_IMAGE
+from omnimoe import data
+from omnimoe.data.builtin import captions as captions_lib
+from omnimoe.data import records
+from omnimoe.data.builtin import default_dataset
+from omnimoe.data.builtin import files as default_manifest
+from omnimoe.data.builtin import dtmf
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.builtin import text_corpus
+from omnimoe.data.builtin.captions import WORDS
+from omnimoe.data.config import DataConfig, Source
+from omnimoe.model.modality import AUDIO, IMAGE
 
 CFG = DataConfig(image_patch=4, image_side=8, image_channels=1, sample_rate=8000, seq_len=128,
                  heldout_fraction=0.2, prefetch=0)   # pinned: the defaults get tuned
@@ -206,7 +211,7 @@ def test_cli_writes_a_subset_and_a_run_reads_it(tmp_path, capsys):
   seen = set()
   for _ in range(3):
     seen |= set(np.unique(next(it)["modality"]).tolist())
-  assert {MOD_IMAGE, MOD_AUDIO} <= seen
+  assert {IMAGE.code, AUDIO.code} <= seen
 
 
 def test_same_seed_same_files(tmp_path):

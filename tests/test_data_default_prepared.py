@@ -16,9 +16,13 @@ import threading
 import numpy as np
 import pytest
 
-from data import captions as captions_lib
-from data import default_dataset, default_manifest, default_prepared, prepare, prepared
-from data.config import DataConfig
+from omnimoe.data.builtin import captions as captions_lib
+from omnimoe.data.builtin import default_dataset
+from omnimoe.data.builtin import files as default_manifest
+from omnimoe.data.builtin import cache as default_prepared
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.prepare import folder as prepared
+from omnimoe.data.config import DataConfig
 
 CFG = DataConfig(image_patch=4, image_side=8, image_channels=1, sample_rate=8000, seq_len=128,
                  heldout_fraction=0.2, prefetch=0)   # pinned: the defaults get tuned
@@ -149,8 +153,8 @@ def test_concurrent_builds_in_threads_yield_one_complete_folder(tmp_path, monkey
 
 
 def test_concurrent_builds_in_processes_yield_one_complete_folder(tmp_path):
-  code = ("import json, pathlib, sys; from data import default_prepared as d; "
-          "from data.config import DataConfig; "
+  code = ("import json, pathlib, sys; from omnimoe.data.builtin import cache as d; "
+          "from omnimoe.data.config import DataConfig; "
           f"out = d.ensure(DataConfig(), pathlib.Path(sys.argv[1]), **{SMALL!r}); "
           "print(json.dumps([str(p) for p, _ in out]))")
   env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -3,8 +3,9 @@ O(1) values."""
 import numpy as np
 import pytest
 
-from data import dtmf
-from data.config import DataConfig
+from omnimoe.data.builtin import dtmf
+from omnimoe.data.prepare import log_mel as log_mel_lib
+from omnimoe.data.config import DataConfig
 
 CFG = DataConfig()
 
@@ -65,18 +66,18 @@ def test_log_mel_shape_and_scale():
 
 def test_log_mel_peak_band_matches_tone():
   """The loudest mel band of a clean tone contains the (high) column frequency of its key."""
-  edges = dtmf._mel_to_hz(np.linspace(0, dtmf._hz_to_mel(CFG.sample_rate / 2), CFG.n_mels + 2))
+  edges = log_mel_lib._mel_to_hz(np.linspace(0, log_mel_lib._hz_to_mel(CFG.sample_rate / 2), CFG.n_mels + 2))
   for digit in range(10):
     t = np.arange(dtmf.num_samples(CFG)) / CFG.sample_rate
     col_hz = dtmf.KEY_HZ[digit][1]
-    frames = dtmf.log_mel(np.sin(2 * np.pi * col_hz * t).astype(np.float32), CFG)
+    frames = log_mel_lib.log_mel(np.sin(2 * np.pi * col_hz * t).astype(np.float32), CFG)
     band = frames.mean(0).argmax()
     assert edges[band] <= col_hz <= edges[band + 2]
 
 
 def test_filterbank_has_no_empty_band():
   for n_mels in (24, 40, 80):
-    bank = dtmf.mel_filterbank(CFG.sample_rate, CFG.frame_len, n_mels)
+    bank = log_mel_lib.mel_filterbank(CFG.sample_rate, CFG.frame_len, n_mels)
     np.testing.assert_allclose(bank.sum(0), 1.0, rtol=1e-5)
 
 

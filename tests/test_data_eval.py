@@ -2,11 +2,15 @@
 import numpy as np
 import pytest
 
-import data
-from data import captions, default_dataset, sampler, text_corpus
-from data.config import DataConfig
-from data.examples import make_example
-from data.vocab import BOS, EOS, MOD_AUDIO, MOD_IMAGE
+from omnimoe import data
+from omnimoe.data.builtin import captions
+from omnimoe.data.builtin import default_dataset
+from omnimoe.data.pipeline import sampler
+from omnimoe.data.builtin import text_corpus
+from omnimoe.data.config import DataConfig
+from omnimoe.data.examples import make_example
+from omnimoe.data.vocab import BOS, EOS
+from omnimoe.model.modality import AUDIO, IMAGE
 
 CFG = DataConfig()
 
@@ -33,7 +37,7 @@ def test_eval_batches_deterministic_and_held_out(ds):
     for r in range(8):
       segs = batch["segment_ids"][r]
       for seg in np.unique(segs)[1:]:
-        where = (segs == seg) & (batch["modality"][r] == MOD_IMAGE)
+        where = (segs == seg) & (batch["modality"][r] == IMAGE.code)
         if where.any():
           assert batch["features"][r][where].tobytes() in heldout
           assert batch["features"][r][where].tobytes() not in train
@@ -43,8 +47,8 @@ def test_eval_batches_deterministic_and_held_out(ds):
   train_batch = data.train_iterator(CFG, batch_size=8, seed=0)
   first = next(train_batch)
   train_batch.close()
-  train_frames = {f.tobytes() for f in first["features"][first["modality"] == MOD_AUDIO]}
-  eval_frames = {f.tobytes() for f in a[0]["features"][a[0]["modality"] == MOD_AUDIO]}
+  train_frames = {f.tobytes() for f in first["features"][first["modality"] == AUDIO.code]}
+  eval_frames = {f.tobytes() for f in a[0]["features"][a[0]["modality"] == AUDIO.code]}
   assert eval_frames and not train_frames & eval_frames
 
 
@@ -74,7 +78,7 @@ def test_prompt_set_matches_training_template(ds, modality):
   prompt = data.EVAL_PROMPT.encode()
   assert n == 20 and ps.prompt_len == 1 + media_len + len(prompt) and width == ps.prompt_len + 6
   assert set(ps.batch) >= {"tokens", "features", "modality", "segment_ids", "positions"}
-  mod = MOD_IMAGE if modality == "image" else MOD_AUDIO
+  mod = IMAGE.code if modality == "image" else AUDIO.code
   for r in range(n):
     tokens = ps.batch["tokens"][r]
     assert tokens[0] == BOS
@@ -122,8 +126,8 @@ def test_audio_prompts_are_seeded_fresh_tones(ds):
   it = data.train_iterator(CFG, batch_size=8, seed=0)
   first = next(it)
   it.close()
-  train_frames = {f.tobytes() for f in first["features"][first["modality"] == MOD_AUDIO]}
-  prompt_frames = {f.tobytes() for f in a.batch["features"][a.batch["modality"] == MOD_AUDIO]}
+  train_frames = {f.tobytes() for f in first["features"][first["modality"] == AUDIO.code]}
+  prompt_frames = {f.tobytes() for f in a.batch["features"][a.batch["modality"] == AUDIO.code]}
   assert not train_frames & prompt_frames
   with pytest.raises(ValueError, match="modality"):
     data.prompt_set(CFG, modality="video", seed=0, max_new_tokens=2)

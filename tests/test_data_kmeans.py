@@ -1,7 +1,7 @@
 """k-means codebooks: recovers separated clusters, deterministic per seed, no NaN on duplicates."""
 import numpy as np
 
-from data import kmeans
+from omnimoe.data.prepare import kmeans
 
 
 def test_recovers_separated_clusters():

@@ -5,9 +5,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import audio_io, digits, dtmf, image_io, manifest, records
-from data.config import DataConfig
-from data.demo_files import write_png, write_wav
+from omnimoe.data import records
+from omnimoe.data.prepare import audio_io
+from omnimoe.data.builtin import digits
+from omnimoe.data.builtin import dtmf
+from omnimoe.data.prepare import log_mel as log_mel_lib
+from omnimoe.data.prepare import image_io
+from omnimoe.data.prepare import manifest
+from omnimoe.data.config import DataConfig
+from omnimoe.data.builtin.demo_files import write_png, write_wav
 
 CFG = DataConfig(image_patch=2, image_side=8, image_channels=1, sample_rate=8000)   # pinned: defaults get tuned
 
@@ -160,7 +166,7 @@ def test_wav_frames_are_the_default_log_mel(tmp_path):
   write_wav(tmp_path / "t.wav", tone, CFG.sample_rate)
   frames = audio_io.load_frames(tmp_path / "t.wav", CFG)
   quantized = np.round(np.clip(tone, -1, 1) * 32768).clip(-32768, 32767) / 32768
-  np.testing.assert_array_equal(frames, dtmf.log_mel(quantized.astype(np.float32), CFG))
+  np.testing.assert_array_equal(frames, log_mel_lib.log_mel(quantized.astype(np.float32), CFG))
   assert frames.shape == (dtmf.num_frames(CFG), CFG.n_mels)
 
 

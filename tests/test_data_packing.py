@@ -2,12 +2,14 @@
 import numpy as np
 import pytest
 
-from data import default_dataset, mixture
-from data.config import DataConfig
-from data.examples import audio_media, image_media, make_example
-from data.packing import pack
-from data.packing import loss_weight_table
-from data.vocab import BOS, EOS, MOD_AUDIO, MOD_IMAGE, MOD_TEXT
+from omnimoe.data.builtin import default_dataset
+from omnimoe.data.pipeline import mixture
+from omnimoe.data.config import DataConfig
+from omnimoe.data.examples import audio_media, image_media, make_example
+from omnimoe.data.packing import pack
+from omnimoe.data.packing import loss_weight_table
+from omnimoe.data.vocab import BOS, EOS
+from omnimoe.model.modality import AUDIO, IMAGE, TEXT
 
 # Mixture pinned (not the tuned defaults) so every modality fills a fair share of the rows.
 CFG = DataConfig(loss_weight_text=1.0, loss_weight_image=0.5, loss_weight_audio=2.0,
@@ -46,14 +48,14 @@ def oracle_positions(modality_L, segment_ids_L, grid):
     start, s = i, 0
     while i < len(modality_L) and segment_ids_L[i] == segment_ids_L[start]:
       m = modality_L[i]
-      if m == MOD_IMAGE:
+      if m == IMAGE.code:
         for k in range(rows * cols):
           r, c = divmod(k, cols)
           out[i + k] = (s, s + r, s + c)
         i, s = i + rows * cols, s + max(rows, cols)
-      elif m == MOD_AUDIO:
+      elif m == AUDIO.code:
         j = i
-        while (j < len(modality_L) and modality_L[j] == MOD_AUDIO
+        while (j < len(modality_L) and modality_L[j] == AUDIO.code
                and segment_ids_L[j] == segment_ids_L[i]):
           out[j] = s + (j - i)
           j += 1
@@ -133,7 +135,7 @@ def test_targets_and_loss_weights(batch):
       has_next = i + 1 < seg.shape[1] and seg[r, i] > 0 and seg[r, i + 1] == seg[r, i]
       if has_next:
         assert tgt[r, i] == tok[r, i + 1]
-        expected = {MOD_TEXT: 1.0, MOD_IMAGE: 0.5, MOD_AUDIO: 2.0}[batch["modality"][r, i + 1]]
+        expected = {TEXT.code: 1.0, IMAGE.code: 0.5, AUDIO.code: 2.0}[batch["modality"][r, i + 1]]
         assert w[r, i] == expected
       else:
         assert tgt[r, i] == 0 and w[r, i] == 0
@@ -146,10 +148,10 @@ def test_positions_follow_contract(ds, batch):
 
 
 def test_features_zero_on_text_and_modality_matches_vocab(ds, batch):
-  text_like = batch["modality"] <= MOD_TEXT
+  text_like = batch["modality"] <= TEXT.code
   assert np.all(batch["features"][text_like] == 0)
-  assert np.all(np.abs(batch["features"][batch["modality"] == MOD_AUDIO]).sum(-1) > 0)
-  assert batch["features"][batch["modality"] == MOD_IMAGE].max() > 0.5   # (blank patches exist)
+  assert np.all(np.abs(batch["features"][batch["modality"] == AUDIO.code]).sum(-1) > 0)
+  assert batch["features"][batch["modality"] == IMAGE.code].max() > 0.5   # (blank patches exist)
   from_vocab = ds.vocab.modality_of(batch["tokens"], specials_as_text=True)
   np.testing.assert_array_equal(batch["modality"], from_vocab)
 
@@ -162,10 +164,10 @@ def test_rows_are_well_filled_and_mixed(batch):
   for seg_L, mod_L in zip(batch["segment_ids"], batch["modality"]):
     for s in range(1, seg_L.max() + 1):
       mods = set(mod_L[seg_L == s].tolist())
-      kinds.append(MOD_IMAGE if MOD_IMAGE in mods else MOD_AUDIO if MOD_AUDIO in mods else MOD_TEXT)
-  shares = {m: kinds.count(m) / len(kinds) for m in (MOD_IMAGE, MOD_AUDIO, MOD_TEXT)}
+      kinds.append(IMAGE.code if IMAGE.code in mods else AUDIO.code if AUDIO.code in mods else TEXT.code)
+  shares = {m: kinds.count(m) / len(kinds) for m in (IMAGE.code, AUDIO.code, TEXT.code)}
   assert len(kinds) >= 60
-  for m, want in ((MOD_IMAGE, 0.4), (MOD_AUDIO, 0.4), (MOD_TEXT, 0.2)):
+  for m, want in ((IMAGE.code, 0.4), (AUDIO.code, 0.4), (TEXT.code, 0.2)):
     assert abs(shares[m] - want) < 0.15, shares
   assert np.all(batch["tokens"] < default_dataset.build(CFG).vocab.used_size)
 

@@ -9,10 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
-import data
-from data import prepare
-from data.config import DataConfig, Source
-from train.cli import main
+from omnimoe import data
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.config import DataConfig, Source
+from omnimoe.train.cli import main
 
 CFG = DataConfig(seq_len=64, image_patch=2, image_side=8, image_codebook=16, audio_codebook=16,
                  prefetch=0)
@@ -65,7 +65,7 @@ def _leave_temp(out, kind):
   file into it and dies without cleaning up, as a killed `omnimoe prepare` does. Returns it."""
   code = textwrap.dedent(f"""
       import os, pathlib
-      from data import prepare
+      from omnimoe.data.prepare import write as prepare
       tmp = prepare._temp_name(pathlib.Path({str(out)!r}), {kind!r}, os.getpid())
       tmp.mkdir()
       (tmp / "records-00000.array_record").write_bytes(b"half written")

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-import data
-from data.config import DataConfig
-from data.packing import BATCH_KEYS
+from omnimoe import data
+from omnimoe.data.config import DataConfig
+from omnimoe.data.packing import BATCH_KEYS
 
 CFG = DataConfig(seq_len=96)
 B = 8

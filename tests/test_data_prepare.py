@@ -6,10 +6,13 @@ import grain
 import numpy as np
 import pytest
 
-from data import audio_io, image_io, prepare, records
-from data.config import DataConfig
-from data.demo_files import write_png, write_wav
-from train.cli import main
+from omnimoe.data import records
+from omnimoe.data.prepare import audio_io
+from omnimoe.data.prepare import image_io
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.config import DataConfig
+from omnimoe.data.builtin.demo_files import write_png, write_wav
+from omnimoe.train.cli import main
 
 CFG = DataConfig(image_patch=2, image_side=8, image_channels=1, sample_rate=8000, seq_len=128,
                  image_codebook=64, audio_codebook=64, heldout_fraction=0.2)   # pinned: defaults get tuned

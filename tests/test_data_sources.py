@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
-from data import digits, dtmf, kmeans, mixture, prepare, prepared, sources
-from data.config import DataConfig, Source
-from data.demo_files import write_png, write_wav
-from data.packing import loss_weight_table
-from data.vocab import EOS, MOD_AUDIO, MOD_IMAGE, Vocab
+from omnimoe import data
+from omnimoe.data.builtin import digits
+from omnimoe.data.prepare import log_mel as log_mel_lib
+from omnimoe.data.prepare import kmeans
+from omnimoe.data.pipeline import mixture
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.prepare import folder as prepared
+from omnimoe.data.pipeline import sources
+from omnimoe.data.config import DataConfig, Source
+from omnimoe.data.builtin.demo_files import write_png, write_wav
+from omnimoe.data.packing import loss_weight_table
+from omnimoe.data.vocab import EOS, Vocab
+from omnimoe.model.modality import AUDIO, IMAGE
 
 # Pinned (the defaults get tuned): 8x8 images in 2x2 patches, 8 kHz audio, rows of 64.
 BASE = DataConfig(seq_len=64, image_patch=2, image_side=8, image_channels=1, sample_rate=8000,
@@ -58,7 +65,7 @@ def expected_segments(folder, lines):
   def audio(name):
     with wave.open(str(folder / name)) as w:
       x = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768.0
-    return dtmf.log_mel(x.astype(np.float32), BASE)
+    return log_mel_lib.log_mel(x.astype(np.float32), BASE)
 
   out = {}
   for line, obj in enumerate(lines, start=1):
@@ -92,8 +99,8 @@ def segments(batch):
     for s in range(1, seg.max() + 1):
       where = seg == s
       mod, tok, feat = batch["modality"][r][where], batch["tokens"][r][where], batch["features"][r][where]
-      out.append((VOCAB.decode_text(tok), feat[mod == MOD_IMAGE][:, :4].tobytes(),
-                  feat[mod == MOD_AUDIO][:, :24].tobytes(), bool(tok[-1] == EOS)))
+      out.append((VOCAB.decode_text(tok), feat[mod == IMAGE.code][:, :4].tobytes(),
+                  feat[mod == AUDIO.code][:, :24].tobytes(), bool(tok[-1] == EOS)))
   return out
 
 
@@ -153,7 +160,7 @@ def test_packing_invariants(dataset):
       running = 0
       i = 0
       while i < len(idx):   # positions per the contract, walked independently
-        if m[i] == MOD_IMAGE:
+        if m[i] == IMAGE.code:
           rr, cc = np.divmod(np.arange(16), 4)
           np.testing.assert_array_equal(pos[i:i + 16], np.stack([0 * rr + running, running + rr, running + cc], 1))
           i, running = i + 16, running + 4
@@ -171,8 +178,8 @@ def test_codes_come_from_the_folder_codebooks(dataset):
   _, cfg, _, _ = dataset
   [batch], _ = take(cfg, 1)
   books = np.load(dataset[0] / "prep" / "codebooks.npz")
-  for mod, book, offset in ((MOD_IMAGE, books["image"], VOCAB.image_offset),
-                            (MOD_AUDIO, books["audio"], VOCAB.audio_offset)):
+  for mod, book, offset in ((IMAGE.code, books["image"], VOCAB.image_offset),
+                            (AUDIO.code, books["audio"], VOCAB.audio_offset)):
     where = batch["modality"] == mod
     assert where.sum() > 0
     feats = batch["features"][where][:, :book.shape[1]]
@@ -249,7 +256,7 @@ def test_mixing_with_the_default_dataset(dataset):
   np.testing.assert_allclose(counts / 4000, [0.75, 0.175, 0.0375, 0.0375], atol=0.01)
   [batch], _ = take(mixed, 1, batch_size=8)
   book = np.load(folder / "prep" / "codebooks.npz")["image"]
-  where = batch["modality"] == MOD_IMAGE
+  where = batch["modality"] == IMAGE.code
   np.testing.assert_array_equal(batch["tokens"][where],
                                 kmeans.assign(batch["features"][where][:, :4], book) + VOCAB.image_offset)
   default_first = dataclasses.replace(mixed, sources=mixed.sources[::-1])
@@ -268,8 +275,8 @@ def test_eval_batches_are_the_held_out_records(dataset):
 
 
 def test_run_without_default_source_notes_what_eval_skips(dataset):
-  from train import config as config_lib
-  from train.evaluate import default_dataset_evals
+  from omnimoe.train import config as config_lib
+  from omnimoe.train.evaluate import default_dataset_evals
   _, cfg, _, _ = dataset
   run = dataclasses.replace(config_lib.Config(), data=cfg)
   text, prompts, notes = default_dataset_evals(run)
@@ -293,7 +300,7 @@ def test_mismatched_settings_are_refused_naming_the_key(dataset):
 
 
 def test_train_refuses_a_bad_source_with_exit_2(tmp_path, capsys):
-  from train.cli import main
+  from omnimoe.train.cli import main
   code = main(["train", f"data.sources=[{{path: {tmp_path / 'missing'}, weight: 1}}]",
                "--workdir", str(tmp_path / "run")])
   err = capsys.readouterr().err
@@ -303,7 +310,7 @@ def test_train_refuses_a_bad_source_with_exit_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_train_and_eval_on_a_prepared_folder(dataset, tmp_path, capsys):
   """`omnimoe train ... data.sources=[{path: DIR}]`, then `omnimoe eval`, end to end."""
-  from train.cli import main
+  from omnimoe.train.cli import main
   folder = dataset[0]
   small = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",
            "model.head_dim=16", "model.rope_sections=[4,2,2]", "model.moe.num_experts=4",

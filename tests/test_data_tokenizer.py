@@ -8,11 +8,16 @@ import numpy as np
 import pytest
 import sentencepiece
 
-import data
-from data import captions, default_dataset, prepare, prepared, text_corpus, tokenizer
-from data.config import DataConfig, Source
-from data.vocab import EOS, NUM_SPECIALS, SIZE_MULTIPLE, Vocab
-from train.cli import main
+from omnimoe import data
+from omnimoe.data import tokenizer
+from omnimoe.data.builtin import captions
+from omnimoe.data.builtin import default_dataset
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.prepare import folder as prepared
+from omnimoe.data.builtin import text_corpus
+from omnimoe.data.config import DataConfig, Source
+from omnimoe.data.vocab import EOS, NUM_SPECIALS, SIZE_MULTIPLE, Vocab
+from omnimoe.train.cli import main
 
 PIECES = 1000
 TEXTS = ["hello  world", " leading space", "trailing space \n", "the digit seven", "a\tb\r\nc",
@@ -108,7 +113,7 @@ def test_default_dataset_text_and_bits_per_byte_denominator(model):
 
 @pytest.mark.parametrize("tokenized", [False, True], ids=["bytes", "sentencepiece"])
 def test_eval_prompt_is_a_token_prefix_of_the_captions(model, tokenized):
-  from train.evaluate import word_accuracy
+  from omnimoe.train.evaluate import word_accuracy
   cfg = DataConfig(tokenizer=str(model) if tokenized else "")
   vocab = data.dataset_info(cfg, 0).vocab
   ps = data.prompt_set(cfg, modality="image", seed=0, max_new_tokens=12, limit=10)
@@ -177,10 +182,10 @@ def test_prepared_folders_count_tokens_and_must_match_the_run(model, tmp_path):
 def test_bits_per_byte_is_per_byte_not_per_token(model):
   """With a zero output head every token costs ln(V) nats: bits per byte must be
   tokens * log2(V) / bytes, well below the per-token log2(V)."""
-  from train import config as config_lib
-  from train.evaluate import Evaluator
-  from train.mesh import make_mesh
-  from train.state import init_state, make_setup
+  from omnimoe.train import config as config_lib
+  from omnimoe.train.evaluate import Evaluator
+  from omnimoe.train.mesh import make_mesh
+  from omnimoe.train.state import init_state, make_setup
   cfg = config_lib.load(None, [*SMALL, f"data.tokenizer={model}"])
   info = data.dataset_info(cfg.data, cfg.train.seed)
   setup = make_setup(cfg, make_mesh(), info)

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data.config import DataConfig
-from data.vocab import BOS, EOS, PAD, Vocab
+from omnimoe.data.config import DataConfig
+from omnimoe.data.vocab import BOS, EOS, PAD, Vocab
 
 
 @pytest.fixture

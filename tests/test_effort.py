@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-import data
-from train import config as config_lib, effort, loop
-from train.checkpoint import Checkpoints
-from train.cli import main
-from train.mesh import make_mesh
-from train.state import init_state, make_setup
+from omnimoe import data
+from omnimoe.train import config as config_lib, effort, loop
+from omnimoe.train.checkpoint import Checkpoints
+from omnimoe.train.cli import main
+from omnimoe.train.mesh import make_mesh
+from omnimoe.train.state import init_state, make_setup
 
 # Two MoE layers of 8 experts; eval kept to one held-out batch and a few prompts.
 SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",

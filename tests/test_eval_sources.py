@@ -6,12 +6,13 @@ import math
 import numpy as np
 import pytest
 
-import data
-from data import prepare, sources
-from data.config import DataConfig, Source
-from data.demo_files import write_demo
-from train import config as config_lib
-from train.cli import main
+from omnimoe import data
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.pipeline import sources
+from omnimoe.data.config import DataConfig, Source
+from omnimoe.data.builtin.demo_files import write_demo
+from omnimoe.train import config as config_lib
+from omnimoe.train.cli import main
 
 SMALL = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",
          "model.head_dim=16", "model.rope_sections=[4,2,2]", "model.moe.num_experts=4",

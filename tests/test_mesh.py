@@ -3,12 +3,12 @@ import jax
 import numpy as np
 import pytest
 
-import data
-from train import config as config_lib
-from train.config import ConfigError
-from train.mesh import batch_sharding, global_batch, make_mesh
-from train.state import init_state, make_setup
-from train.step import make_train_step
+from omnimoe import data
+from omnimoe.train import config as config_lib
+from omnimoe.train.config import ConfigError
+from omnimoe.train.mesh import batch_sharding, global_batch, make_mesh
+from omnimoe.train.state import init_state, make_setup
+from omnimoe.train.step import make_train_step
 
 SMALL = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=2",
          "model.head_dim=16", "model.rope_sections=[4,2,2]", "model.moe.num_experts=4",
@@ -91,7 +91,7 @@ def test_bad_meshes_are_refused_in_one_line(overrides, needle):
 
 
 def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
-  from train.checkpoint import Checkpoints
+  from omnimoe.train.checkpoint import Checkpoints
   cfg = config_lib.load(None, [*SMALL, *MESHES["data2_expert4"]])
   mesh8, setup8, state8, _, _ = losses_and_grads(MESHES["data2_expert4"], steps=2)
   ckpts = Checkpoints(tmp_path / "ckpt", keep=1, async_save=False)

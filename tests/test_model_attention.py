@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.attention import attend, resolve_implementation
+from omnimoe.model.attention import attend, resolve_implementation
 
 B, L, H, KV, D = 2, 50, 4, 2, 8
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.config import ModelConfig, MoEConfig
-from model.decoder import Decoder
-from model.synthetic import synthetic_batch
+from omnimoe.model.config import ModelConfig, MoEConfig
+from omnimoe.model.decoder import Decoder
+from omnimoe.model.synthetic import synthetic_batch
 
 V, F = 64, 6
 TINY = ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,

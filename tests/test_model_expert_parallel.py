@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from model import expert_parallel
-from model.config import MoEConfig
-from model.moe import MoE
-from model.router import group_limit, top_k_routing
-from model.sharding import fit_spec
+from omnimoe.model import expert_parallel
+from omnimoe.model.config import MoEConfig
+from omnimoe.model.moe import MoE
+from omnimoe.model.router import group_limit, top_k_routing
+from omnimoe.model.sharding import fit_spec
 
 AXES = ("data", "fsdp", "expert", "tensor", "context")
 B, L, D = 8, 16, 32

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import grouped_matmul as gmm
+from omnimoe.model import grouped_matmul as gmm
 
 M, K, N, E = 40, 8, 12, 4
 GROUP_CASES = [

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.config import MoEConfig
-from model.moe import MoE
-from model.router import balance_stats, top_k_routing
+from omnimoe.model.config import MoEConfig
+from omnimoe.model.moe import MoE
+from omnimoe.model.router import balance_stats, top_k_routing
 
 B, L, D, E, H, TOP_K = 2, 12, 16, 4, 24, 2
 

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.rope import apply_rope, rope_angles
+from omnimoe.model.rope import apply_rope, rope_angles
 
 DH, SECTIONS, THETA = 16, (4, 2, 2), 10000.0
 

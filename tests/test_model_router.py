@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.config import MoEConfig
-from model.router import (balance_stats, dynamic_routing, init_router_state, top_k_routing,
+from omnimoe.model.config import MoEConfig
+from omnimoe.model.router import (balance_stats, dynamic_routing, init_router_state, top_k_routing,
                           update_bias, update_router_state, update_threshold)
 
 E = 16

@@ -6,11 +6,11 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from model.config import ModelConfig, MoEConfig
-from model.decoder import Decoder
-from model.sharding import (MESH_AXES, constrain, fit_spec, logical_to_mesh_spec,
+from omnimoe.model.config import ModelConfig, MoEConfig
+from omnimoe.model.decoder import Decoder
+from omnimoe.model.sharding import (MESH_AXES, constrain, fit_spec, logical_to_mesh_spec,
                             param_shardings)
-from model.synthetic import synthetic_batch
+from omnimoe.model.synthetic import synthetic_batch
 
 V, F, D, E, H = 64, 6, 32, 4, 32
 CFG = ModelConfig(num_layers=2, d_model=D, num_heads=4, num_kv_heads=2, head_dim=8,

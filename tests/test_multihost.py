@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def train_cmd(workdir, *extra):
-  return [sys.executable, "-m", "train.cli", "train", *ARGS, "--workdir", str(workdir), *extra]
+  return [sys.executable, "-m", "omnimoe.train.cli", "train", *ARGS, "--workdir", str(workdir), *extra]
 
 
 def losses(workdir):

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from train import config as config_lib
-from train.mesh import make_mesh
-from train.plan import collective_bytes, model_flops_per_token, plan
+from omnimoe.train import config as config_lib
+from omnimoe.train.mesh import make_mesh
+from omnimoe.train.plan import collective_bytes, model_flops_per_token, plan
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -42,7 +42,7 @@ def test_plan_of_an_expert_parallel_mesh():
 
 def test_model_flops_by_hand():
   cfg = config_lib.load(None, ["model.num_layers=1"])   # d 128, 4 heads + 2 kv of 32, 8 experts top-2
-  from train.state import _new_model
+  from omnimoe.train.state import _new_model
   from flax import nnx
   params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: _new_model(cfg, 512, 24, 0))))
   attention = 128 * 4 * 32 * 2 + 128 * 2 * 32 * 2           # q, o; k, v
@@ -52,7 +52,7 @@ def test_model_flops_by_hand():
 
 
 def test_plan_command_simulates_the_devices_the_mesh_needs():
-  out = subprocess.run([sys.executable, "-m", "train.cli", "plan", "model.num_layers=1",
+  out = subprocess.run([sys.executable, "-m", "omnimoe.train.cli", "plan", "model.num_layers=1",
                         "mesh.within_rack.data=2", "mesh.within_rack.expert=2"],
                        cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -71,5 +71,5 @@ def test_plan_for_a_gpu_chooses_ragged_all_to_all_and_estimates_its_bytes():
   assert on_gpu["dispatch"] == "ragged_all_to_all" and on_gpu["platform"] == "gpu"
   a2a = on_gpu["collective_bytes_per_device_per_step"]["all-to-all"]
   assert a2a > 0 and on_gpu["ragged_all_to_all_expected_bytes"] == int(a2a * (52 / 28) / 4)
-  from model import expert_parallel
+  from omnimoe.model import expert_parallel
   assert expert_parallel.PLATFORM is None and not expert_parallel.EMULATE_RAGGED   # restored

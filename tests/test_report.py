@@ -1,13 +1,15 @@
 """`omnimoe report`: expert-load heatmaps and loss curves from metrics.jsonl, and clean errors."""
 import json
+import subprocess
+import sys
 import pathlib
 
 import numpy as np
 import pytest
 
-from train import report
-from train.cli import main
-from train.metrics import MetricsWriter
+from omnimoe.train import report
+from omnimoe.train.cli import main
+from omnimoe.train.metrics import MetricsWriter
 
 E = 4
 TEXT = np.array([0.4, 0.3, 0.2, 0.1])
@@ -109,9 +111,12 @@ def test_report_takes_no_config_overrides(tmp_path, capsys):
   assert "--last must be at least 1" in capsys.readouterr().err
 
 
-def test_modality_names_match_the_model():
-  from model.router import MODALITIES
-  assert report.MODALITIES == MODALITIES
+def test_report_reads_the_modality_table_without_importing_jax():
+  """report names modalities from the one table (model/modality.py) and stays cheap: no jax."""
+  code = ("import sys, omnimoe.train.report as r, omnimoe.model.modality as m; "
+          "assert r.MODALITIES == m.NAMES == ('text', 'image', 'audio'); "
+          "assert 'jax' not in sys.modules, 'report imported jax'")
+  subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.slow
@@ -120,12 +125,12 @@ def test_report_reads_what_a_real_train_step_logs(tmp_path, capsys):
   own metrics line and writer."""
   import jax
 
-  import data
-  from train import config as config_lib
-  from train.loop import _metrics_line
-  from train.mesh import batch_sharding, global_batch, make_mesh
-  from train.state import init_state, make_setup
-  from train.step import make_train_step
+  from omnimoe import data
+  from omnimoe.train import config as config_lib
+  from omnimoe.train.loop import _metrics_line
+  from omnimoe.train.mesh import batch_sharding, global_batch, make_mesh
+  from omnimoe.train.state import init_state, make_setup
+  from omnimoe.train.step import make_train_step
 
   cfg = config_lib.load(None, [
       "model.num_layers=2", "model.num_dense_layers=1", "model.d_model=32", "model.num_heads=2",

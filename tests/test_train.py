@@ -5,13 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-import data
-from train import config as config_lib
-from train.checkpoint import Checkpoints
-from train.loop import _metrics_line
-from train.mesh import batch_sharding, global_batch, make_mesh
-from train.state import init_state, make_setup
-from train.step import make_train_step
+from omnimoe import data
+from omnimoe.train import config as config_lib
+from omnimoe.train.checkpoint import Checkpoints
+from omnimoe.train.loop import _metrics_line
+from omnimoe.train.mesh import batch_sharding, global_batch, make_mesh
+from omnimoe.train.state import init_state, make_setup
+from omnimoe.train.step import make_train_step
 
 SMALL = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",
          "model.head_dim=16", "model.rope_sections=[4,2,2]", "model.moe.num_experts=4",
@@ -142,7 +142,7 @@ def test_processes_checking_one_workdir_at_once_do_not_trip_each_other(tmp_path)
   import sys
   # Each process imports, says it is ready, waits for the other, then checks the workdir 2000
   # times, so that the two loops overlap.
-  code = ("import pathlib, sys, time\nfrom train.loop import prepare_workdir\n"
+  code = ("import pathlib, sys, time\nfrom omnimoe.train.loop import prepare_workdir\n"
           "run, me, other = sys.argv[1:]\n"
           "pathlib.Path(me).touch()\n"
           "while not pathlib.Path(other).exists(): time.sleep(0.001)\n"

@@ -4,7 +4,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from train.state import Setup
+from omnimoe.train.state import Setup
 
 
 class Checkpoints:

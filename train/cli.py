@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from train import config as config_lib
+from omnimoe.train import config as config_lib
 
 EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_NONFINITE = 0, 2, 3, 4
 
@@ -93,7 +93,7 @@ def _fail(code: int, message: str) -> int:
 
 
 def _prepare(ns: argparse.Namespace, cfg) -> int:
-  from data import prepare  # no jax needed to prepare data
+  from omnimoe.data.prepare import write as prepare  # no jax needed to prepare data
   try:
     card = prepare.prepare(ns.manifest, ns.out, cfg.data, skip_bad=ns.skip_bad)
   except prepare.BadData as e:
@@ -119,7 +119,7 @@ def _plan(ns: argparse.Namespace, cfg) -> int:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + f" --xla_force_host_platform_device_count={devices}")
   import jax
-  from train import plan
+  from omnimoe.train import plan
   if len(jax.devices()) != devices:
     return _fail(EXIT_USAGE, f"plan needs {devices} simulated devices but JAX already started with "
                              f"{len(jax.devices())}; run it as its own command")
@@ -134,7 +134,7 @@ def _plan(ns: argparse.Namespace, cfg) -> int:
 
 
 def _report(ns: argparse.Namespace) -> int:
-  from train import report  # matplotlib, no jax
+  from omnimoe.train import report  # matplotlib, no jax
   if ns.args:
     return _fail(EXIT_USAGE, f"report takes no config or overrides, got '{' '.join(ns.args)}'")
   try:
@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(EXIT_USAGE, "eval needs --workdir DIR (the run to evaluate)")
   workdir = workdir or f"runs/{pathlib.Path(path).stem if path else 'tiny'}"
 
-  from train import distributed, loop  # heavy imports (jax) only once the arguments are good
+  from omnimoe.train import distributed, loop  # heavy imports (jax) only once the arguments are good
   try:
     distributed.initialize(ns.coordinator_address, ns.num_processes, ns.process_id)
-    from model.expert_parallel import resolve_dispatch
+    from omnimoe.model.expert_parallel import resolve_dispatch
     resolve_dispatch(cfg.model.moe.dispatch, None, cfg.model.moe.num_experts)   # ragged on CPU: one line, exit 2
   except ValueError as e:
     return _fail(EXIT_USAGE, str(e))
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
       summary = loop.train(cfg, workdir)
       print(summary.describe())
     elif ns.effort:
-      from train import effort
+      from omnimoe.train import effort
       labels = effort.parse_efforts(ns.effort)
       print(json.dumps(effort.evaluate_efforts(cfg, workdir, labels,
                                                log=lambda line: print(line, file=sys.stderr)),

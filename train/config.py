@@ -12,9 +12,10 @@ import typing
 
 import yaml
 
-from data.config import DataConfig
-from model.config import ModelConfig
-from train.mesh_config import MeshConfig
+from omnimoe.data.config import DataConfig
+from omnimoe.model.config import ModelConfig
+from omnimoe.train import config_files
+from omnimoe.train.mesh_config import MeshConfig
 
 
 class ConfigError(ValueError):
@@ -213,9 +214,11 @@ def load(path: str | pathlib.Path | None = None, overrides: typing.Sequence[str]
   """Reads a YAML config (or the defaults when `path` is None) and applies overrides."""
   tree: dict = {}
   if path is not None:
-    path = pathlib.Path(path)
-    if not path.is_file():
-      raise ConfigError(f"config file '{path}' does not exist")
+    found = config_files.find(path)
+    if found is None:
+      names = ", ".join(sorted(config_files.shipped()))
+      raise ConfigError(f"config file '{path}' does not exist (shipped configs: {names})")
+    path = found
     try:
       tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

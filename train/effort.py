@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import config as config_lib, loop
-from train.config import Config
-from train.evaluate import Evaluator
-from train.state import Setup, make_setup, merge
-from train.step import MODALITIES
+from omnimoe.train import config as config_lib, loop
+from omnimoe.train.config import Config
+from omnimoe.train.evaluate import Evaluator
+from omnimoe.model.modality import CODES, NAMES as MODALITIES
+from omnimoe.train.state import Setup, make_setup, merge
 
 NAMED = {"low": 0.5, "medium": 1.0, "high": 2.0}   # multiples of the trained active fraction f0
 
@@ -98,7 +98,7 @@ def make_fraction_fn(setup: Setup) -> Callable:
     valid_BxL = batch["segment_ids"] > 0
     modality_BxL = jnp.asarray(batch["modality"], jnp.int32)
     n_M = jnp.stack([jnp.sum(valid_BxL & (modality_BxL == code))
-                     for code in range(1, len(MODALITIES) + 1)])
+                     for code in CODES])
     return aux["active_fraction"], aux["active_fraction_by_modality"], jnp.sum(valid_BxL), n_M
   return jax.jit(fraction)
 

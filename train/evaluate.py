@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import data
-from data.vocab import EOS
-from train.config import Config
-from train.state import Setup, merge
-from train.step import MODALITIES, make_eval_step
+from omnimoe import data
+from omnimoe.data.vocab import EOS
+from omnimoe.train.config import Config
+from omnimoe.train.state import Setup, merge
+from omnimoe.model.modality import NAMES as MODALITIES
+from omnimoe.train.step import make_eval_step
 
 
 NO_DEFAULT_NOTE = ("eval: data.sources has no 'default' source, so eval/text_bits_per_byte and "

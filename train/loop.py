@@ -14,16 +14,16 @@ import time
 import jax
 import numpy as np
 
-import data
-from train import config as config_lib
-from train.checkpoint import Checkpoints
-from train.config import Config
-from train.evaluate import Evaluator
-from train.mesh import batch_sharding, check_batch, global_batch, make_mesh
-from train.metrics import MetricsWriter, Progress
-from train.state import init_state, make_setup
-from model.router import MODALITIES
-from train.step import MOE_STATS, make_train_step
+from omnimoe import data
+from omnimoe.train import config as config_lib
+from omnimoe.train.checkpoint import Checkpoints
+from omnimoe.train.config import Config
+from omnimoe.train.evaluate import Evaluator
+from omnimoe.train.mesh import batch_sharding, check_batch, global_batch, make_mesh
+from omnimoe.train.metrics import MetricsWriter, Progress
+from omnimoe.train.state import init_state, make_setup
+from omnimoe.model.modality import NAMES as MODALITIES
+from omnimoe.train.step import MOE_STATS, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):

@@ -12,8 +12,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from train.config import ConfigError
-from train.mesh_config import MeshConfig
+from omnimoe.train.config import ConfigError
+from omnimoe.train.mesh_config import MeshConfig
 
 AXES = ("data", "fsdp", "expert", "tensor", "context")
 BATCH_AXES = ("data", "fsdp")

@@ -27,7 +27,7 @@ import re
 import jax
 import numpy as np
 
-from train.config import Config
+from omnimoe.train.config import Config
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
@@ -84,7 +84,7 @@ def expected_rows_per_token(moe, groups: int) -> float:
 def plan(cfg: Config, platform: str = "cpu") -> dict:
   """Compiles the train step for `cfg`'s mesh on the devices present and returns the figures,
   with the MoE dispatch `platform` would choose (see the module docstring)."""
-  from model import expert_parallel
+  from omnimoe.model import expert_parallel
   if platform not in PLATFORMS:
     raise ValueError(f"--platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
   saved = expert_parallel.PLATFORM, expert_parallel.EMULATE_RAGGED
@@ -96,11 +96,11 @@ def plan(cfg: Config, platform: str = "cpu") -> dict:
 
 
 def _plan(cfg: Config, platform: str) -> dict:
-  import data
-  from model import expert_parallel
-  from train.mesh import batch_sharding, check_batch, make_mesh
-  from train.state import make_setup
-  from train.step import make_train_step
+  from omnimoe import data
+  from omnimoe.model import expert_parallel
+  from omnimoe.train.mesh import batch_sharding, check_batch, make_mesh
+  from omnimoe.train.state import make_setup
+  from omnimoe.train.step import make_train_step
 
   mesh = make_mesh(cfg.mesh)
   check_batch(mesh, cfg.train.batch_size)

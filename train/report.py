@@ -15,7 +15,8 @@ import re
 
 import numpy as np
 
-MODALITIES = ("text", "image", "audio")   # model.router.MODALITIES, without importing jax
+from omnimoe.model.modality import NAMES as MODALITIES
+
 LOAD_KEY = re.compile(r"^moe/expert_load/(?P<modality>[a-z]+)/layer_(?P<layer>\d+)$")
 EVAL_LOSSES = ("eval/loss", *(f"eval/loss/{m}" for m in MODALITIES))
 

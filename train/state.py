@@ -18,10 +18,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from model.decoder import Decoder
-from model.router import init_router_state
-from model.sharding import param_shardings
-from train.config import Config
+from omnimoe.model.decoder import Decoder
+from omnimoe.model.router import init_router_state
+from omnimoe.model.sharding import param_shardings
+from omnimoe.train.config import Config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,11 +3,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from model.router import update_router_state
-from train.config import Config
-from train.state import Setup, learning_rate_schedule, merge
+from omnimoe.model.modality import MODALITIES
+from omnimoe.model.router import update_router_state
+from omnimoe.train.config import Config
+from omnimoe.train.state import Setup, learning_rate_schedule, merge
 
-MODALITIES = ("text", "image", "audio")   # modality codes 1, 2, 3 of the batch contract
 
 
 def cross_entropy_BxL(logits_BxLxV, targets_BxL):
@@ -72,9 +72,9 @@ def make_eval_step(cfg: Config, setup: Setup, modality_of):
     ce_BxL = cross_entropy_BxL(logits_BxLxV, batch["targets"]) * batch["loss_weights"]
     target_mod_BxL = modality_of(batch["targets"])
     out = {"ce_sum": jnp.sum(ce_BxL), "weight_sum": jnp.sum(batch["loss_weights"])}
-    for code, name in enumerate(MODALITIES, start=1):
-      mask = (target_mod_BxL == code).astype(jnp.float32)
-      out[f"ce_sum/{name}"] = jnp.sum(ce_BxL * mask)
-      out[f"weight_sum/{name}"] = jnp.sum(batch["loss_weights"] * mask)
+    for m in MODALITIES:
+      mask = (target_mod_BxL == m.code).astype(jnp.float32)
+      out[f"ce_sum/{m.name}"] = jnp.sum(ce_BxL * mask)
+      out[f"weight_sum/{m.name}"] = jnp.sum(batch["loss_weights"] * mask)
     return out
   return jax.jit(eval_step)

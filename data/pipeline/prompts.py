@@ -10,13 +10,13 @@ import dataclasses
 
 import numpy as np
 
-from data import sampler
-from data.captions import EVAL_TEMPLATE, WORDS, render
-from data.config import DataConfig
-from data.default_dataset import build
-from data.examples import make_example
-from data.packing import pack
-from data.packing import loss_weight_table
+from omnimoe.data.pipeline import sampler
+from omnimoe.data.builtin.captions import EVAL_TEMPLATE, WORDS, render
+from omnimoe.data.config import DataConfig
+from omnimoe.data.builtin.default_dataset import build
+from omnimoe.data.examples import make_example
+from omnimoe.data.packing import pack
+from omnimoe.data.packing import loss_weight_table
 
 TONES_PER_DIGIT = 30        # default size of the audio prompt set (without `limit`)
 

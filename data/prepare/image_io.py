@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageOps
 
-from data.config import DataConfig
+from omnimoe.data.config import DataConfig
 
 RESAMPLE = Image.Resampling.BICUBIC
 PIXEL_MAX = 255.0

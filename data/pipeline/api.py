@@ -10,10 +10,11 @@ import functools
 import grain
 import numpy as np
 
-from data import default_dataset, mixture
-from data import sources as sources_lib
-from data.config import DataConfig
-from data.default_dataset import DatasetInfo
+from omnimoe.data.builtin import default_dataset
+from omnimoe.data.pipeline import mixture
+from omnimoe.data.pipeline import sources as sources_lib
+from omnimoe.data.config import DataConfig
+from omnimoe.data.builtin.default_dataset import DatasetInfo
 
 
 @functools.lru_cache(maxsize=16)

@@ -9,11 +9,11 @@ sentencepiece tokenizer it does not (a token covers several bytes), and bits per
 """
 import numpy as np
 
-from data.config import DataConfig
-from data.default_dataset import build
-from data.examples import make_example
-from data.packing import pack
-from data.packing import loss_weight_table
+from omnimoe.data.config import DataConfig
+from omnimoe.data.builtin.default_dataset import build
+from omnimoe.data.examples import make_example
+from omnimoe.data.packing import pack
+from omnimoe.data.packing import loss_weight_table
 
 
 def _rows(cfg: DataConfig) -> list[list[tuple]]:

@@ -10,11 +10,14 @@ import functools
 
 import numpy as np
 
-from data import captions as captions_lib
-from data import digits, dtmf, kmeans, text_corpus
-from data.config import DataConfig, feature_dim as feature_dim_of
-from data.examples import Media, audio_media, image_media
-from data.vocab import Vocab
+from omnimoe.data.builtin import captions as captions_lib
+from omnimoe.data.builtin import digits
+from omnimoe.data.builtin import dtmf
+from omnimoe.data.prepare import kmeans
+from omnimoe.data.builtin import text_corpus
+from omnimoe.data.config import DataConfig, feature_dim as feature_dim_of
+from omnimoe.data.examples import Media, audio_media, image_media
+from omnimoe.data.vocab import Vocab
 
 CODEBOOK_SEED = 4242
 AUDIO_POOL_PER_DIGIT = 50   # training tones per digit whose frames fit the audio codebook

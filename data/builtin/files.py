@@ -1,6 +1,6 @@
 """The embedded default dataset as files and a manifest, for `omnimoe prepare` (no downloads).
 
-  python -m data.default_manifest DIR [--tones-per-digit N] [--seed S] [--limit N] [--by-kind]
+  python -m omnimoe.data.builtin.files DIR [--tones-per-digit N] [--seed S] [--limit N] [--by-kind]
   omnimoe prepare DIR/images.jsonl --out IMAGES   # and tones.jsonl, text.jsonl (--by-kind)
   omnimoe train configs/tiny.yaml 'data.sources=[{path: IMAGES, weight: 0.7}, ...]'
 
@@ -47,11 +47,12 @@ import pathlib
 
 import numpy as np
 
-from data import captions as captions_lib
-from data import digits as digits_lib
-from data import dtmf, text_corpus
-from data.config import DataConfig
-from data.demo_files import write_png, write_wav
+from omnimoe.data.builtin import captions as captions_lib
+from omnimoe.data.builtin import digits as digits_lib
+from omnimoe.data.builtin import dtmf
+from omnimoe.data.builtin import text_corpus
+from omnimoe.data.config import DataConfig
+from omnimoe.data.builtin.demo_files import write_png, write_wav
 
 TONES_PER_DIGIT = 200         # default (writing and preparing all of it: ~9 s on 2 cores)
 PCM_WIDTH = 2                 # bytes per WAV sample: 16-bit PCM
@@ -155,7 +156,7 @@ def write_default_manifest(folder: str | pathlib.Path, *, tones_per_digit: int =
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(prog="python -m data.default_manifest",
+  p = argparse.ArgumentParser(prog="python -m omnimoe.data.builtin.files",
                               description=__doc__.splitlines()[0])
   p.add_argument("folder")
   p.add_argument("--tones-per-digit", type=int, default=TONES_PER_DIGIT,

@@ -39,11 +39,13 @@ import shutil
 import numpy as np
 from array_record.python import array_record_module
 
-from data import audio_io, image_io, kmeans
-from data import manifest as manifest_lib
-from data import records as records_lib
-from data import tokenizer as tokenizer_lib
-from data.config import DataConfig, image_patch_dim
+from omnimoe.data.prepare import audio_io
+from omnimoe.data.prepare import image_io
+from omnimoe.data.prepare import kmeans
+from omnimoe.data.prepare import manifest as manifest_lib
+from omnimoe.data import records as records_lib
+from omnimoe.data import tokenizer as tokenizer_lib
+from omnimoe.data.config import DataConfig, image_patch_dim
 
 FORMAT = "omnimoe.prepared.v1"
 RECORDS_PER_SHARD = 4096

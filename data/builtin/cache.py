@@ -29,9 +29,11 @@ import shutil
 import sys
 import threading
 
-from data import default_manifest, prepare, text_corpus
-from data import tokenizer as tokenizer_lib
-from data.config import DataConfig
+from omnimoe.data.builtin import files as default_manifest
+from omnimoe.data.prepare import write as prepare
+from omnimoe.data.builtin import text_corpus
+from omnimoe.data import tokenizer as tokenizer_lib
+from omnimoe.data.config import DataConfig
 
 VERSION = 1                  # bump when the synthesis, the captions or the file layout change
 CACHE_ENV = "OMNIMOE_CACHE"

@@ -30,11 +30,14 @@ import pathlib
 
 import numpy as np
 
-from data import default_dataset, default_prepared, kmeans
-from data import prepared as prepared_lib
-from data.config import DEFAULT_SOURCE, DataConfig, Source, feature_dim
-from data.examples import Example
-from data.vocab import MOD_AUDIO, MOD_IMAGE, Vocab
+from omnimoe.data.builtin import default_dataset
+from omnimoe.data.builtin import cache as default_prepared
+from omnimoe.data.prepare import kmeans
+from omnimoe.data.prepare import folder as prepared_lib
+from omnimoe.data.config import DEFAULT_SOURCE, DataConfig, Source, feature_dim
+from omnimoe.data.examples import Example
+from omnimoe.data.vocab import Vocab
+from omnimoe.model.modality import AUDIO, IMAGE
 
 KINDS = ("image", "audio")
 
@@ -91,8 +94,8 @@ class Mixture:
     if not self.recode_default:
       return example
     tokens = example.tokens_N.copy()
-    for mod, kind, ids in ((MOD_IMAGE, "image", self.vocab.image_ids),
-                           (MOD_AUDIO, "audio", self.vocab.audio_ids)):
+    for mod, kind, ids in ((IMAGE.code, "image", self.vocab.image_ids),
+                           (AUDIO.code, "audio", self.vocab.audio_ids)):
       where = example.modality_N == mod
       if where.any():
         book = self.codebooks[kind]

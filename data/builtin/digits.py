@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 from sklearn.datasets import load_digits
 
-from data.config import DataConfig
+from omnimoe.data.config import DataConfig
 
 IMAGE_SIDE = 8
 PIXEL_MAX = 16.0            # sklearn's pixel values are integers 0..PIXEL_MAX

@@ -30,13 +30,14 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from data import image_io, records
-from data import prepared as prepared_lib
-from data import sampler
-from data import sources as sources_lib
-from data.config import DataConfig
-from data.examples import Example
-from data.packing import loss_weight_table, pack
+from omnimoe.data import records
+from omnimoe.data.prepare import image_io
+from omnimoe.data.prepare import folder as prepared_lib
+from omnimoe.data.pipeline import sampler
+from omnimoe.data.pipeline import sources as sources_lib
+from omnimoe.data.config import DataConfig
+from omnimoe.data.examples import Example
+from omnimoe.data.packing import loss_weight_table, pack
 
 NUM_DEFAULT = 1 << 62       # every component stream is effectively endless
 

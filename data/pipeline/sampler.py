@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data.default_dataset import DefaultDataset, Split
-from data.examples import Example, make_example
+from omnimoe.data.builtin.default_dataset import DefaultDataset, Split
+from omnimoe.data.examples import Example, make_example
 
 IMAGE, AUDIO, TEXT = 0, 1, 2
 

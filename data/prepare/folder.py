@@ -11,12 +11,13 @@ import pathlib
 import grain
 import numpy as np
 
-from data import kmeans, records
-from data import tokenizer as tokenizer_lib
-from data.config import DataConfig
-from data.examples import Example, audio_media, image_media, make_sequence
-from data.prepare import FORMAT, PREPARED_KEYS
-from data.vocab import Vocab
+from omnimoe.data import records
+from omnimoe.data.prepare import kmeans
+from omnimoe.data import tokenizer as tokenizer_lib
+from omnimoe.data.config import DataConfig
+from omnimoe.data.examples import Example, audio_media, image_media, make_sequence
+from omnimoe.data.prepare.write import FORMAT, PREPARED_KEYS
+from omnimoe.data.vocab import Vocab
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

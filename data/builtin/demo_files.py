@@ -2,7 +2,7 @@
 
 The tests, `bench/data.py` and anyone trying `omnimoe prepare` use these:
 
-  python -m data.demo_files DIR [--examples N]     # DIR/manifest.jsonl plus PNG/WAV files
+  python -m omnimoe.data.builtin.demo_files DIR [--examples N]     # DIR/manifest.jsonl plus PNG/WAV files
 
 The demo examples are the default dataset's kinds, as files: a digit image (scikit-learn's 8x8
 digits, upscaled to 16x16 PNG) with a caption, a DTMF tone for a digit (16 kHz, 16-bit WAV) with a
@@ -16,8 +16,9 @@ import wave
 import numpy as np
 from PIL import Image
 
-from data import captions, dtmf
-from data.config import DataConfig
+from omnimoe.data.builtin import captions
+from omnimoe.data.builtin import dtmf
+from omnimoe.data.config import DataConfig
 
 WAV_RATE = 16000
 

@@ -5,16 +5,16 @@
 - Resampling to `data.sample_rate` is band-limited interpolation in numpy: each output sample is a
   Hann-windowed sinc sum over the input, with the cut-off at the lower of the two Nyquist
   frequencies (so downsampling does not alias), SINC_ZEROS zero crossings each side.
-- Frames are `data.dtmf.log_mel`, the code the default dataset's tones use.
+- Frames are `log_mel.log_mel`, the code the default dataset's tones use.
 """
 import pathlib
 import wave
 
 import numpy as np
 
-from data import dtmf
-from data.config import DataConfig
-from data.image_io import MediaError
+from omnimoe.data.prepare.log_mel import log_mel
+from omnimoe.data.config import DataConfig
+from omnimoe.data.prepare.image_io import MediaError
 
 SINC_ZEROS = 16             # zero crossings of the interpolation kernel kept on each side
 CHUNK = 4096                # output samples computed per vectorized block (bounds memory)
@@ -84,4 +84,4 @@ def load_frames(path: str | pathlib.Path, cfg: DataConfig) -> np.ndarray:
   if len(wave_) < cfg.frame_len:
     raise MediaError(f"audio too short: {len(wave_)} samples at {cfg.sample_rate} Hz, one frame "
                      f"is data.frame_len={cfg.frame_len}")
-  return dtmf.log_mel(wave_, cfg)
+  return log_mel(wave_, cfg)

@@ -1,0 +1,2 @@
+"""The shipped configs (YAML), installed with the package so `omnimoe train NAME` finds them
+without the repository (train/config_files.py)."""
