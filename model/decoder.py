@@ -11,6 +11,8 @@ active_fraction_by_modality [M, 3], router_entropy [M], router_entropy_by_modali
 The first `num_dense_layers` blocks use a dense SwiGLU and return no aux.
 `mesh` (a jax.sharding.AbstractMesh, None = none) is the mesh the model is laid out on: calls
 trace under it, so activation constraints and the experts' shard_map see it (train.state sets it).
+`platform` (model/expert_parallel.py `Platform`, default: this process's backend) is what the MoE
+layers' experts are built for (`omnimoe plan --platform gpu` builds a GPU's program on CPUs).
 Blocks run in a Python loop (compile time grows with num_layers).
 """
 import jax
@@ -19,6 +21,7 @@ from flax import nnx
 
 from omnimoe.model.config import ModelConfig
 from omnimoe.model.embed import MultimodalEmbed
+from omnimoe.model.expert_parallel import Platform
 from omnimoe.model.mlp import SwiGLU
 from omnimoe.model.moe import MoE
 from omnimoe.model.norm import RMSNorm
@@ -33,7 +36,8 @@ ACT = ("batch", "length", "act_embed")
 class Block(nnx.Module):
   """x + attn(norm(x)), then + moe(norm(x)) (or + mlp(norm(x)) in a dense block, aux None)."""
 
-  def __init__(self, cfg: ModelConfig, *, dense: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, dense: bool = False, rngs: nnx.Rngs,
+               platform: Platform = Platform()):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.dense = dense
     self.attn_norm = RMSNorm(cfg.d_model, names=("embed",), **kw)
@@ -43,7 +47,7 @@ class Block(nnx.Module):
       self.mlp = SwiGLU(cfg.d_model, cfg.dense_hidden, **kw)
     else:
       self.moe_norm = RMSNorm(cfg.d_model, names=("embed",), **kw)
-      self.moe = MoE(cfg.d_model, cfg.moe, **kw)
+      self.moe = MoE(cfg.d_model, cfg.moe, platform=platform, **kw)
 
   def __call__(self, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP, threshold=None,
                bias_MxE=None):
@@ -61,15 +65,15 @@ class Block(nnx.Module):
 class Decoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, vocab_size: int, feature_dim: int, rngs: nnx.Rngs,
-               mesh: jax.sharding.AbstractMesh | None = None):
+               mesh: jax.sharding.AbstractMesh | None = None, platform: Platform = Platform()):
     self.cfg = cfg
     self.mesh = mesh
     self.embed = MultimodalEmbed(vocab_size, feature_dim, cfg.d_model, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype, rngs=rngs)
     if not 0 <= cfg.num_dense_layers < cfg.num_layers:
       raise ValueError(f"num_dense_layers={cfg.num_dense_layers} must lie in 0..num_layers-1")
-    self.blocks = nnx.List([Block(cfg, dense=i < cfg.num_dense_layers, rngs=rngs)
-                            for i in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, dense=i < cfg.num_dense_layers, rngs=rngs,
+                                  platform=platform) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, names=("embed",), dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs)
     self.head_DxV = param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5),

@@ -25,43 +25,58 @@ Modes (`model.moe.dispatch`):
               offsets first traded by two small all_to_alls), run by the receiver and sent back the
               same way; the gradient is the reverse exchange (custom VJP). Buffers are sized for the
               worst case (like all_gather), the bytes moved are only what is used. XLA:CPU does not
-              implement the collective, so on CPU it is refused, except in the tests, which run the
-              same bookkeeping with the collective emulated (EMULATE_RAGGED); a test lowers it for
-              CUDA and TPU (jax.export), but it has not yet run on a GPU or TPU. With no expert
+              implement the collective, so on CPU it is refused unless the `Platform` asks for it
+              emulated (the tests, `omnimoe plan --platform gpu`), which runs the same bookkeeping
+              with a padded all_to_all; a test lowers it for CUDA and TPU (jax.export), but it has
+              not yet run on a GPU or TPU. With no expert
               axis (G = 1) nothing is exchanged and it runs as all_gather does.
-  auto        local without a mesh of several devices; on GPU or TPU with an expert axis,
-              ragged_all_to_all; else all_gather.
+  auto        local without a mesh of several devices; on GPU or TPU (`Platform`, passed down
+              from where the model is built) with an expert axis, ragged_all_to_all; else
+              all_gather.
 
 Inside shard_map the tokens are split over the batch axes that divide them (data, fsdp, expert);
 when the `expert` axis does not split them, each expert device takes a 1/G slice for the
 exchange and the results are gathered back. Expert weights enter split over `expert` (experts) and
 `tensor` (hidden width, then one psum over `tensor`); their other axes (fsdp) are gathered on entry
-by XLA, and their gradients are summed over the replicas by shard_map's transpose.
+by XLA, and their gradients are summed over the replicas by shard_map's transpose. What the
+per-device bodies share (G, E, the mesh axes, the config) is one `Exchange`.
 """
+import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from omnimoe.model import grouped_matmul as gmm
+from omnimoe.model import ragged_exchange as rx
 from omnimoe.model.sharding import fit_spec
 
 DISPATCH_MODES = ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_all")
-# Tests set this to run ragged_all_to_all's bookkeeping on CPU, with the collective emulated by
-# a padded all_to_all of the same semantics (`_emulated_ragged_all_to_all`).
-EMULATE_RAGGED = False
-# `omnimoe plan --platform gpu|tpu` sets this (with EMULATE_RAGGED) to plan an accelerator's choices.
-PLATFORM: str | None = None
+PLATFORMS = ("cpu", "gpu", "tpu")
 TOKEN_AXES = ("data", "fsdp", "expert")
 
 
-def platform() -> str:
-  """The backend the program is built for: jax.default_backend(), or what `omnimoe plan
-  --platform` (PLATFORM) asks for when it compiles a GPU/TPU step on simulated CPUs."""
-  return PLATFORM or jax.default_backend()
+@dataclasses.dataclass(frozen=True)
+class Platform:
+  """What the experts' program is built for.
+
+  name: "cpu", "gpu" or "tpu"; None = jax.default_backend() (`omnimoe plan --platform gpu` plans
+  a GPU's choices on simulated CPUs). emulate_ragged: ragged_all_to_all's collective is emulated
+  by a padded all_to_all of the same semantics (model/ragged_exchange.py), so that its
+  bookkeeping runs on XLA:CPU (the tests, `omnimoe plan`)."""
+  name: str | None = None
+  emulate_ragged: bool = False
+
+  def __post_init__(self):
+    if self.name is not None and self.name not in PLATFORMS:
+      raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, got {self.name!r}")
+
+  @property
+  def kind(self) -> str:
+    return self.name or jax.default_backend()
 
 
 def expert_groups(mesh, num_experts: int) -> int:
@@ -70,19 +85,19 @@ def expert_groups(mesh, num_experts: int) -> int:
   return g if num_experts % g == 0 else 1
 
 
-def resolve_dispatch(mode: str, mesh, num_experts: int) -> str:
+def resolve_dispatch(mode: str, mesh, num_experts: int, platform: Platform = Platform()) -> str:
   """The mode to run (see the module docstring for `auto`); `num_experts` (with a mesh) says
   whether the expert axis splits the experts: without that, ragged_all_to_all runs as all_gather."""
   if mode not in DISPATCH_MODES:
     raise ValueError(f"model.moe.dispatch={mode!r} must be one of {DISPATCH_MODES}")
-  if mode == "ragged_all_to_all" and platform() == "cpu" and not EMULATE_RAGGED:
+  if mode == "ragged_all_to_all" and platform.kind == "cpu" and not platform.emulate_ragged:
     raise ValueError("model.moe.dispatch=ragged_all_to_all needs a GPU or TPU (XLA:CPU does not "
                      "implement ragged_all_to_all); use all_gather (dropless) or all_to_all")
   if mesh is None or mesh.empty or mesh.size == 1:
     return "local"
   split = expert_groups(mesh, num_experts) > 1
   if mode == "auto":
-    return "ragged_all_to_all" if platform() in ("gpu", "tpu") and split else "all_gather"
+    return "ragged_all_to_all" if platform.kind in ("gpu", "tpu") and split else "all_gather"
   if mode == "ragged_all_to_all" and not split:
     return "all_gather"          # no expert axis: every device runs all experts, nothing moves
   return mode
@@ -120,211 +135,209 @@ def capacity(cfg, tokens: int, groups: int) -> int:
   return max(1, min(c, tokens))
 
 
-def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDxH, w_up_ExDxH,
-                   w_down_ExHxD, cfg, *, batch_size: int):
-  """(y_TxD, dropped assignments int32) for T = batch_size * L tokens, B-major (see module doc)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  mode = resolve_dispatch(cfg.dispatch, mesh, w_gate_ExDxH.shape[0])
-  kw = dict(backend=cfg.backend, block_rows=cfg.block_rows)
-  if mode == "local":
-    y = swiglu_experts(x_TxD, expert_TxK, used_TxK, weight_TxK, w_gate_ExDxH, w_up_ExDxH,
-                       w_down_ExHxD, **kw)
-    return y, jnp.zeros((), jnp.int32)
+class Tokens(NamedTuple):
+  """The tokens a device holds (T of them, or S once it takes its share)."""
+  x_SxD: jax.Array
+  expert_SxK: jax.Array      # routed experts (global ids)
+  weight_SxK: jax.Array
+  used_SxK: jax.Array        # the slot is in use (the dynamic router leaves some empty)
+  valid_S: jax.Array         # not padding
 
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+  """What the per-device bodies of one MoE layer share: the expert devices and the mesh axes."""
+  groups: int                    # G: expert devices, each holding E / G experts
+  num_experts: int               # E
+  token_axes: tuple              # mesh axes the tokens are split over
+  tensor_axis: str | None        # splits the experts' hidden width (one psum after them)
+  cfg: object                    # model.config.MoEConfig: capacity, router, backend, block_rows
+  emulate_ragged: bool = False   # see Platform
+
+  @property
+  def local_experts(self) -> int:
+    return self.num_experts // self.groups
+
+  @property
+  def split_here(self) -> bool:
+    """Tokens repeated on the expert devices: each exchanges a 1/G share of them."""
+    return self.groups > 1 and "expert" not in self.token_axes
+
+  def swiglu(self, x_SxD, expert_SxK, valid_SxK, weight_SxK, weights):
+    """swiglu_experts on this device's experts (local ids) and slice of `tensor`."""
+    return swiglu_experts(x_SxD, expert_SxK, valid_SxK, weight_SxK, *weights,
+                          backend=self.cfg.backend, block_rows=self.cfg.block_rows)
+
+  def finish(self, y_SxD):
+    """The experts' outputs summed over the `tensor` slices of their hidden width."""
+    return jax.lax.psum(y_SxD, self.tensor_axis) if self.tensor_axis else y_SxD
+
+
+def plan_exchange(mesh, cfg, shape_ExDxH, batch_size: int, platform: Platform):
+  """(the Exchange of one layer on `mesh`, the shard_map in_specs of (Tokens, weights))."""
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  E, _, H = w_gate_ExDxH.shape
+  E, _, H = shape_ExDxH
   tok = fit_spec(P(TOKEN_AXES), (batch_size,), sizes)[0]
   tok_axes = () if tok is None else (tok,) if isinstance(tok, str) else tuple(tok)
   ep_axis = fit_spec(P("expert"), (E,), sizes)[0]          # None when G does not divide E
   tp_axis = fit_spec(P("tensor"), (H,), sizes)[0]
-  G = expert_groups(mesh, E)
-  tokens_split_over_ep = "expert" in tok_axes
+  ex = Exchange(expert_groups(mesh, E), E, tok_axes, tp_axis, cfg, platform.emulate_ragged)
   w_in = P(ep_axis, None, tp_axis)
-  specs = (P(tok_axes), P(tok_axes), P(tok_axes), P(tok_axes), P(tok_axes),
-           w_in, w_in, P(ep_axis, tp_axis, None))
-  T, K = expert_TxK.shape
+  return ex, (P(tok_axes), (w_in, w_in, P(ep_axis, tp_axis, None)))
 
-  def finish(y_SxD):
-    return jax.lax.psum(y_SxD, tp_axis) if tp_axis else y_SxD
 
-  def all_gather_body(x, e, w, u, v, wg, wu, wd):
-    g = jax.lax.axis_index("expert") if G > 1 else 0
-    if G > 1 and tokens_split_over_ep:
-      x, e, w, u = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, e, w, u))
-    local_e = e - g * (E // G)
-    mine = u & (local_e >= 0) & (local_e < E // G)
-    y = finish(swiglu_experts(x, jnp.clip(local_e, 0, E // G - 1), mine, w, wg, wu, wd, **kw))
-    if G > 1:
-      y = (jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
-           if tokens_split_over_ep else jax.lax.psum(y, "expert"))
+def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDxH, w_up_ExDxH,
+                   w_down_ExHxD, cfg, *, batch_size: int, platform: Platform = Platform()):
+  """(y_TxD, dropped assignments int32) for T = batch_size * L tokens, B-major (see module doc)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  weights = (w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD)
+  mode = resolve_dispatch(cfg.dispatch, mesh, w_gate_ExDxH.shape[0], platform)
+  if mode == "local":
+    y = swiglu_experts(x_TxD, expert_TxK, used_TxK, weight_TxK, *weights, backend=cfg.backend,
+                       block_rows=cfg.block_rows)
     return y, jnp.zeros((), jnp.int32)
-
-  split_here = G > 1 and not tokens_split_over_ep   # tokens repeated on the expert devices
-
-  def my_share(arrays):
-    """Each expert device exchanges a 1/G slice of tokens it holds in common (padded rows are
-    invalid: v = 0); -> (the arrays, the token count before)."""
-    T0 = arrays[0].shape[0]
-    if not split_here:
-      return arrays, T0
-    g, part = jax.lax.axis_index("expert"), -(-T0 // G)
-    pad = lambda a: jnp.pad(a, [(0, part * G - T0)] + [(0, 0)] * (a.ndim - 1))
-    return [jax.lax.dynamic_slice_in_dim(pad(a), g * part, part) for a in arrays], T0
-
-  def rows_to_send(x, e, w, u, v, layout):
-    """One row per (token, expert device it uses) at its first assignment's slot, with the
-    token's local expert ids (El = none) and weights for that device. `layout(dest_SxK,
-    first_SxK)` places the rows -> (slot_SxK, assign_N, ...)."""
-    El = E // G
-    valid_SxK = u & v[:, None]
-    dest_SxK = e // El
-    same_SxKxK = (dest_SxK[:, :, None] == dest_SxK[:, None, :]) & valid_SxK[:, None, :]
-    earlier_KxK = jnp.tril(jnp.ones((K, K), bool), -1)      # [j, j']: j' comes before j
-    first_SxK = valid_SxK & ~jnp.any(same_SxKxK & earlier_KxK, axis=2)
-    slot_SxK, assign_N, *extra = layout(dest_SxK, first_SxK)
-    S = x.shape[0]
-    source_N = jnp.where(assign_N < S * K, assign_N // K, S)
-    dest_N = jnp.take(dest_SxK.reshape(-1), assign_N, mode="fill", fill_value=G)
-    e_NxK = jnp.take(e, source_N, axis=0, mode="fill", fill_value=0)
-    mine_NxK = (jnp.take(valid_SxK, source_N, axis=0, mode="fill", fill_value=False)
-                & (e_NxK // El == dest_N[:, None]))
-    send_e = jnp.where(mine_NxK, e_NxK % El, El)
-    send_w = jnp.where(mine_NxK, jnp.take(w, source_N, axis=0, mode="fill", fill_value=0), 0)
-    send_x = gmm.move_rows(x, source_N, slot_SxK)
-    rows = dict(slot=slot_SxK, assign=assign_N, x=send_x, e=send_e, w=send_w, valid=valid_SxK,
-                same=same_SxKxK, first=first_SxK)
-    return rows, extra
-
-  def combine_back(back_N, rows, S, T0):
-    y = gmm.move_rows(back_N, rows["slot"].reshape(-1), rows["assign"][:, None])
-    y = y.reshape(S, K, -1).sum(1)
-    return jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0] if split_here else y
-
-  def all_to_all_body(x, e, w, u, v, wg, wu, wd):
-    (x, e, w, u, v), T0 = my_share([x, e, w, u, v])
-    S = x.shape[0]
-    C = capacity(cfg, S, G)
-    rows, _ = rows_to_send(x, e, w, u, v, lambda d, f: _slots(d, f, G, C))
-    exchange = ((lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)) if G > 1
-                else (lambda a: a))
-    y_N, dropped_here = _receiver_experts(
-        exchange(rows["x"]), exchange(rows["e"]), exchange(rows["w"]), E // G,
-        math.ceil(cfg.capacity_factor * S * mean_experts_per_token(cfg)), wg, wu, wd, kw)
-    y = combine_back(exchange(finish(y_N)), rows, S, T0)
-    kept_first_SxK = rows["first"] & (rows["slot"] < G * C)
-    kept_SxK = jnp.any(rows["same"] & kept_first_SxK[:, None, :], axis=2)   # its row went
-    dropped = jnp.sum(rows["valid"] & ~kept_SxK).astype(jnp.int32) + dropped_here
-    count_axes = tuple(tok_axes) + (("expert",) if split_here else ())
-    return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
-
-  def ragged_body(x, e, w, u, v, wg, wu, wd):
-    (x, e, w, u, v), T0 = my_share([x, e, w, u, v])
-    S = x.shape[0]
-    El = E // G
-    # Rows for device d back to back (no capacity, no gaps).
-    n_send = S * min(K, G)
-    rows, (sizes_G,) = rows_to_send(x, e, w, u, v, lambda d, f: _packed_slots(d, f, G, n_send))
-    send_x, send_e, send_w = rows["x"], rows["e"], rows["w"]
-    a2a = lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)
-    offsets_G = jnp.cumsum(sizes_G) - sizes_G           # my rows for device d start here
-    recv_G = a2a(sizes_G)                               # rows each device sends me
-    landing_G = jnp.cumsum(recv_G) - recv_G             # where device s's rows land in mine
-    there_G = a2a(landing_G)                            # where my rows land on device d
-    n_recv = G * S                                      # at most one row per token per device
-    came_from_G = a2a(offsets_G)                        # where device s's rows to me start
-    out = (offsets_G, sizes_G, there_G, recv_G)
-    recv_x = _ragged_exchange(send_x, *out, landing_G, came_from_G, n_recv, S)
-    recv_w = _ragged_exchange(send_w, *out, landing_G, came_from_G, n_recv, S)
-    recv_e = _ragged_all_to_all(send_e, jnp.full((n_recv, K), El, send_e.dtype), *out, S)
-    # Dropless: every received assignment runs (no compact list, unlike all_to_all).
-    y_N = swiglu_experts(recv_x, jnp.minimum(recv_e, El - 1), recv_e < El, recv_w, wg, wu, wd, **kw)
-    back_N = _ragged_exchange(finish(y_N), landing_G, recv_G, came_from_G, sizes_G,
-                              offsets_G, there_G, n_send, S)
-    return combine_back(back_N, rows, S, T0), jnp.zeros((), jnp.int32)
-
-  body = {"all_gather": all_gather_body, "all_to_all": all_to_all_body,
-          "ragged_all_to_all": ragged_body}[mode]
-  fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(tok_axes), P()),
-                     check_vma=False)
-  return fn(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDxH, w_up_ExDxH,
-            w_down_ExHxD)
+  ex, in_specs = plan_exchange(mesh, cfg, w_gate_ExDxH.shape, batch_size, platform)
+  fn = jax.shard_map(functools.partial(_BODIES[mode], ex), mesh=mesh, in_specs=in_specs,
+                     out_specs=(P(ex.token_axes), P()), check_vma=False)
+  return fn(Tokens(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T), weights)
 
 
-def _ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G, cap: int):
-  """Rows [offsets[d], + sizes[d]) go to device d, written there at rows [there[d], + sizes[d])
-  of `out` (the rest of `out` unchanged): jax.lax.ragged_all_to_all, or its emulation."""
-  if not EMULATE_RAGGED:
-    return jax.lax.ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G,
-                                     axis_name="expert")
-  return _emulated_ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G, cap)
+def _all_gather_body(ex: Exchange, tok: Tokens, weights):
+  """Every expert device runs its experts on all the tokens of its expert group's devices."""
+  G, El = ex.groups, ex.local_experts
+  gathered = G > 1 and not ex.split_here
+  g = jax.lax.axis_index("expert") if G > 1 else 0
+  x, e, w, u = tok.x_SxD, tok.expert_SxK, tok.weight_SxK, tok.used_SxK
+  if gathered:
+    x, e, w, u = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, e, w, u))
+  local_e = e - g * El
+  mine = u & (local_e >= 0) & (local_e < El)
+  y = ex.finish(ex.swiglu(x, jnp.clip(local_e, 0, El - 1), mine, w, weights))
+  if G > 1:
+    y = (jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+         if gathered else jax.lax.psum(y, "expert"))
+  return y, jnp.zeros((), jnp.int32)
 
 
-def _emulated_ragged_all_to_all(x_NxD, out_MxD, offsets_G, sizes_G, there_G, recv_G, cap: int):
-  """The semantics of jax.lax.ragged_all_to_all over `expert` from a padded all_to_all (`cap`
-  rows at most per pair), for the tests on CPU."""
-  i_C = jnp.arange(cap)
-  take_GxC = jnp.where(i_C < sizes_G[:, None], offsets_G[:, None] + i_C, x_NxD.shape[0])
-  blocks = jnp.take(x_NxD, take_GxC.reshape(-1), axis=0, mode="fill", fill_value=0)
-  got = jax.lax.all_to_all(blocks, "expert", 0, 0, tiled=True)        # [G * cap, ...] by sender
-  at_G = jax.lax.all_to_all(there_G, "expert", 0, 0, tiled=True)     # where sender s writes
-  put_GxC = jnp.where(i_C < recv_G[:, None], at_G[:, None] + i_C, out_MxD.shape[0])
-  return out_MxD.at[put_GxC.reshape(-1)].set(got, mode="drop")
+def _my_share(ex: Exchange, tok: Tokens) -> tuple[Tokens, int]:
+  """Each expert device exchanges a 1/G slice of the tokens it holds in common (padded rows are
+  invalid: valid = 0); -> (the tokens, their count before)."""
+  T0 = tok.x_SxD.shape[0]
+  if not ex.split_here:
+    return tok, T0
+  g, part = jax.lax.axis_index("expert"), -(-T0 // ex.groups)
+  pad = lambda a: jnp.pad(a, [(0, part * ex.groups - T0)] + [(0, 0)] * (a.ndim - 1))
+  return Tokens(*(jax.lax.dynamic_slice_in_dim(pad(a), g * part, part) for a in tok)), T0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ragged_exchange(x_NxD, offsets_G, sizes_G, there_G, recv_G, landing_G, back_G,
-                     n_out: int, cap: int):
-  """A differentiable ragged exchange into `n_out` zero rows (see `_ragged_all_to_all`).
-  `landing_G` (where each sender's rows land here) and `back_G` (where they come from in the
-  sender's rows) give the reverse exchange, which is the gradient."""
-  out = jnp.zeros((n_out,) + x_NxD.shape[1:], x_NxD.dtype)
-  return _ragged_all_to_all(x_NxD, out, offsets_G, sizes_G, there_G, recv_G, cap)
+class Destinations(NamedTuple):
+  dest_SxK: jax.Array        # expert device of each slot
+  valid_SxK: jax.Array       # in use, and the token is not padding
+  same_SxKxK: jax.Array      # [s, j, j']: slot j' is valid and goes where slot j goes
+  first_SxK: jax.Array       # valid, and the token's first slot for its device: it holds the row
 
 
-def _ragged_exchange_fwd(x_NxD, offsets_G, sizes_G, there_G, recv_G, landing_G, back_G, n_out,
-                         cap):
-  y = _ragged_exchange(x_NxD, offsets_G, sizes_G, there_G, recv_G, landing_G, back_G, n_out, cap)
-  return y, (x_NxD.shape[0], offsets_G, sizes_G, there_G, recv_G, landing_G, back_G)
+def _destinations(ex: Exchange, tok: Tokens) -> Destinations:
+  K = tok.expert_SxK.shape[1]
+  valid_SxK = tok.used_SxK & tok.valid_S[:, None]
+  dest_SxK = tok.expert_SxK // ex.local_experts
+  same_SxKxK = (dest_SxK[:, :, None] == dest_SxK[:, None, :]) & valid_SxK[:, None, :]
+  earlier_KxK = jnp.tril(jnp.ones((K, K), bool), -1)      # [j, j']: j' comes before j
+  first_SxK = valid_SxK & ~jnp.any(same_SxKxK & earlier_KxK, axis=2)
+  return Destinations(dest_SxK, valid_SxK, same_SxKxK, first_SxK)
 
 
-def _ragged_exchange_bwd(n_out, cap, res, dy_MxD):
-  """What device s wrote into my rows [landing[s], + recv[s]) goes back to its rows
-  [back[s], + recv[s])."""
-  n, offsets_G, sizes_G, there_G, recv_G, landing_G, back_G = res
-  out = jnp.zeros((n,) + dy_MxD.shape[1:], dy_MxD.dtype)
-  dx = _ragged_all_to_all(dy_MxD, out, landing_G, recv_G, back_G, sizes_G, cap)
-  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
-  return (dx, *(zero(a) for a in (offsets_G, sizes_G, there_G, recv_G, landing_G, back_G)))
+class Rows(NamedTuple):
+  """The rows a device sends: one per (token, expert device it uses)."""
+  slot_SxK: jax.Array        # row of each first slot (out of range: none)
+  assign_N: jax.Array        # the (first) assignment s*K + j each row holds; S*K = empty
+  x_NxD: jax.Array
+  e_NxK: jax.Array           # the token's local expert ids on the row's device (El = none)
+  w_NxK: jax.Array           # and their weights (0 = none)
 
 
-_ragged_exchange.defvjp(_ragged_exchange_fwd, _ragged_exchange_bwd)
+def _rows_to_send(ex: Exchange, tok: Tokens, d: Destinations, slot_SxK, assign_N) -> Rows:
+  """The rows of a send-buffer layout (`_slots` or `_packed_slots` of d.first_SxK)."""
+  S, K = tok.expert_SxK.shape
+  El = ex.local_experts
+  source_N = jnp.where(assign_N < S * K, assign_N // K, S)
+  dest_N = jnp.take(d.dest_SxK.reshape(-1), assign_N, mode="fill", fill_value=ex.groups)
+  e_NxK = jnp.take(tok.expert_SxK, source_N, axis=0, mode="fill", fill_value=0)
+  mine_NxK = (jnp.take(d.valid_SxK, source_N, axis=0, mode="fill", fill_value=False)
+              & (e_NxK // El == dest_N[:, None]))
+  w_NxK = jnp.take(tok.weight_SxK, source_N, axis=0, mode="fill", fill_value=0)
+  return Rows(slot_SxK, assign_N, gmm.move_rows(tok.x_SxD, source_N, slot_SxK),
+              jnp.where(mine_NxK, e_NxK % El, El), jnp.where(mine_NxK, w_NxK, 0))
 
 
-def _receiver_experts(x_NxD, local_NxK, w_NxK, num_local: int, cap: int, wg, wu, wd, kw):
-  """The received rows' assignments (local expert ids, num_local = none), the first `cap` of them
-  in row order, run as one compact list: (y_NxD weighted sums, assignments past cap)."""
+def _combine_back(ex: Exchange, back_NxD, rows: Rows, T0: int):
+  """Each token's rows, come back, summed; the expert devices' shares gathered again."""
+  S, K = rows.slot_SxK.shape
+  y = gmm.move_rows(back_NxD, rows.slot_SxK.reshape(-1), rows.assign_N[:, None])
+  y = y.reshape(S, K, -1).sum(1)
+  return jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0] if ex.split_here else y
+
+
+def _all_to_all_body(ex: Exchange, tok: Tokens, weights):
+  """Rows of fixed capacity per (sender, receiver); the receiver runs a compact list of them."""
+  tok, T0 = _my_share(ex, tok)
+  S, G = tok.x_SxD.shape[0], ex.groups
+  C = capacity(ex.cfg, S, G)
+  d = _destinations(ex, tok)
+  rows = _rows_to_send(ex, tok, d, *_slots(d.dest_SxK, d.first_SxK, G, C))
+  exchange = ((lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)) if G > 1
+              else (lambda a: a))
+  cap = math.ceil(ex.cfg.capacity_factor * S * mean_experts_per_token(ex.cfg))
+  y_NxD, dropped_here = _receiver_experts(ex, exchange(rows.x_NxD), exchange(rows.e_NxK),
+                                          exchange(rows.w_NxK), cap, weights)
+  y = _combine_back(ex, exchange(ex.finish(y_NxD)), rows, T0)
+  kept_first_SxK = d.first_SxK & (rows.slot_SxK < G * C)
+  kept_SxK = jnp.any(d.same_SxKxK & kept_first_SxK[:, None, :], axis=2)   # its row went
+  dropped = jnp.sum(d.valid_SxK & ~kept_SxK).astype(jnp.int32) + dropped_here
+  count_axes = ex.token_axes + (("expert",) if ex.split_here else ())
+  return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
+
+
+def _receiver_experts(ex: Exchange, x_NxD, local_NxK, w_NxK, cap: int, weights):
+  """The received rows' assignments (local expert ids, El = none), the first `cap` of them in
+  row order, run as one compact list: (y_NxD weighted sums, assignments past cap)."""
   N, K = local_NxK.shape
-  valid_A = (local_NxK < num_local).reshape(N * K)
+  El = ex.local_experts
+  valid_A = (local_NxK < El).reshape(N * K)
   cap = min(cap, N * K)
   slot_NxK, assign_C = _slots(jnp.zeros((N, K), jnp.int32), valid_A.reshape(N, K), 1, cap)
   row_C = jnp.where(assign_C < N * K, assign_C // K, N)
   x_CxD = gmm.move_rows(x_NxD, row_C, slot_NxK)
-  e_C = jnp.take(local_NxK.reshape(-1), assign_C, mode="fill", fill_value=num_local)
+  e_C = jnp.take(local_NxK.reshape(-1), assign_C, mode="fill", fill_value=El)
   w_C = jnp.take(w_NxK.reshape(-1), assign_C, mode="fill", fill_value=0)
-  y_CxD = swiglu_experts(x_CxD, jnp.minimum(e_C, num_local - 1)[:, None],
-                         (e_C < num_local)[:, None], w_C[:, None], wg, wu, wd, **kw)
+  y_CxD = ex.swiglu(x_CxD, jnp.minimum(e_C, El - 1)[:, None], (e_C < El)[:, None], w_C[:, None],
+                    weights)
   y_NxD = gmm.move_rows(y_CxD, slot_NxK.reshape(-1), assign_C[:, None]).reshape(N, K, -1).sum(1)
   return y_NxD, jnp.sum(valid_A & (slot_NxK.reshape(-1) >= cap)).astype(jnp.int32)
 
 
-def _by_destination(dest_SxK, valid_SxK, groups: int):
-  """The valid assignments stably sorted by destination: (dest_A, groups for invalid ones;
-  sorted position of each; assignments per destination [groups + 1], the last the invalid)."""
-  A = dest_SxK.size
-  dest_A = jnp.where(valid_SxK.reshape(A), dest_SxK.reshape(A), groups).astype(jnp.int32)
-  order_A = jnp.argsort(dest_A, stable=True)
-  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
-  return dest_A, sorted_pos_A, jnp.zeros((groups + 1,), jnp.int32).at[dest_A].add(1)
+def _ragged_body(ex: Exchange, tok: Tokens, weights):
+  """Rows packed back to back (no capacity, no gaps), exchanged with exact sizes, dropless."""
+  tok, T0 = _my_share(ex, tok)
+  S, K = tok.expert_SxK.shape
+  El, emulate = ex.local_experts, ex.emulate_ragged
+  n_send, n_recv = S * min(K, ex.groups), ex.groups * S   # at most one row per token and device
+  d = _destinations(ex, tok)
+  slot_SxK, assign_N, sizes_G = _packed_slots(d.dest_SxK, d.first_SxK, ex.groups, n_send)
+  rows = _rows_to_send(ex, tok, d, slot_SxK, assign_N)
+  r = rx.ragged_layout(sizes_G)
+  recv_x = rx.ragged_exchange(rows.x_NxD, r, n_recv, S, emulate)
+  recv_w = rx.ragged_exchange(rows.w_NxK, r, n_recv, S, emulate)
+  recv_e = rx.ragged_all_to_all(rows.e_NxK, jnp.full((n_recv, K), El, rows.e_NxK.dtype), r, S,
+                              emulate)
+  # Dropless: every received assignment runs (no compact list, unlike all_to_all).
+  y_NxD = ex.swiglu(recv_x, jnp.minimum(recv_e, El - 1), recv_e < El, recv_w, weights)
+  back_NxD = rx.ragged_exchange(ex.finish(y_NxD), r.reverse(), n_send, S, emulate)
+  return _combine_back(ex, back_NxD, rows, T0), jnp.zeros((), jnp.int32)
+
+
+_BODIES = {"all_gather": _all_gather_body, "all_to_all": _all_to_all_body,
+           "ragged_all_to_all": _ragged_body}
 
 
 def _rows_of(slot_A, n_rows: int, shape):
@@ -340,7 +353,7 @@ def _slots(dest_SxK, valid_SxK, groups: int, cap: int):
 
   Returns (slot_SxK: row of each assignment, groups*cap when invalid or past capacity;
   assign_N: assignment held by each row, S*K when empty)."""
-  dest_A, sorted_pos_A, counts = _by_destination(dest_SxK, valid_SxK, groups)
+  dest_A, _, sorted_pos_A, counts = gmm.sort_by_group(dest_SxK, groups, valid_SxK)
   rank_A = sorted_pos_A - (jnp.cumsum(counts) - counts)[dest_A]
   keep_A = (dest_A < groups) & (rank_A < cap)
   return _rows_of(jnp.where(keep_A, dest_A * cap + rank_A, groups * cap), groups * cap,
@@ -350,6 +363,6 @@ def _slots(dest_SxK, valid_SxK, groups: int, cap: int):
 def _packed_slots(dest_SxK, valid_SxK, groups: int, n_rows: int):
   """Send-buffer layout of the ragged mode: the valid assignments sorted by destination, back to
   back. Returns (slot_SxK, n_rows when invalid; assign_N; sizes_G: rows per destination)."""
-  dest_A, sorted_pos_A, counts = _by_destination(dest_SxK, valid_SxK, groups)
+  dest_A, _, sorted_pos_A, counts = gmm.sort_by_group(dest_SxK, groups, valid_SxK)
   slot_A = jnp.where(dest_A < groups, sorted_pos_A, n_rows)
   return (*_rows_of(slot_A, n_rows, dest_SxK.shape), counts[:groups])

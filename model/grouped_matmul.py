@@ -33,7 +33,6 @@ the inverse permutation; the blocked backward runs the same tile loop, adding ea
 x^T dy into its expert's slice of the weight gradient in place (O(tiles), no scatter over blocks).
 """
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -116,16 +115,15 @@ def _move_rows_bwd(res, dout_RxD):
 move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
-def _tile(tiles, t, num_rows: int, br: int):
+def _tile(tiles: "Tiles", t, num_rows: int):
   """Tile t of the table: (expert, first row read, mask [br, 1] of the rows it computes).
 
   The tile reads rows s .. s + br, s = its nominal start clamped so the read stays inside the
   buffer; it computes the rows from its nominal start to the end of its expert's group."""
-  expert_N, start_N, stop_N, _ = tiles
-  s_nom = start_N[t]
-  s = jnp.minimum(s_nom, num_rows - br)
-  rows = s + jnp.arange(br, dtype=jnp.int32)
-  return expert_N[t], s, ((rows >= s_nom) & (rows < stop_N[t]))[:, None]
+  s_nom = tiles.start_N[t]
+  s = jnp.minimum(s_nom, num_rows - tiles.block_rows)
+  rows = s + jnp.arange(tiles.block_rows, dtype=jnp.int32)
+  return tiles.expert_N[t], s, ((rows >= s_nom) & (rows < tiles.stop_N[t]))[:, None]
 
 
 def _expert(w_ExKxN, e):
@@ -150,31 +148,31 @@ def _update_rows(buf_RxD, s, mask_Bx1, new_BxD):
   return jax.lax.dynamic_update_slice_in_dim(buf_RxD, jnp.where(mask_Bx1, new_BxD, old_BxD), s, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked_matmul(x_RxK, w_ExKxN, tiles, br: int):
-  """y[r] = x[r] @ w[expert of r] for the rows covered by the first `tiles[3]` tiles, 0 elsewhere."""
-  R = x_RxK.shape[0]
+@jax.custom_vjp
+def _blocked_matmul(x_RxK, w_ExKxN, tiles: "Tiles"):
+  """y[r] = x[r] @ w[expert of r] for the rows covered by the tiles in use, 0 elsewhere."""
+  R, br = x_RxK.shape[0], tiles.block_rows
 
   def body(t, y_RxN):
-    e, s, m = _tile(tiles, t, R, br)
+    e, s, m = _tile(tiles, t, R)
     y_BxN = jax.lax.dynamic_slice_in_dim(x_RxK, s, br) @ _expert(w_ExKxN, e)
     return _update_rows(y_RxN, s, m, y_BxN)
 
   y0 = _zeros((R, w_ExKxN.shape[2]), x_RxK.dtype, w_ExKxN)
-  return jax.lax.fori_loop(0, tiles[3], body, y0)
+  return jax.lax.fori_loop(0, tiles.used, body, y0)
 
 
-def _blocked_matmul_fwd(x_RxK, w_ExKxN, tiles, br):
-  return _blocked_matmul(x_RxK, w_ExKxN, tiles, br), (x_RxK, w_ExKxN, tiles)
+def _blocked_matmul_fwd(x_RxK, w_ExKxN, tiles):
+  return _blocked_matmul(x_RxK, w_ExKxN, tiles), (x_RxK, w_ExKxN, tiles)
 
 
-def _blocked_matmul_bwd(br, res, dy_RxN):
+def _blocked_matmul_bwd(res, dy_RxN):
   x_RxK, w_ExKxN, tiles = res
-  R = x_RxK.shape[0]
+  R, br = x_RxK.shape[0], tiles.block_rows
 
   def body(t, carry):
     dx_RxK, dw_ExKxN = carry
-    e, s, m = _tile(tiles, t, R, br)
+    e, s, m = _tile(tiles, t, R)
     w_KxN = _expert(w_ExKxN, e)
     # Rows outside the tile's group are zeroed in both factors: they add nothing to dw[e]
     # (and a non-finite value in another group's row cannot leak in as 0 * inf).
@@ -187,7 +185,7 @@ def _blocked_matmul_bwd(br, res, dy_RxN):
 
   zeros = (_zeros(x_RxK.shape, x_RxK.dtype, dy_RxN),
            _zeros(w_ExKxN.shape, dy_RxN.dtype, w_ExKxN))
-  dx, dw = jax.lax.fori_loop(0, tiles[3], body, zeros)
+  dx, dw = jax.lax.fori_loop(0, tiles.used, body, zeros)
   return dx, dw.astype(w_ExKxN.dtype), None
 
 
@@ -197,20 +195,14 @@ _blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
-  """Where every assignment lives in the row layout of one backend (see module docstring)."""
+  """Where every assignment lives in the row layout (see module docstring), for the backends that
+  take the groups' sizes (dense, ragged_dot, tokamax, megablox); `BlockedDispatch` adds its tiles."""
   backend: str = dataclasses.field(metadata=dict(static=True))  # any of BACKENDS but auto
-  block_rows: int = dataclasses.field(metadata=dict(static=True))  # rows per tile (blocked)
   num_experts: int = dataclasses.field(metadata=dict(static=True))
   group_sizes_E: jax.Array     # int32: valid assignments per expert
   slot_SxK: jax.Array          # int32: layout row of each assignment; R for invalid ones
   assign_R: jax.Array          # int32: assignment held by each layout row; A for empty rows
   expert_R: jax.Array          # int32: expert of each layout row; E for empty rows
-  # The blocked backend's tile table (None for the others); tile t computes rows
-  # block_start_N[t] .. min(+ block_rows, block_stop_N[t]) with expert block_expert_N[t].
-  block_expert_N: jax.Array | None  # int32 [N]: expert of each tile (nondecreasing)
-  used_blocks: jax.Array | None     # int32 scalar: tiles in use (a prefix of the table)
-  block_start_N: jax.Array | None = None  # int32 [N]: first row of each tile
-  block_stop_N: jax.Array | None = None   # int32 [N]: end of the tile's expert's group
 
   @property
   def num_rows(self) -> int:
@@ -219,11 +211,6 @@ class Dispatch:
   def matmul(self, x_RxK: jax.Array, w_ExKxN: jax.Array) -> jax.Array:
     """Each layout row times its expert's matrix; empty rows give 0. Output in x's dtype."""
     w = w_ExKxN.astype(x_RxK.dtype)
-    if self.backend == "blocked":
-      if x_RxK.shape[0] == 0:
-        return jnp.zeros((0, w.shape[2]), x_RxK.dtype)
-      tiles = (self.block_expert_N, self.block_start_N, self.block_stop_N, self.used_blocks)
-      return _blocked_matmul(x_RxK, w, tiles, self.block_rows)
     if self.backend == "ragged_dot":
       y = jax.lax.ragged_dot(x_RxK, w, self.group_sizes_E)
     elif self.backend == "tokamax":
@@ -236,6 +223,31 @@ class Dispatch:
       y, _ = jax.lax.scan(one_expert, jnp.zeros((x_RxK.shape[0], w.shape[2]), x_RxK.dtype),
                           jnp.arange(self.num_experts))
     return jnp.where((self.expert_R < self.num_experts)[:, None], y, 0).astype(x_RxK.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """The blocked backend's tile table, sized for the worst case: tile t computes rows
+  start_N[t] .. min(+ block_rows, stop_N[t]) with expert expert_N[t]; the first `used` are in use."""
+  block_rows: int = dataclasses.field(metadata=dict(static=True))
+  expert_N: jax.Array          # int32: expert of each tile (nondecreasing)
+  start_N: jax.Array           # int32: first row of each tile
+  stop_N: jax.Array            # int32: end of the tile's expert's group
+  used: jax.Array              # int32 scalar: tiles in use (a prefix of the table)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockedDispatch(Dispatch):
+  """The row layout of the blocked backend, with its tile table."""
+  tiles: Tiles
+
+  def matmul(self, x_RxK: jax.Array, w_ExKxN: jax.Array) -> jax.Array:
+    w = w_ExKxN.astype(x_RxK.dtype)
+    if x_RxK.shape[0] == 0:
+      return jnp.zeros((0, w.shape[2]), x_RxK.dtype)
+    return _blocked_matmul(x_RxK, w, self.tiles)
 
 
 PAD_FRACTION = 4    # tiles shrink until the expected padding E * br / 2 is at most A / (2 * 4)
@@ -251,9 +263,9 @@ def blocked_rows(num_assignments: int, num_experts: int, block_rows: int) -> int
   return max(1, min(br, num_assignments))
 
 
-def _tile_table(group_sizes_E: jax.Array, br: int, num_rows: int):
-  """(expert_N, start_N, stop_N, used): tiles of br rows over groups laid out back to back from
-  row 0; group e gets ceil(size_e / br) tiles. The table is static, sized for the worst case."""
+def _tile_table(group_sizes_E: jax.Array, br: int, num_rows: int) -> Tiles:
+  """Tiles of br rows over groups laid out back to back from row 0; group e gets
+  ceil(size_e / br) tiles. The table is static, sized for the worst case."""
   E = group_sizes_E.shape[0]
   size_E = group_sizes_E.astype(jnp.int32)
   nt = max(1, (num_rows + E * (br - 1)) // br)    # >= sum_e ceil(size_e / br)
@@ -264,33 +276,42 @@ def _tile_table(group_sizes_E: jax.Array, br: int, num_rows: int):
   expert_N = jnp.minimum(jnp.searchsorted(tiles_end_E, t_N, side="right"), E - 1).astype(jnp.int32)
   j_N = t_N - (tiles_end_E - tiles_E)[expert_N]   # tile index inside its group
   start_N = (end_E - size_E)[expert_N] + j_N * br
-  return expert_N, start_N.astype(jnp.int32), end_E[expert_N].astype(jnp.int32), tiles_end_E[-1]
+  return Tiles(br, expert_N, start_N.astype(jnp.int32), end_E[expert_N].astype(jnp.int32),
+               tiles_end_E[-1])
+
+
+def sort_by_group(group_SxK: jax.Array, num_groups: int, valid_SxK: jax.Array | None = None):
+  """The A = S*K assignments stably sorted by group, the invalid ones last. Returns (group_A:
+  num_groups for invalid ones; order_A: the assignment at each sorted position; sorted_pos_A: the
+  sorted position of each assignment; counts: assignments per group [num_groups + 1], the last
+  counting the invalid ones)."""
+  A = group_SxK.size
+  group_A = group_SxK.reshape(A).astype(jnp.int32)
+  if valid_SxK is not None:
+    group_A = jnp.where(valid_SxK.reshape(A), group_A, num_groups)
+  order_A = jnp.argsort(group_A, stable=True)
+  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
+  counts = jnp.zeros((num_groups + 1,), jnp.int32).at[group_A].add(1)
+  return group_A, order_A, sorted_pos_A, counts
 
 
 def plan_dispatch(expert_SxK: jax.Array, num_experts: int, *, valid_SxK: jax.Array | None = None,
                   backend: str = "auto", block_rows: int = 64) -> Dispatch:
-  """Bookkeeping for S source rows with K assignments each (invalid ones take no row)."""
+  """Bookkeeping for S source rows with K assignments each (invalid ones take no row):
+  a `BlockedDispatch` for the blocked backend, else a `Dispatch`."""
   backend = resolve_backend(backend)
   S, K = expert_SxK.shape
   A, E = S * K, num_experts
-  expert_A = expert_SxK.reshape(A).astype(jnp.int32)
-  if valid_SxK is not None:
-    expert_A = jnp.where(valid_SxK.reshape(A), expert_A, E)   # invalid ones sort last
-  order_A = jnp.argsort(expert_A, stable=True)                # sorted position -> assignment
-  sorted_pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
-  group_sizes_E = jnp.zeros((E + 1,), jnp.int32).at[expert_A].add(1)[:E]
+  expert_A, order_A, sorted_pos_A, counts = sort_by_group(expert_SxK, E, valid_SxK)
   valid_A = expert_A < E
-
-  slot_A = jnp.where(valid_A, sorted_pos_A, A)
+  slot_SxK = jnp.where(valid_A, sorted_pos_A, A).reshape(S, K)
   assign_R = jnp.where(valid_A[order_A], order_A, A).astype(jnp.int32)
-  br, tiles = block_rows, (None,) * 4
-  if backend == "blocked":
-    br = blocked_rows(A, E, block_rows)
-    tiles = _tile_table(group_sizes_E, br, A)
   expert_R = jnp.take(expert_A, assign_R, mode="fill", fill_value=E)
-  expert_N, start_N, stop_N, used = tiles
-  return Dispatch(backend, br, E, group_sizes_E, slot_A.reshape(S, K).astype(jnp.int32),
-                  assign_R, expert_R, expert_N, used, start_N, stop_N)
+  rows = (E, counts[:E], slot_SxK, assign_R, expert_R)
+  if backend != "blocked":
+    return Dispatch(backend, *rows)
+  tiles = _tile_table(counts[:E], blocked_rows(A, E, block_rows), A)
+  return BlockedDispatch(backend, *rows, tiles)
 
 
 def dispatch(plan: Dispatch, x_SxD: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnimoe.model.expert_parallel import resolve_dispatch, routed_experts
+from omnimoe.model.expert_parallel import Platform, resolve_dispatch, routed_experts
 from omnimoe.model.config import MoEConfig
 from omnimoe.model.mlp import SwiGLU
 from omnimoe.model.router import balance_stats, dynamic_routing, top_k_routing
@@ -35,10 +35,12 @@ class MoE(nnx.Module):
   `threshold` (float32 scalar) is the dynamic router's mass threshold, an input kept by the
   trainer's controller (None: `cfg.threshold_init`); the top-k router ignores it. `bias_MxE`
   (float32 [3, E], needs modality) is the auxiliary-loss-free balance bias per modality: it ranks
-  experts, it does not weight them (None: no bias)."""
+  experts, it does not weight them (None: no bias).
+  `platform` (model/expert_parallel.py `Platform`) is what the experts are built for: it decides
+  what dispatch `auto` becomes and whether ragged_all_to_all runs (or is emulated) on CPU."""
 
   def __init__(self, d_model: int, cfg: MoEConfig, *, dtype="float32", param_dtype="float32",
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, platform: Platform = Platform()):
     E, D, H = cfg.num_experts, d_model, cfg.expert_hidden
     if cfg.router not in ROUTERS:
       raise ValueError(f"moe.router={cfg.router!r} must be one of {ROUTERS}")
@@ -47,7 +49,7 @@ class MoE(nnx.Module):
     if cfg.router == "dynamic" and not 1 <= cfg.k_min <= cfg.k_max <= E:
       raise ValueError(f"moe.k_min={cfg.k_min}, k_max={cfg.k_max} need 1 <= k_min <= k_max <= "
                        f"num_experts={E}")
-    resolve_dispatch(cfg.dispatch, None, cfg.num_experts)   # a bad mode fails when the model is built
+    resolve_dispatch(cfg.dispatch, None, E, platform)   # a bad mode fails when it is built
     if cfg.capacity_factor <= 0:
       raise ValueError(f"moe.capacity_factor={cfg.capacity_factor} must be > 0")
     if cfg.num_groups < 1 or E % cfg.num_groups:
@@ -61,6 +63,7 @@ class MoE(nnx.Module):
       raise ValueError(f"moe.max_groups={cfg.max_groups} leaves {reach} experts in reach, fewer "
                        f"than the {k} a token may take")
     self.cfg = cfg
+    self.platform = platform   # what the experts are built for (model/expert_parallel.py)
     self.dtype = jnp.dtype(dtype)
     normal = jax.nn.initializers.normal
     # The router is kept and computed in float32 whatever param_dtype is.
@@ -111,7 +114,8 @@ class MoE(nnx.Module):
       used_TxK = jnp.ones(expert_TxK.shape, bool) if used_TxK is None else used_TxK
       y_TxD, dropped = routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T,
                                       self.w_gate_ExDxH[...], self.w_up_ExDxH[...],
-                                      self.w_down_ExHxD[...], cfg, batch_size=B)
+                                      self.w_down_ExHxD[...], cfg, batch_size=B,
+                                      platform=self.platform)
       aux["dropped_fraction"] = dropped / jnp.maximum(jnp.sum(used_TxK & valid_T[:, None]), 1)
     if self.cfg.num_shared_experts > 0:
       with jax.named_scope("shared_experts"):

@@ -11,6 +11,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from omnimoe.model import expert_parallel
 from omnimoe.model.config import MoEConfig
+from omnimoe.model.expert_parallel import Platform
 from omnimoe.model.moe import MoE
 from omnimoe.model.router import group_limit, top_k_routing
 from omnimoe.model.sharding import fit_spec
@@ -27,10 +28,10 @@ def _inputs(b=B, l=L):
   return x, seg
 
 
-def _run(cfg, mesh_shape, b=B, l=L):
+def _run(cfg, mesh_shape, b=B, l=L, platform=Platform()):
   """(loss, y, dropped_fraction, grads of params and x) of one MoE layer; loss on valid positions."""
   x, seg = _inputs(b, l)
-  graphdef, params = nnx.split(MoE(D, cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(MoE(D, cfg, rngs=nnx.Rngs(0), platform=platform))
 
   def loss(params, x):
     y, aux = nnx.merge(graphdef, params)(x, seg)
@@ -61,16 +62,16 @@ CASES = [("all_to_all", 8.0, "topk_groups", "data2_expert4"),
 
 
 @pytest.mark.parametrize("mode, factor, router, mesh", CASES)
-def test_dispatch_equals_one_device(mode, factor, router, mesh, monkeypatch):
+def test_dispatch_equals_one_device(mode, factor, router, mesh):
   """Dropless modes (all_to_all with room for every assignment) equal the local oracle: outputs at
   valid positions, the loss, and every gradient. ragged_all_to_all runs its bookkeeping with the
   collective emulated (XLA:CPU lacks it)."""
-  monkeypatch.setattr(expert_parallel, "EMULATE_RAGGED", mode == "ragged_all_to_all")
+  platform = Platform(emulate_ragged=mode == "ragged_all_to_all")
   groups = dict(num_groups=4, max_groups=2, top_k=3) if router == "topk_groups" else {}
   cfg = MoEConfig(num_experts=8, expert_hidden=16, router=router.removesuffix("_groups"),
                   dispatch=mode, capacity_factor=factor, **groups)
-  (ref_loss, (ref_y, _)), ref_grads = _run(cfg, None)
-  (loss, (y, dropped)), grads = _run(cfg, MESHES[mesh])
+  (ref_loss, (ref_y, _)), ref_grads = _run(cfg, None, platform=platform)
+  (loss, (y, dropped)), grads = _run(cfg, MESHES[mesh], platform=platform)
   valid = np.asarray(_inputs()[1] > 0)
   np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(ref_y)[valid], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -79,13 +80,13 @@ def test_dispatch_equals_one_device(mode, factor, router, mesh, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["all_gather", "all_to_all", "ragged_all_to_all"])
-def test_a_batch_the_mesh_does_not_divide(mode, monkeypatch):
+def test_a_batch_the_mesh_does_not_divide(mode):
   """5 rows of 13 (65 tokens, e.g. eval prompts): rows stay whole on every device and the expert
   devices split the tokens unevenly; still the oracle."""
-  monkeypatch.setattr(expert_parallel, "EMULATE_RAGGED", mode == "ragged_all_to_all")
+  platform = Platform(emulate_ragged=mode == "ragged_all_to_all")
   cfg = MoEConfig(num_experts=8, expert_hidden=16, dispatch=mode, capacity_factor=8.0)
-  (ref_loss, (ref_y, _)), ref_grads = _run(cfg, None, 5, 13)
-  (loss, (y, dropped)), grads = _run(cfg, MESHES["data2_expert4"], 5, 13)
+  (ref_loss, (ref_y, _)), ref_grads = _run(cfg, None, 5, 13, platform)
+  (loss, (y, dropped)), grads = _run(cfg, MESHES["data2_expert4"], 5, 13, platform)
   valid = np.asarray(_inputs(5, 13)[1] > 0)
   np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(ref_y)[valid], rtol=1e-5, atol=1e-6)
   _close(grads, ref_grads)
@@ -149,36 +150,43 @@ def test_bad_dispatch_modes_are_refused_in_one_line():
   with pytest.raises(ValueError, match="must be one of") as e:
     MoE(D, MoEConfig(dispatch="alltoall"), rngs=nnx.Rngs(0))
   assert "\n" not in str(e.value)
-  with pytest.raises(ValueError, match="XLA:CPU does not implement ragged_all_to_all"):
-    MoE(D, MoEConfig(dispatch="ragged_all_to_all"), rngs=nnx.Rngs(0))
+  ragged = MoEConfig(dispatch="ragged_all_to_all")
+  for platform in (Platform(), Platform("cpu")):       # the tests run on CPU
+    with pytest.raises(ValueError, match="XLA:CPU does not implement ragged_all_to_all"):
+      MoE(D, ragged, rngs=nnx.Rngs(0), platform=platform)
+  # Built for an accelerator, or with the collective emulated, the same layer is accepted.
+  for platform in (Platform("gpu"), Platform("tpu"), Platform(emulate_ragged=True)):
+    assert MoE(D, ragged, rngs=nnx.Rngs(0), platform=platform).platform == platform
+  with pytest.raises(ValueError, match="platform must be one of cpu, gpu, tpu, got 'cuda'"):
+    Platform("cuda")
 
 
 @pytest.mark.parametrize("platform, mesh, expected", [
     ("cpu", "data2_expert4", "all_gather"), ("gpu", "data2_expert4", "ragged_all_to_all"),
     ("tpu", "expert8", "ragged_all_to_all"), ("gpu", "data8", "all_gather"),
     ("gpu", None, "local")])
-def test_auto_dispatch_by_platform_and_mesh(platform, mesh, expected, monkeypatch):
+def test_auto_dispatch_by_platform_and_mesh(platform, mesh, expected):
   """auto: ragged_all_to_all on an accelerator with an expert axis; all_gather on CPU or with no
   expert axis; local on one device."""
-  monkeypatch.setattr(expert_parallel, "PLATFORM", platform)
+  on = Platform(platform)
   m = None if mesh is None else jax.make_mesh(MESHES[mesh], AXES, axis_types=(AxisType.Auto,) * 5)
-  assert expert_parallel.resolve_dispatch("auto", m, 8) == expected
-  assert expert_parallel.resolve_dispatch("all_to_all", m, 8) == ("local" if m is None else "all_to_all")
+  assert expert_parallel.resolve_dispatch("auto", m, 8, on) == expected
+  assert expert_parallel.resolve_dispatch("all_to_all", m, 8, on) == ("local" if m is None else "all_to_all")
   if m is not None and platform != "cpu":   # 6 experts: the expert axis does not split them
-    assert expert_parallel.resolve_dispatch("auto", m, 6) == "all_gather"
-    assert expert_parallel.resolve_dispatch("ragged_all_to_all", m, 6) == "all_gather"
+    assert expert_parallel.resolve_dispatch("auto", m, 6, on) == "all_gather"
+    assert expert_parallel.resolve_dispatch("ragged_all_to_all", m, 6, on) == "all_gather"
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_ragged_all_to_all_lowers_for_gpu_and_tpu(platform, monkeypatch):
+def test_ragged_all_to_all_lowers_for_gpu_and_tpu(platform):
   """The real collective (not the emulation), forward and backward of one MoE layer on data 2 x
   expert 4, lowered for CUDA and TPU with jax.export (no accelerator needed): 4 exchanges forward
   (tokens, weights, local expert ids, results back) and 3 backward (the custom VJP's reverse
   exchanges), each within one data replica's 4 expert devices."""
   from jax import export
-  monkeypatch.setattr(expert_parallel, "PLATFORM", "gpu" if platform == "cuda" else platform)
   cfg = MoEConfig(num_experts=8, expert_hidden=16, dispatch="auto")
-  graphdef, params = nnx.split(MoE(D, cfg, rngs=nnx.Rngs(0)))
+  built_for = Platform("gpu" if platform == "cuda" else platform)
+  graphdef, params = nnx.split(MoE(D, cfg, rngs=nnx.Rngs(0), platform=built_for))
   x, seg = _inputs()
 
   def loss(params, x):

@@ -69,12 +69,12 @@ def test_blocked_layout_bookkeeping():
   expert_SxK = jnp.asarray([[2, 0], [2, 3], [0, 2], [2, 2], [3, 0]] * 2, jnp.int32)
   valid_SxK = jnp.ones(expert_SxK.shape, bool).at[1, 1].set(False)   # one invalid slot
   plan = gmm.plan_dispatch(expert_SxK, E, valid_SxK=valid_SxK, backend="blocked", block_rows=4)
-  A, br = expert_SxK.size, plan.block_rows
+  A, br = expert_SxK.size, plan.tiles.block_rows
   assert br == 4 and plan.num_rows == A
   sizes = np.asarray(plan.group_sizes_E)
   np.testing.assert_array_equal(sizes, [6, 0, 10, 3])
   # A small batch gets tiles of at most A rows.
-  assert gmm.plan_dispatch(expert_SxK[:2], E, backend="blocked", block_rows=64).block_rows == 4
+  assert gmm.plan_dispatch(expert_SxK[:2], E, backend="blocked", block_rows=64).tiles.block_rows == 4
   slots = np.asarray(plan.slot_SxK).reshape(-1)
   valid = np.asarray(valid_SxK).reshape(-1)
   assert sorted(slots[valid].tolist()) == list(range(sizes.sum()))
@@ -83,10 +83,10 @@ def test_blocked_layout_bookkeeping():
   for a, e in enumerate(np.asarray(expert_SxK).reshape(-1)):
     if valid[a]:
       assert expert_R[slots[a]] == e
-  used = int(plan.used_blocks)
+  used = int(plan.tiles.used)
   assert used == sum(-(-n // br) for n in sizes)
-  tile_expert = np.asarray(plan.block_expert_N)[:used]
-  start, stop = np.asarray(plan.block_start_N)[:used], np.asarray(plan.block_stop_N)[:used]
+  tile_expert = np.asarray(plan.tiles.expert_N)[:used]
+  start, stop = np.asarray(plan.tiles.start_N)[:used], np.asarray(plan.tiles.stop_N)[:used]
   assert np.all(np.diff(tile_expert) >= 0)
   covered = np.zeros(A, int)
   for e, s0, s1 in zip(tile_expert, start, stop):

@@ -63,13 +63,14 @@ def test_plan_command_simulates_the_devices_the_mesh_needs():
 def test_plan_for_a_gpu_chooses_ragged_all_to_all_and_estimates_its_bytes():
   """--platform gpu: auto is ragged_all_to_all on an expert axis, compiled with the collective
   emulated; the expected bytes are the emulated (worst-case) all-to-all x r / G, here 2 of 8
-  experts over 4 expert devices: r = 4 x (1 - C(6, 2) / C(8, 2)) = 52 / 28."""
+  experts over 4 expert devices: r = 4 x (1 - C(6, 2) / C(8, 2)) = 52 / 28. A plan for the CPU
+  made after it is the CPU's: nothing of the GPU's choices is left behind."""
   cfg = config_lib.load(None, ["mesh.within_rack.data=2", "mesh.within_rack.expert=4",
                                "model.num_layers=1"])
-  on_cpu, on_gpu = plan(cfg), plan(cfg, "gpu")
+  on_gpu, on_cpu = plan(cfg, "gpu"), plan(cfg)
   assert on_cpu["dispatch"] == "all_gather" and "ragged_all_to_all_expected_bytes" not in on_cpu
+  assert on_cpu["platform"] == "cpu"
+  assert on_cpu["collective_bytes_per_device_per_step"]["all-to-all"] == 0   # no exchange compiled
   assert on_gpu["dispatch"] == "ragged_all_to_all" and on_gpu["platform"] == "gpu"
   a2a = on_gpu["collective_bytes_per_device_per_step"]["all-to-all"]
   assert a2a > 0 and on_gpu["ragged_all_to_all_expected_bytes"] == int(a2a * (52 / 28) / 4)
-  from omnimoe.model import expert_parallel
-  assert expert_parallel.PLATFORM is None and not expert_parallel.EMULATE_RAGGED   # restored

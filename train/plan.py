@@ -16,7 +16,8 @@ assignment; on GPU/TPU the same partitioning holds while fusion and memory reuse
 `platform` ("gpu" or "tpu"; `omnimoe plan --platform`) plans the choices made on that accelerator:
 `model.moe.dispatch=auto` becomes ragged_all_to_all when the mesh has an expert axis. XLA:CPU has
 no ragged_all_to_all, so the step is compiled with the collective emulated by a padded all_to_all
-(model/expert_parallel.py EMULATE_RAGGED): its activations are an upper bound and its all-to-all
+(model/expert_parallel.py `Platform(platform, emulate_ragged=True)`, passed to the model as it is
+built): its activations are an upper bound and its all-to-all
 bytes the worst case (every token sends a row to every expert device); the bytes a ragged exchange
 moves are estimated as that x r / G (G expert devices; r the expert devices a token reaches on
 average when its experts are drawn uniformly, `expected_rows_per_token`).
@@ -87,42 +88,16 @@ def plan(cfg: Config, platform: str = "cpu") -> dict:
   from omnimoe.model import expert_parallel
   if platform not in PLATFORMS:
     raise ValueError(f"--platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
-  saved = expert_parallel.PLATFORM, expert_parallel.EMULATE_RAGGED
-  expert_parallel.PLATFORM, expert_parallel.EMULATE_RAGGED = platform, platform != "cpu"
-  try:
-    return _plan(cfg, platform)
-  finally:
-    expert_parallel.PLATFORM, expert_parallel.EMULATE_RAGGED = saved
-
-
-def _plan(cfg: Config, platform: str) -> dict:
-  from omnimoe import data
-  from omnimoe.model import expert_parallel
-  from omnimoe.train.mesh import batch_sharding, check_batch, make_mesh
-  from omnimoe.train.state import make_setup
-  from omnimoe.train.step import make_train_step
-
-  mesh = make_mesh(cfg.mesh)
-  check_batch(mesh, cfg.train.batch_size)
-  info = data.dataset_info(cfg.data, cfg.train.seed)
-  setup = make_setup(cfg, mesh, info)
-  step = make_train_step(cfg, setup, batch_sharding(mesh))
-  b, l, f = cfg.train.batch_size, cfg.data.seq_len, info.feature_dim
-  batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in {
-      "tokens": ((b, l), np.int32), "features": ((b, l, f), np.float32),
-      "modality": ((b, l), np.int8), "segment_ids": ((b, l), np.int32),
-      "positions": ((b, l, 3), np.int32), "targets": ((b, l), np.int32),
-      "loss_weights": ((b, l), np.float32)}.items()}
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       setup.abstract_state, setup.shardings)
-  compiled = step.lower(state, batch).compile()
+  target = expert_parallel.Platform(platform, emulate_ragged=platform != "cpu")
+  mesh, setup, compiled = _compile(cfg, target)
+  b, l = cfg.train.batch_size, cfg.data.seq_len
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   devices = mesh.devices.size
   params = setup.abstract_state["params"]
   moe = cfg.model.moe
-  dispatch = expert_parallel.resolve_dispatch(moe.dispatch, mesh, moe.num_experts)
+  dispatch = expert_parallel.resolve_dispatch(moe.dispatch, mesh, moe.num_experts, target)
   G = expert_parallel.expert_groups(mesh, moe.num_experts)
   collectives = collective_bytes(compiled.as_text())
   out = {
@@ -144,6 +119,30 @@ def _plan(cfg: Config, platform: str) -> dict:
     share = expected_rows_per_token(moe, G) / G
     out["ragged_all_to_all_expected_bytes"] = int(collectives["all-to-all"] * share)
   return out
+
+
+def _compile(cfg: Config, target):
+  """(mesh, setup, the compiled train step): `cfg`'s step on its mesh, its model built for
+  `target` (model.expert_parallel.Platform), lowered with abstract inputs."""
+  from omnimoe import data
+  from omnimoe.train.mesh import batch_sharding, check_batch, make_mesh
+  from omnimoe.train.state import make_setup
+  from omnimoe.train.step import make_train_step
+
+  mesh = make_mesh(cfg.mesh)
+  check_batch(mesh, cfg.train.batch_size)
+  info = data.dataset_info(cfg.data, cfg.train.seed)
+  setup = make_setup(cfg, mesh, info, target)
+  step = make_train_step(cfg, setup, batch_sharding(mesh))
+  b, l, f = cfg.train.batch_size, cfg.data.seq_len, info.feature_dim
+  batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in {
+      "tokens": ((b, l), np.int32), "features": ((b, l, f), np.float32),
+      "modality": ((b, l), np.int8), "segment_ids": ((b, l), np.int32),
+      "positions": ((b, l, 3), np.int32), "targets": ((b, l), np.int32),
+      "loss_weights": ((b, l), np.float32)}.items()}
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       setup.abstract_state, setup.shardings)
+  return mesh, setup, step.lower(state, batch).compile()
 
 
 def _gib(n: int) -> str:

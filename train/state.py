@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from omnimoe.model.decoder import Decoder
+from omnimoe.model.expert_parallel import Platform
 from omnimoe.model.router import init_router_state
 from omnimoe.model.sharding import param_shardings
 from omnimoe.train.config import Config
@@ -55,16 +56,18 @@ def has_router_state(cfg: Config) -> bool:
   return cfg.model.moe.router == "dynamic" or cfg.model.moe.bias_update_rate > 0
 
 
-def _new_model(cfg: Config, vocab_size: int, feature_dim: int, seed: int, mesh=None) -> Decoder:
+def _new_model(cfg: Config, vocab_size: int, feature_dim: int, seed: int, mesh=None,
+               platform: Platform = Platform()) -> Decoder:
   return Decoder(cfg.model, vocab_size=vocab_size, feature_dim=feature_dim, rngs=nnx.Rngs(seed),
-                 mesh=mesh)
+                 mesh=mesh, platform=platform)
 
 
-def make_setup(cfg: Config, mesh: Mesh, info) -> Setup:
-  """The state's layout on `mesh` for a dataset whose `info` (data.DatasetInfo) sizes the model."""
+def make_setup(cfg: Config, mesh: Mesh, info, platform: Platform = Platform()) -> Setup:
+  """The state's layout on `mesh` for a dataset whose `info` (data.DatasetInfo) sizes the model;
+  the model (`graphdef`) is built for `platform` (default: this process's backend)."""
   vocab_size, feature_dim = info.vocab.size, info.feature_dim
-  graphdef, abstract_params = nnx.split(
-      nnx.eval_shape(lambda: _new_model(cfg, vocab_size, feature_dim, 0, mesh.abstract_mesh)))
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(
+      lambda: _new_model(cfg, vocab_size, feature_dim, 0, mesh.abstract_mesh, platform)))
   params_sh = nnx.to_pure_dict(param_shardings(abstract_params, mesh))
   abstract_params = nnx.to_pure_dict(abstract_params)
   optimizer = make_optimizer(cfg)
