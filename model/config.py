@@ -2,6 +2,12 @@
 
 Every field is a config key under `model.` (e.g. `model.moe.top_k=2`). The vocabulary size and the
 feature width are not keys: they come from the dataset (see `data.vocab`).
+
+`check(cfg)` holds every condition on these values, each once: it raises a one-line ValueError
+naming the key (`config key 'model.moe.top_k' must be ...`). train/config.py's `validate()` calls it
+and reports a ConfigError; a layer calls the part it relies on (`check_moe`, `check_heads`,
+`check_rope`, `check_dense_layers`). The names a key picks from (`model.moe.backend`, `.router`,
+`.dispatch`, `model.attention`) are listed beside the code that runs them and checked with `one_of`.
 """
 import dataclasses
 
@@ -60,3 +66,93 @@ class ModelConfig:
   def num_moe_layers(self) -> int:
     """Blocks with an MoE feed-forward (the last num_layers - num_dense_layers)."""
     return self.num_layers - self.num_dense_layers
+
+
+DTYPES = ("float32", "bfloat16")   # model.dtype and model.param_dtype
+
+
+def need(ok: bool, key: str, what: str) -> None:
+  """Raises ValueError("config key 'KEY' WHAT") unless `ok`."""
+  if not ok:
+    raise ValueError(f"config key '{key}' {what}")
+
+
+def positive(key: str, value) -> None:
+  need(value > 0, key, f"must be positive, got {value}")
+
+
+def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+  """`value` must be one of `choices`; the message names the key and lists the choices."""
+  listed = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+  need(value in choices, key, f"must be {listed}; got '{value}'")
+
+
+def check(cfg: ModelConfig) -> None:
+  """Every number the decoder cannot be built with (see the module docstring)."""
+  for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "dense_hidden",
+               "attention_block"):
+    positive(f"model.{name}", getattr(cfg, name))
+  check_heads(cfg.num_heads, cfg.num_kv_heads)
+  check_rope(cfg.head_dim, cfg.rope_sections)
+  check_dense_layers(cfg.num_dense_layers, cfg.num_layers)
+  check_moe(cfg.moe)
+
+
+def check_heads(num_heads: int, num_kv_heads: int) -> None:
+  need(num_heads % num_kv_heads == 0, "model.num_kv_heads",
+       f"must divide model.num_heads={num_heads}, got {num_kv_heads}")
+
+
+def check_rope(head_dim: int, sections) -> None:
+  need(head_dim % 2 == 0, "model.head_dim", f"must be even, got {head_dim}")
+  need(sum(sections) == head_dim // 2, "model.rope_sections",
+       f"must sum to model.head_dim/2={head_dim // 2}, got {list(sections)}")
+
+
+def check_dense_layers(num_dense_layers: int, num_layers: int) -> None:
+  need(0 <= num_dense_layers < num_layers, "model.num_dense_layers",
+       f"must lie in 0..model.num_layers-1={num_layers - 1}, got {num_dense_layers}")
+
+
+def check_moe(moe: MoEConfig) -> None:
+  """The MoE layer's numbers; `moe.router` must already be a known router."""
+  E = moe.num_experts
+  for name in ("num_experts", "top_k", "expert_hidden", "block_rows", "capacity_factor"):
+    positive(f"model.moe.{name}", getattr(moe, name))
+  need(moe.top_k <= E, "model.moe.top_k",
+       f"must be at most model.moe.num_experts={E}, got {moe.top_k}")
+  need(moe.num_shared_experts >= 0, "model.moe.num_shared_experts",
+       f"must be >= 0, got {moe.num_shared_experts}")
+  if moe.router == "dynamic":
+    _check_dynamic(moe)
+  _check_groups(moe)
+  need(0 < moe.threshold_init <= 1, "model.moe.threshold_init",
+       f"must lie in (0, 1], got {moe.threshold_init}")
+  for name in ("bias_update_rate", "threshold_rate"):
+    need(getattr(moe, name) >= 0, f"model.moe.{name}", f"must be >= 0, got {getattr(moe, name)}")
+
+
+def _check_dynamic(moe: MoEConfig) -> None:
+  E, f = moe.num_experts, moe.target_active_fraction
+  need(1 <= moe.k_min <= moe.k_max, "model.moe.k_min",
+       f"must lie in 1..model.moe.k_max={moe.k_max}, got {moe.k_min}")
+  need(moe.k_max <= E, "model.moe.k_max",
+       f"must be at most model.moe.num_experts={E}, got {moe.k_max}")
+  need(0 < f <= 1, "model.moe.target_active_fraction", f"must lie in (0, 1], got {f}")
+  need(moe.k_min / E <= f <= moe.k_max / E, "model.moe.target_active_fraction",
+       f"must lie in [k_min/num_experts, k_max/num_experts] = [{moe.k_min / E:.4g}, "
+       f"{moe.k_max / E:.4g}], got {f}")
+
+
+def _check_groups(moe: MoEConfig) -> None:
+  """Expert groups, and node-limited routing that must leave a token's experts in reach."""
+  E, G = moe.num_experts, moe.num_groups
+  need(G >= 1 and E % G == 0, "model.moe.num_groups",
+       f"must divide model.moe.num_experts={E}, got {G}")
+  need(0 <= moe.max_groups <= G, "model.moe.max_groups",
+       f"must lie in 0..model.moe.num_groups={G} (0 = no limit), got {moe.max_groups}")
+  reach = (moe.max_groups or G) * (E // G)
+  k = moe.top_k if moe.router == "topk" else moe.k_max
+  need(k <= reach, "model.moe.max_groups",
+       f"must leave the {k} experts a token may take in reach, but {moe.max_groups} of "
+       f"{G} groups hold {reach}")

@@ -111,6 +111,20 @@ def test_config_command_prints_resolved_config(capsys):
   assert "num_layers: 2" in out and "seq_len: 128" in out
 
 
+def test_config_command_finds_a_shipped_config_by_name_from_any_folder(tmp_path, monkeypatch,
+                                                                        capsys):
+  import yaml
+  written = yaml.safe_load((ROOT / "configs/dynamic16.yaml").read_text())
+  monkeypatch.chdir(tmp_path)
+  for name in ("dynamic16", "configs/dynamic16.yaml"):
+    assert main(["config", name, "train.steps=3"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["model"]["moe"] == {**out["model"]["moe"], **written["model"]["moe"]}, name
+    assert out["train"]["steps"] == 3
+  assert main(["config", "nosuch"]) == 2
+  assert "config file 'nosuch' does not exist (shipped configs: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, needle", [
     (["train", "model.num_layer=2"], "unknown config key 'model.num_layer' (did you mean 'model.num_layers'?)"),
     (["train", "train.steps=abc"], "config key 'train.steps' expects an integer"),
@@ -168,6 +182,31 @@ def test_non_finite_loss_exits_4_and_keeps_last_good_checkpoint(tmp_path, monkey
   assert step == 4
   import jax
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_it_stopped_at_then_the_run_resumes(tmp_path):
+  """SIGTERM (a preemption) ends the step in flight: its metrics line, a checkpoint, exit 0; the
+  same command resumes from there."""
+  wd = tmp_path / "term"
+  args = ["train", *SMALL, "checkpoint.every_steps=1000", "eval.every_steps=0", "--workdir", str(wd)]
+  proc = subprocess.Popen([sys.executable, "-m", "omnimoe.train.cli", *args, "train.steps=100000"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not ((wd / "metrics.jsonl").is_file() and (wd / "metrics.jsonl").read_text()):
+    assert proc.poll() is None and time.time() < deadline, "no step logged within 5 minutes"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  stopped = [r["step"] for r in metrics(wd) if "loss" in r]
+  assert stopped == list(range(1, stopped[-1] + 1))
+  assert f"stopped at step {stopped[-1]} (SIGTERM)" in out
+  assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [stopped[-1]]
+  resumed = run_cli(*args, f"train.steps={stopped[-1] + 2}")
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"resumed from {wd / 'checkpoints' / str(stopped[-1])}" in resumed.stderr
+  assert [r["step"] for r in metrics(wd) if "loss" in r] == list(range(1, stopped[-1] + 3))
 
 
 def test_overrides_may_follow_options():

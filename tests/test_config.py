@@ -1,8 +1,16 @@
 import pathlib
 
 import pytest
+import yaml
 
+from omnimoe.model import config as model_config
+from omnimoe.model.attention import IMPLEMENTATIONS
+from omnimoe.model.config import MoEConfig
+from omnimoe.model.expert_parallel import DISPATCH_MODES
+from omnimoe.model.grouped_matmul import BACKENDS
+from omnimoe.model.moe import ROUTERS
 from omnimoe.train import config as config_lib
+from omnimoe.train import config_files
 from omnimoe.train.config import Config, ConfigError
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -12,10 +20,30 @@ def test_configs_exist():
   assert CONFIGS, "no shipped configs found"
 
 
+def leaves(tree: dict, prefix: str = "") -> dict:
+  """{'model': {'moe': {'top_k': 2}}} -> {'model.moe.top_k': 2}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(leaves(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_parses(path):
-  cfg = config_lib.load(path)
-  assert isinstance(cfg, Config)
+def test_every_shipped_config_parses_and_holds_what_its_file_says(path):
+  """Each shipped file loads and validates, and every key it sets reached the config."""
+  cfg = leaves(config_lib.to_dict(config_lib.load(path)))
+  written = leaves(yaml.safe_load(path.read_text()))
+  assert written
+  for key, value in written.items():
+    got = cfg[key]
+    assert got == (float(value) if isinstance(got, float) else value), key
+
+
+def test_every_shipped_config_is_found_by_name():
+  assert sorted(config_files.shipped()) == [p.stem for p in CONFIGS]
 
 
 def test_tiny_yaml_spells_out_the_defaults():
@@ -120,3 +148,70 @@ def test_bad_data_sources_name_the_key(override, needle):
   with pytest.raises(ConfigError) as e:
     config_lib.load(None, [override])
   assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, choices", [
+    ("model.moe.backend", BACKENDS), ("model.moe.dispatch", DISPATCH_MODES),
+    ("model.moe.router", ROUTERS), ("model.attention", IMPLEMENTATIONS),
+    ("model.dtype", ("float32", "bfloat16")), ("model.param_dtype", ("float32", "bfloat16"))])
+def test_every_choice_the_code_offers_is_accepted_and_others_are_listed(key, choices):
+  """The lists live beside the code that runs them; the config accepts exactly those names."""
+  for value in choices:
+    cfg = config_lib.load(None, [f"{key}={value}"])
+    section = cfg
+    for part in key.split("."):
+      section = getattr(section, part)
+    assert section == value
+  with pytest.raises(ConfigError) as e:
+    config_lib.load(None, [f"{key}=nonsense"])
+  message = str(e.value)
+  assert message.startswith(f"config key '{key}' must be ") and "'nonsense'" in message
+  assert all(value in message for value in choices) and "\n" not in message
+
+
+def test_the_layers_share_the_model_checks():
+  """model/config.py's checks are what validate() reports; a layer gets the same ValueError."""
+  with pytest.raises(ValueError, match=r"^config key 'model.moe.num_groups' must divide "
+                                       r"model.moe.num_experts=8, got 3$"):
+    model_config.check_moe(MoEConfig(num_experts=8, num_groups=3))
+  with pytest.raises(ValueError, match=r"^config key 'model.rope_sections' must sum to "
+                                       r"model.head_dim/2=16, got \[8, 4, 2\]$"):
+    model_config.check_rope(32, (8, 4, 2))
+  with pytest.raises(ValueError, match=r"^config key 'model.num_kv_heads' must divide "
+                                       r"model.num_heads=4, got 3$"):
+    model_config.check_heads(4, 3)
+  with pytest.raises(ValueError, match=r"^config key 'model.num_dense_layers' must lie in "
+                                       r"0..model.num_layers-1=3, got 4$"):
+    model_config.check_dense_layers(4, 4)
+  model_config.check(config_lib.load(None).model)
+
+
+# Config files by name: `omnimoe train tiny` or `configs/tiny.yaml` from any folder.
+SHIPPED = CONFIGS[0].parent
+
+
+def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  expected = config_lib.load(SHIPPED / "dynamic16.yaml")
+  assert expected != Config()
+  for name in ("dynamic16", "dynamic16.yaml", "configs/dynamic16.yaml"):
+    assert config_lib.load(name) == expected, name
+
+
+def test_a_missing_config_lists_the_shipped_names_on_one_line(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for name in ("nosuch", "configs/nosuch.yaml", "elsewhere/tiny.yaml"):
+    with pytest.raises(ConfigError) as e:
+      config_lib.load(name)
+    names = ", ".join(p.stem for p in CONFIGS)
+    assert str(e.value) == f"config file '{name}' does not exist (shipped configs: {names})"
+
+
+def test_a_real_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "tiny.yaml").write_text("train:\n  steps: 7\n")
+  (tmp_path / "tiny").write_text("train:\n  steps: 9\n")
+  assert config_lib.load("configs/tiny.yaml").train.steps == 7
+  assert config_lib.load("tiny").train.steps == 9
+  assert config_lib.load("tiny.yaml") == config_lib.load(SHIPPED / "tiny.yaml")  # none here

@@ -8,6 +8,7 @@ import pytest
 from omnimoe import data
 from omnimoe.train import config as config_lib
 from omnimoe.train.checkpoint import Checkpoints
+from omnimoe.train import loop
 from omnimoe.train.loop import _metrics_line
 from omnimoe.train.mesh import batch_sharding, global_batch, make_mesh
 from omnimoe.train.state import init_state, make_setup
@@ -112,17 +113,21 @@ def test_dense_layers_shared_experts_and_dynamic_router_train_together():
   assert "moe/threshold/layer_1" in line and np.isfinite(line["loss"])
 
 
-def test_metrics_line_per_layer_and_modality():
+def raw_metrics(loss=1.0):
+  """What a step returns for 2 MoE layers (blocks 1 and 2) of E = 4 experts."""
   E = 4
-  raw = {"loss": 1.0, "grad_norm": 2.0, "moe_layers": np.array([1, 2]),
-         "expert_load": np.full((2, E), 0.25),
-         "expert_load_by_modality": np.array([[[.5, .5, 0, 0], [0, 0, 0, 0], [0, 0, .5, .5]]] * 2),
-         "active_fraction": np.array([0.25, 0.5]),
-         "active_fraction_by_modality": np.array([[0.25, 0.0, 0.5], [0.25, 0.0, 0.75]]),
-         "router_entropy": np.array([1.0, 1.2]),
-         "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1], [1.2, 0.0, 1.3]]),
-         "dropped_fraction": np.array([0.0, 0.1])}
-  line = _metrics_line(raw, tokens=100, seconds=2.0)
+  return {"loss": loss, "grad_norm": 2.0, "moe_layers": np.array([1, 2]),
+          "expert_load": np.full((2, E), 0.25),
+          "expert_load_by_modality": np.array([[[.5, .5, 0, 0], [0, 0, 0, 0], [0, 0, .5, .5]]] * 2),
+          "active_fraction": np.array([0.25, 0.5]),
+          "active_fraction_by_modality": np.array([[0.25, 0.0, 0.5], [0.25, 0.0, 0.75]]),
+          "router_entropy": np.array([1.0, 1.2]),
+          "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1], [1.2, 0.0, 1.3]]),
+          "dropped_fraction": np.array([0.0, 0.1])}
+
+
+def test_metrics_line_per_layer_and_modality():
+  line = _metrics_line(raw_metrics(), tokens=100, seconds=2.0)
   assert line["moe/dropped_fraction"] == pytest.approx(0.05)
   assert line["moe/dropped_fraction/layer_2"] == pytest.approx(0.1)
   assert line["tokens_per_s"] == 50 and line["loss"] == 1.0
@@ -133,6 +138,45 @@ def test_metrics_line_per_layer_and_modality():
   assert "moe/active_fraction/image" not in line, "no image tokens: no key, not a misleading 0"
   assert list(line["moe/expert_load/audio/layer_1"]) == [0, 0, .5, .5]
   assert line["moe/router_entropy/text/layer_1"] == 1.0 and "moe/threshold" not in line
+
+
+class Recorder:
+  """Stands in for the metrics writer, the progress bar and the checkpoints."""
+  def __init__(self):
+    self.lines, self.waited = [], False
+  def write(self, step, line):
+    self.lines.append((step, line))
+  update = write
+  def wait(self):
+    self.waited = True
+  def latest_step(self):
+    return 6
+
+
+def test_step_metrics_are_fetched_one_step_late_and_stop_on_a_non_finite_loss(monkeypatch):
+  cfg = config_lib.load(None, ["train.log_every=2", "train.steps=5", "train.batch_size=8",
+                               "data.seq_len=64"])
+  clock = iter([100, 110, 130, 160, 200, 250])       # what time.time() returns, call by call
+  monkeypatch.setattr(loop.time, "time", lambda: next(clock))
+  out = Recorder()
+  metrics = loop._StepMetrics(cfg, 0, out, Recorder(), out)   # the window opens at t = 100
+  for step in (1, 2):
+    metrics.hold(step, raw_metrics(loss=float(step)))
+  assert out.lines == [], "step 2 stays on device until the next step is dispatched"
+  metrics.hold(3, raw_metrics(loss=3.0))     # fetches step 2: logged at t = 110, window reopens
+  assert [s for s, _ in out.lines] == [2] and metrics.last_loss == 2.0
+  assert out.lines[0][1]["tokens_per_s"] == 2 * 8 * 64 / (110 - 100)
+  metrics.restart_window(3)                  # a checkpoint at step 3 ends at t = 160
+  metrics.hold(4, raw_metrics(loss=4.0))     # step 3 is fetched, not logged (log_every = 2)
+  metrics.fetch()                            # step 4 logged at t = 200
+  assert [s for s, _ in out.lines] == [2, 4]
+  assert out.lines[1][1]["tokens_per_s"] == 1 * 8 * 64 / (200 - 160)
+  metrics.hold(5, raw_metrics(loss=float("nan")))
+  with pytest.raises(loop.NonFiniteLoss, match="non-finite loss at step 5; stopped. Last good "
+                                               "checkpoint: step 6"):
+    metrics.fetch()
+  assert out.waited, "the last good checkpoint is named once the pending saves are written"
+  assert metrics.last_loss == 4.0
 
 
 def test_processes_checking_one_workdir_at_once_do_not_trip_each_other(tmp_path):

@@ -1,12 +1,15 @@
 """`omnimoe`: the command line. It parses, then delegates to train.loop or data.prepare; nothing
 else lives here.
 
-  omnimoe train   [CONFIG.yaml] [--workdir DIR] [key=value ...]
-  omnimoe eval    [CONFIG.yaml] --workdir DIR [--effort low,medium,high] [key=value ...]
-  omnimoe prepare MANIFEST.jsonl --out DIR [--skip-bad] [CONFIG.yaml] [key=value ...]
-  omnimoe plan    [CONFIG.yaml] [--devices N] [--platform cpu|gpu|tpu] [key=value ...]
-  omnimoe config  [CONFIG.yaml] [key=value ...]
+  omnimoe train   [CONFIG] [--workdir DIR] [key=value ...]
+  omnimoe eval    [CONFIG] --workdir DIR [--effort low,medium,high] [key=value ...]
+  omnimoe prepare MANIFEST.jsonl --out DIR [--skip-bad] [CONFIG] [key=value ...]
+  omnimoe plan    [CONFIG] [--devices N] [--platform cpu|gpu|tpu] [key=value ...]
+  omnimoe config  [CONFIG] [key=value ...]
   omnimoe report  --workdir DIR [--out DIR] [--last N]
+
+CONFIG is a YAML file or the name of a shipped config (`tiny`, `configs/tiny.yaml` from any folder;
+see train/config_files.py).
 
 Exit codes: 0 done, 2 bad config or arguments, 3 bad data, 4 non-finite loss.
 """
@@ -36,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
       s.add_argument("--out", required=True, help="the prepared folder to write")
       s.add_argument("--skip-bad", action="store_true",
                      help="skip bad lines (listed in card.json) instead of stopping with exit 3")
-    s.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
-                   help="an optional YAML config first, then key.sub=value overrides")
+    s.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                   help="an optional config first (a YAML file, or a shipped config's name such "
+                        "as tiny), then key.sub=value overrides")
     if name == "plan":
       s.add_argument("--devices", type=int,
                      help="simulated CPU devices (default: what the mesh sizes and rack_size imply)")

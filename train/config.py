@@ -13,7 +13,12 @@ import typing
 import yaml
 
 from omnimoe.data.config import DataConfig
-from omnimoe.model.config import ModelConfig
+from omnimoe.model import config as model_config
+from omnimoe.model.attention import IMPLEMENTATIONS
+from omnimoe.model.config import ModelConfig, need, one_of, positive
+from omnimoe.model.expert_parallel import DISPATCH_MODES
+from omnimoe.model.grouped_matmul import BACKENDS
+from omnimoe.model.moe import ROUTERS
 from omnimoe.train import config_files
 from omnimoe.train.mesh_config import MeshConfig
 
@@ -236,86 +241,51 @@ def load(path: str | pathlib.Path | None = None, overrides: typing.Sequence[str]
 
 
 def validate(cfg: Config) -> None:
-  """Checks values that are well-typed but impossible, naming the key."""
-  def need(ok: bool, key: str, what: str):
-    if not ok:
-      raise ConfigError(f"config key '{key}' {what}")
-  m, moe = cfg.model, cfg.model.moe
-  for key, value in [("model.num_layers", m.num_layers), ("model.d_model", m.d_model),
-                     ("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),
-                     ("model.head_dim", m.head_dim), ("model.moe.num_experts", moe.num_experts),
-                     ("model.moe.top_k", moe.top_k), ("model.moe.expert_hidden", moe.expert_hidden),
-                     ("model.moe.block_rows", moe.block_rows), ("train.steps", cfg.train.steps),
-                     ("train.batch_size", cfg.train.batch_size), ("data.seq_len", cfg.data.seq_len),
-                     ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-                     ("checkpoint.keep", cfg.checkpoint.keep),
-                     ("eval.batch_size", cfg.eval.batch_size), ("train.log_every", cfg.train.log_every)]:
-    need(value > 0, key, f"must be positive, got {value}")
-  need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-       f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
-  need(m.head_dim % 2 == 0, "model.head_dim", f"must be even, got {m.head_dim}")
-  need(sum(m.rope_sections) == m.head_dim // 2, "model.rope_sections",
-       f"must sum to model.head_dim/2={m.head_dim // 2}, got {list(m.rope_sections)}")
-  need(moe.top_k <= moe.num_experts, "model.moe.top_k",
-       f"must be at most model.moe.num_experts={moe.num_experts}, got {moe.top_k}")
-  need(moe.backend in ("auto", "blocked", "ragged_dot", "tokamax", "megablox", "dense"),
-       "model.moe.backend",
-       f"must be one of auto, blocked, ragged_dot, tokamax, megablox, dense; got '{moe.backend}'")
-  need(0 <= m.num_dense_layers < m.num_layers, "model.num_dense_layers",
-       f"must lie in 0..model.num_layers-1={m.num_layers - 1}, got {m.num_dense_layers}")
-  need(m.dense_hidden > 0, "model.dense_hidden", f"must be positive, got {m.dense_hidden}")
-  need(moe.num_shared_experts >= 0, "model.moe.num_shared_experts",
-       f"must be >= 0, got {moe.num_shared_experts}")
-  need(moe.dispatch in ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_all"),
-       "model.moe.dispatch",
-       f"must be one of auto, local, all_gather, all_to_all, ragged_all_to_all; got '{moe.dispatch}'")
-  need(moe.capacity_factor > 0, "model.moe.capacity_factor",
-       f"must be positive, got {moe.capacity_factor}")
-  need(moe.num_groups >= 1 and moe.num_experts % moe.num_groups == 0, "model.moe.num_groups",
-       f"must divide model.moe.num_experts={moe.num_experts}, got {moe.num_groups}")
-  need(0 <= moe.max_groups <= moe.num_groups, "model.moe.max_groups",
-       f"must lie in 0..model.moe.num_groups={moe.num_groups} (0 = no limit), got {moe.max_groups}")
-  if moe.max_groups:
-    reach = moe.max_groups * (moe.num_experts // moe.num_groups)
-    k = moe.top_k if moe.router == "topk" else moe.k_max
-    need(k <= reach, "model.moe.max_groups",
-         f"must leave the {k} experts a token may take in reach, but {moe.max_groups} of "
-         f"{moe.num_groups} groups hold {reach}")
-  need(moe.router in ("topk", "dynamic"), "model.moe.router",
-       f"must be topk or dynamic; got '{moe.router}'")
-  if moe.router == "dynamic":
-    need(1 <= moe.k_min <= moe.k_max, "model.moe.k_min",
-         f"must lie in 1..model.moe.k_max={moe.k_max}, got {moe.k_min}")
-    need(moe.k_max <= moe.num_experts, "model.moe.k_max",
-         f"must be at most model.moe.num_experts={moe.num_experts}, got {moe.k_max}")
-    need(0 < moe.target_active_fraction <= 1, "model.moe.target_active_fraction",
-         f"must lie in (0, 1], got {moe.target_active_fraction}")
-    need(moe.k_min / moe.num_experts <= moe.target_active_fraction <= moe.k_max / moe.num_experts,
-         "model.moe.target_active_fraction",
-         f"must lie in [k_min/num_experts, k_max/num_experts] = [{moe.k_min / moe.num_experts:.4g}, "
-         f"{moe.k_max / moe.num_experts:.4g}], got {moe.target_active_fraction}")
-  need(0 < moe.threshold_init <= 1, "model.moe.threshold_init",
-       f"must lie in (0, 1], got {moe.threshold_init}")
-  need(moe.bias_update_rate >= 0, "model.moe.bias_update_rate",
-       f"must be >= 0, got {moe.bias_update_rate}")
-  need(moe.threshold_rate >= 0, "model.moe.threshold_rate", f"must be >= 0, got {moe.threshold_rate}")
-  need(m.attention in ("auto", "blockwise", "xla", "cudnn"), "model.attention",
-       f"must be one of auto, blockwise, xla, cudnn; got '{m.attention}'")
-  for key, value in [("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype)]:
-    need(value in ("float32", "bfloat16"), key, f"must be float32 or bfloat16, got '{value}'")
-  need(cfg.train.learning_rate > 0, "train.learning_rate", "must be positive")
-  need(0 <= cfg.train.warmup_steps, "train.warmup_steps", "must be >= 0")
-  need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio", "must lie in [0, 1]")
-  need(0 < cfg.data.heldout_fraction < 1, "data.heldout_fraction", "must lie in (0, 1)")
-  need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
-  weights = (cfg.data.weight_image, cfg.data.weight_audio, cfg.data.weight_text)
+  """Checks values that are well-typed but impossible; a ConfigError (one line) names the key."""
+  try:
+    _check_choices(cfg.model)
+    model_config.check(cfg.model)
+    _check_run(cfg)
+    _check_data(cfg.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_choices(m: ModelConfig) -> None:
+  """Each key that names a choice, against the list of the code that runs it."""
+  one_of("model.attention", m.attention, IMPLEMENTATIONS)
+  one_of("model.moe.backend", m.moe.backend, BACKENDS)
+  one_of("model.moe.dispatch", m.moe.dispatch, DISPATCH_MODES)
+  one_of("model.moe.router", m.moe.router, ROUTERS)
+  one_of("model.dtype", m.dtype, model_config.DTYPES)
+  one_of("model.param_dtype", m.param_dtype, model_config.DTYPES)
+
+
+def _check_run(cfg: Config) -> None:
+  """The train, checkpoint and eval sections."""
+  t = cfg.train
+  for name in ("steps", "batch_size", "log_every", "learning_rate"):
+    positive(f"train.{name}", getattr(t, name))
+  need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+  need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
+  positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
+  positive("checkpoint.keep", cfg.checkpoint.keep)
+  positive("eval.batch_size", cfg.eval.batch_size)
+  need(cfg.eval.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {cfg.eval.every_steps}")
+
+
+def _check_data(d: DataConfig) -> None:
+  positive("data.seq_len", d.seq_len)
+  need(0 < d.heldout_fraction < 1, "data.heldout_fraction",
+       f"must lie in (0, 1), got {d.heldout_fraction}")
+  weights = (d.weight_image, d.weight_audio, d.weight_text)
   need(min(weights) >= 0 and sum(weights) > 0, "data.weight_text",
        "mixture weights (data.weight_image/audio/text) must be >= 0 and not all zero")
-  for i, source in enumerate(cfg.data.sources):
+  for i, source in enumerate(d.sources):
     need(bool(source.path.strip()), f"data.sources[{i}].path", "must not be empty")
     need(math.isfinite(source.weight) and source.weight >= 0, f"data.sources[{i}].weight",
          f"must be a number >= 0, got {source.weight}")
-  need(not cfg.data.sources or sum(s.weight for s in cfg.data.sources) > 0, "data.sources",
+  need(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources",
        "needs a source with a positive weight (or [] for the default dataset)")
 
 

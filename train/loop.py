@@ -3,6 +3,7 @@
 Metrics are fetched one step late, so the host never waits on the step it just dispatched, except
 right before a checkpoint or an evaluation, whose state must be known to be finite.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -10,6 +11,7 @@ import pathlib
 import signal
 import socket
 import time
+import typing
 
 import jax
 import numpy as np
@@ -21,7 +23,7 @@ from omnimoe.train.config import Config
 from omnimoe.train.evaluate import Evaluator
 from omnimoe.train.mesh import batch_sharding, check_batch, global_batch, make_mesh
 from omnimoe.train.metrics import MetricsWriter, Progress
-from omnimoe.train.state import init_state, make_setup
+from omnimoe.train.state import Setup, init_state, make_setup
 from omnimoe.model.modality import NAMES as MODALITIES
 from omnimoe.train.step import MOE_STATS, make_train_step
 
@@ -144,99 +146,160 @@ def _metrics_line(raw: dict, *, tokens: int, seconds: float) -> dict:
   return out
 
 
-def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) -> Summary:
-  t_start = time.time()
-  workdir = prepare_workdir(workdir)
-  lead = jax.process_index() == 0
-  if lead:
-    (workdir / "config.yaml").write_text(config_lib.dump(cfg))
+class _StepMetrics:
+  """Each step's metrics, fetched one step late: checked (a non-finite loss stops the run) and
+  written every `train.log_every` steps. tokens/s is measured over a window that restarts at each
+  written line and after each checkpoint or evaluation, whose time is not training time."""
 
+  def __init__(self, cfg: Config, start: int, writer: MetricsWriter, bar: Progress,
+               ckpts: Checkpoints):
+    self.log_every, self.total = cfg.train.log_every, cfg.train.steps
+    self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    self.writer, self.bar, self.ckpts = writer, bar, ckpts
+    self.pending = None                    # (step, metrics still on device)
+    self.window = (start, time.time())     # (first step, start time) of the tokens/s window
+    self.last_loss = None
+
+  def hold(self, step: int, raw: dict) -> None:
+    """Fetches the previous step's metrics, then keeps this step's until the next call."""
+    self.fetch()
+    self.pending = (step, raw)
+
+  def fetch(self) -> None:
+    """Fetches the pending step's metrics (if any): stops on a non-finite loss, writes a line
+    every log_every steps and at the last step."""
+    if self.pending is None:
+      return
+    (step, raw), self.pending = self.pending, None
+    raw = jax.device_get(raw)
+    loss = float(raw["loss"])
+    if not (math.isfinite(loss) and math.isfinite(float(raw["grad_norm"]))):
+      self.ckpts.wait()
+      raise NonFiniteLoss(step, self.ckpts.latest_step())
+    self.last_loss = loss
+    if step % self.log_every == 0 or step == self.total:
+      first, since = self.window
+      line = _metrics_line(raw, tokens=self.tokens_per_step * (step - first),
+                           seconds=time.time() - since)
+      self.writer.write(step, line)
+      self.bar.update(step, line)
+      self.restart_window(step)
+
+  def restart_window(self, step: int) -> None:
+    self.window = (step, time.time())
+
+
+@dataclasses.dataclass
+class _Run:
+  """What a run works with: its folder, mesh, dataset, iterator, checkpoints and state."""
+  workdir: pathlib.Path
+  mesh: jax.sharding.Mesh
+  info: data.DatasetInfo
+  setup: Setup
+  batches: typing.Any           # data.train_iterator(...)
+  ckpts: Checkpoints
+  state: dict
+  resumed_from: int | None      # the checkpoint step the state came from; None: a fresh start
+
+  def close(self) -> None:
+    self.batches.close()
+    self.ckpts.close()
+
+
+@contextlib.contextmanager
+def _data_errors():
+  """The data package checks its own keys and names them in a ValueError: a ConfigError here."""
+  try:
+    yield
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
+def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
+  """Writes the resolved config, then resumes from the latest checkpoint or initialises."""
+  workdir = prepare_workdir(workdir)
+  if jax.process_index() == 0:
+    (workdir / "config.yaml").write_text(config_lib.dump(cfg))
   mesh = make_mesh(cfg.mesh)
   check_batch(mesh, cfg.train.batch_size)
-  try:  # the data package checks its own keys and names them in a ValueError
+  with _data_errors():
     info = data.dataset_info(cfg.data, cfg.train.seed)
     batches = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
   setup = make_setup(cfg, mesh, info)
   ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   latest = ckpts.latest_step()
-  if latest is not None:
+  if latest is None:
+    state = init_state(cfg, setup)
+  else:
     state, data_state = ckpts.restore(latest, setup)
     batches.set_state(data_state)
-  else:
-    state = init_state(cfg, setup)
-  start, total = int(state["step"]), cfg.train.steps
+  return _Run(workdir, mesh, info, setup, batches, ckpts, state, latest)
+
+
+def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True) -> Summary:
+  t_start = time.time()
+  run = _open_run(cfg, workdir)
+  start, total = int(run.state["step"]), cfg.train.steps
   if start >= total:
-    ckpts.close()
-    batches.close()
-    return Summary(workdir, start, None, {}, time.time() - t_start, already_done=True)
-
-  train_step = make_train_step(cfg, setup, batch_sharding(mesh))
-  evaluator = Evaluator(cfg, setup, info.vocab)
-  writer = MetricsWriter(workdir, enabled=lead)
+    run.close()
+    return Summary(run.workdir, start, None, {}, time.time() - t_start, already_done=True)
+  lead = jax.process_index() == 0
+  writer = MetricsWriter(run.workdir, enabled=lead)
   bar = Progress(start=start, total=total, enabled=progress and lead)
-  for note in evaluator.notes:
-    bar.message(note)
-  if latest is not None:
-    bar.message(f"resumed from {workdir / 'checkpoints' / str(latest)}")
-  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-  pending = None                      # (step, device metrics) not yet fetched
-  window = [start, time.time()]       # first step and start time of the tokens/s window
-  last_loss, last_eval = None, {}
-
-  def flush():
-    """Fetches the pending step's metrics, stops on a non-finite loss, logs every log_every."""
-    nonlocal pending, last_loss
-    if pending is None:
-      return
-    step, raw = pending
-    pending = None
-    raw = jax.device_get(raw)
-    loss = float(raw["loss"])
-    if not (math.isfinite(loss) and math.isfinite(float(raw["grad_norm"]))):
-      ckpts.wait()
-      raise NonFiniteLoss(step, ckpts.latest_step())
-    last_loss = loss
-    if step % cfg.train.log_every == 0 or step == total:
-      now = time.time()
-      line = _metrics_line(raw, tokens=tokens_per_step * (step - window[0]), seconds=now - window[1])
-      writer.write(step, line)
-      bar.update(step, line)
-      window[:] = [step, now]
-
   try:
-    with _StopFlag() as stop:
-      for step in range(start + 1, total + 1):
-        batch = global_batch(next(batches), mesh)
-        state, raw = train_step(state, batch)
-        flush()
-        pending = (step, raw)
-        eval_due = step == total or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)
-        save_due = step == total or step % cfg.checkpoint.every_steps == 0 or stop.requested
-        if eval_due or save_due:
-          flush()
-        if save_due:
-          ckpts.save(step, state, batches.get_state())
-        if eval_due:
-          last_eval = evaluator(state["params"], state.get("router"))
-          writer.write(step, last_eval)
-          bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
-        if eval_due or save_due:
-          window[:] = [step, time.time()]
-        if stop.requested:
-          break
-      flush()
+    state, last_loss, last_eval = _steps(cfg, run, writer, bar)
   finally:
-    batches.close()
-    ckpts.close()
+    run.close()
     writer.close()
     bar.close()
-  return Summary(workdir, int(state["step"]), last_loss, last_eval, time.time() - t_start,
-                 stopped_early=int(state["step"]) < total)
+  step = int(state["step"])
+  return Summary(run.workdir, step, last_loss, last_eval, time.time() - t_start,
+                 stopped_early=step < total)
+
+
+def _due(step: int, every: int, total: int) -> bool:
+  """Every `every` steps (0: never) and at the last step."""
+  return step == total or (every > 0 and step % every == 0)
+
+
+def _steps(cfg: Config, run: _Run, writer: MetricsWriter, bar: Progress):
+  """Runs the steps after the run's state: -> (state, last train loss, last eval metrics)."""
+  train_step = make_train_step(cfg, run.setup, batch_sharding(run.mesh))
+  evaluator = Evaluator(cfg, run.setup, run.info.vocab)
+  for note in evaluator.notes:
+    bar.message(note)
+  if run.resumed_from is not None:
+    bar.message(f"resumed from {run.workdir / 'checkpoints' / str(run.resumed_from)}")
+  state, total, last_eval = run.state, cfg.train.steps, {}
+  metrics = _StepMetrics(cfg, int(state["step"]), writer, bar, run.ckpts)
+  with _StopFlag() as stop:
+    for step in range(int(state["step"]) + 1, total + 1):
+      state, raw = train_step(state, global_batch(next(run.batches), run.mesh))
+      metrics.hold(step, raw)        # logs the step before: the host never waits on this one
+      stopping = stop.requested      # read once, so that a stop is always saved first
+      if _due(step, cfg.checkpoint.every_steps, total) or stopping:
+        metrics.fetch()              # a checkpoint is known to be finite
+        run.ckpts.save(step, state, run.batches.get_state())
+        metrics.restart_window(step)
+      if _due(step, cfg.eval.every_steps, total):
+        metrics.fetch()
+        last_eval = _evaluate(evaluator, state, step, writer, bar)
+        metrics.restart_window(step)
+      if stopping:
+        break
+    metrics.fetch()
+  return state, metrics.last_loss, last_eval
+
+
+def _evaluate(evaluator: Evaluator, state: dict, step: int, writer: MetricsWriter,
+              bar: Progress) -> dict:
+  result = evaluator(state["params"], state.get("router"))
+  writer.write(step, result)
+  bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
+  return result
 
 
 def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict, tuple]:
@@ -255,10 +318,8 @@ def restore_latest(cfg: Config, workdir: str | pathlib.Path):
   if latest is None:
     raise WorkdirError(f"no checkpoint in '{workdir / 'checkpoints'}' to evaluate")
   mesh = make_mesh(cfg.mesh)
-  try:  # the data package checks its own keys and names them in a ValueError
+  with _data_errors():
     info = data.dataset_info(cfg.data, cfg.train.seed)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
   setup = make_setup(cfg, mesh, info)
   state, _ = ckpts.restore(latest, setup)
   ckpts.close()
