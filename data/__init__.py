@@ -1,5 +1,10 @@
-"""omnimoe data: the embedded default dataset (digit images, DTMF tones, captions, text) and
-prepared folders of the user's own files (`omnimoe prepare`), mixed by weight, on grain.
+"""omnimoe data: prepared folders (the user's, written by `omnimoe prepare`, and the built-in
+default dataset's) mixed by weight, packed into the batch contract on grain.
+
+Rooms: the shared pieces at the top (config, vocab, examples, records, packing, tokenizer);
+`builtin/` the default dataset as files and its cached prepared folders; `prepare/` manifest ->
+prepared folder (and reading one back); `pipeline/` sources, the training stream, held-out batches
+and the cross-modal eval sets.
 
 Public API (the trainer depends on these names):
   dataset_info(cfg, seed) -> DatasetInfo(vocab, feature_dim)
@@ -13,10 +18,10 @@ Public API (the trainer depends on these names):
 """
 from omnimoe.data.builtin.captions import EVAL_PROMPT
 from omnimoe.data.config import DataConfig
-from omnimoe.data.builtin.default_dataset import DatasetInfo
-from omnimoe.data.pipeline.heldout_text import heldout_text_batches, heldout_text_bytes
 from omnimoe.data.packing import BATCH_KEYS
-from omnimoe.data.pipeline.api import dataset_info, eval_batches, eval_batches_by_source, train_iterator
+from omnimoe.data.pipeline.api import (DatasetInfo, dataset_info, eval_batches,
+                                       eval_batches_by_source, train_iterator)
+from omnimoe.data.pipeline.heldout_text import heldout_text_batches, heldout_text_bytes
 from omnimoe.data.pipeline.prompts import PromptSet, prompt_set
 from omnimoe.data.pipeline.sources import has_default as has_default_source
 from omnimoe.data.vocab import Vocab

@@ -1,7 +1,7 @@
 """Typed configuration of the data pipeline; every field is a config key under `data.`."""
 import dataclasses
 
-DEFAULT_SOURCE = "default"      # the `path` that names the embedded default dataset
+DEFAULT_SOURCE = "default"      # the `path` that names the built-in default dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +13,7 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  sources: tuple[Source, ...] = ()  # [{path, weight}, ...]; [] = the embedded default dataset only
+  sources: tuple[Source, ...] = ()  # [{path, weight}, ...]; [] = the built-in default dataset only
   seq_len: int = 128              # packed row length L
   image_patch: int = 4            # image patch side in pixels (digits are 8x8: a 2x2 grid)
   image_codebook: int = 64        # k-means codes for image patches

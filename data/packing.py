@@ -7,14 +7,16 @@ Each row holds whole examples back to back (segment ids 1, 2, ...) and padding a
 import numpy as np
 
 from omnimoe.data.examples import Example
+from omnimoe.model.modality import MODALITIES
 
 BATCH_KEYS = ("tokens", "features", "modality", "segment_ids", "positions", "targets",
               "loss_weights")
 
 
 def loss_weight_table(cfg) -> np.ndarray:
-  """float32 [4]: loss weight of a target of modality 0 (pad), 1 (text), 2 (image), 3 (audio)."""
-  return np.asarray([0.0, cfg.loss_weight_text, cfg.loss_weight_image, cfg.loss_weight_audio],
+  """float32 [1 + modalities]: the loss weight of a target of each modality code (pad: 0; text,
+  image, audio: data.loss_weight_<name>)."""
+  return np.asarray([0.0] + [getattr(cfg, f"loss_weight_{m.name}") for m in MODALITIES],
                     np.float32)
 
 
@@ -22,7 +24,7 @@ def pack(rows: list[list[Example]], seq_len: int, feature_dim: int,
          loss_weight_by_modality: np.ndarray) -> dict[str, np.ndarray]:
   """Rows of examples -> batch dict (numpy, [B, L, ...]); each row's examples must fit in L.
 
-  `loss_weight_by_modality` is float32 [4]: the loss weight of a target of modality 0..3.
+  `loss_weight_by_modality` is float32 [1 + modalities] (`loss_weight_table`), by modality code.
   """
   b = len(rows)
   tokens = np.zeros((b, seq_len), np.int32)

@@ -2,7 +2,7 @@
 
 A record is one example (or one piece of a long text-only example): its parts in order, with the
 continuous media vectors, never codebook ids (those are assigned when batches are built, against
-the run's codebooks; see data/sources.py). Bytes on disk:
+the run's codebooks; see data/pipeline/sources.py). Bytes on disk:
 
   uint32 little-endian header length | UTF-8 JSON header | payload
 

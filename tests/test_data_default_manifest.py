@@ -1,8 +1,9 @@
-"""The embedded default dataset written as files (data/default_manifest.py) and prepared: oracles.
+"""The built-in default dataset written as files (data/builtin/files.py) and prepared: oracles.
 
-What comes back out of the prepared folder is checked against the embedded dataset itself
-(data/default_dataset.py, data/digits.py, data/text_corpus.py, data/dtmf.py): image patches and
-audio frames bit for bit, text byte for byte, captions in exact proportion.
+What comes back out of the prepared folder is checked against what it was made from, computed here
+independently (tests/oracles.py): sklearn's digits as 8-bit pixels patchified by loops, the
+synthesized tone waveforms' log-mel frames, the text documents cut into byte pieces; bit for bit,
+byte for byte, captions in exact proportion.
 """
 import collections
 import json
@@ -11,14 +12,15 @@ import pathlib
 import grain
 import numpy as np
 import pytest
+from oracles import byte_pieces, digit_patches
 from sklearn.datasets import load_digits
 
 from omnimoe import data
 from omnimoe.data.builtin import captions as captions_lib
 from omnimoe.data import records
-from omnimoe.data.builtin import default_dataset
 from omnimoe.data.builtin import files as default_manifest
-from omnimoe.data.builtin import dtmf
+from omnimoe.data.builtin import digits, dtmf
+from omnimoe.data.prepare import log_mel as log_mel_lib
 from omnimoe.data.prepare import write as prepare
 from omnimoe.data.builtin import text_corpus
 from omnimoe.data.builtin.captions import WORDS
@@ -50,11 +52,6 @@ def written(tmp_path_factory):
     kind = "image" if "image" in line else "audio" if "audio" in line else "text"
     by_kind[kind].append((line, rec, bool(held)))
   return w, card, by_kind
-
-
-@pytest.fixture(scope="module")
-def embedded():
-  return default_dataset.build(CFG)
 
 
 def _image_index(line) -> int:
@@ -105,45 +102,39 @@ def test_captions_repeat_each_medium_in_the_template_proportions(written):
       assert len({h for _, h in captions}) == 1
 
 
-def test_image_patches_are_the_embedded_patches_bit_for_bit(written, embedded):
-  """(a) Every prepared patch vector is the embedded one exactly: both are the 8-bit pixel values
-  round(value * 255 / 16) / 255 (data/digits.py), computed here from sklearn's integers too."""
+def test_image_patches_are_the_digits_8_bit_pixels_bit_for_bit(written):
+  """(a) Every prepared patch vector is sklearn's digit as the 8-bit pixel values
+  round(value * 255 / 16) / 255 an image file holds, patchified by loops here."""
   _, _, by_kind = written
-  sk = load_digits()
-  patches = {}
-  for split in (embedded.train, embedded.heldout):
-    for i, media in zip(split.image_indices, split.images):
-      patches[int(i)] = media.features_MxF[:, :16]
   assert len(by_kind["image"]) == 1797 * IMAGE_COPIES
+  want = {}
   for line, rec, _ in by_kind["image"]:
     i = _image_index(line)
     (part, caption), = [rec.parts]
     assert part.grid == (2, 2) and caption == line["text"].encode()
-    np.testing.assert_array_equal(part.patches_MxD, patches[i])
-    byte = np.rint(sk.images[i] * 255 / 16).astype(np.float32)
-    np.testing.assert_array_equal(part.patches_MxD, _patchify(byte / np.float32(255)))
+    if i not in want:
+      want[i] = digit_patches(i)
+    np.testing.assert_array_equal(part.patches_MxD, want[i])
 
 
-def _patchify(pixels_HxW):
-  return pixels_HxW.reshape(2, 4, 2, 4).transpose(0, 2, 1, 3).reshape(4, 16)
-
-
-def test_heldout_images_are_exactly_the_embedded_heldout_images(written, embedded):
-  """(b)"""
+def test_heldout_images_are_the_fixed_split_and_captions_name_their_digit(written):
+  """(b) The held-out images are `digits.split_indices`' (disjoint, complete, 20%, the same every
+  time); every caption names its image's digit (sklearn's label)."""
   _, _, by_kind = written
   held = sorted({_image_index(line) for line, _, h in by_kind["image"] if h})
   train = sorted({_image_index(line) for line, _, h in by_kind["image"] if not h})
-  assert held == sorted(embedded.heldout.image_indices.tolist())
-  assert train == sorted(embedded.train.image_indices.tolist())
-  labels = dict(zip(embedded.heldout.image_indices.tolist(), embedded.heldout.image_labels.tolist()))
+  want_train, want_held = digits.split_indices(1797, CFG.heldout_fraction)
+  assert held == want_held.tolist() and train == want_train.tolist()
+  assert len(held) == round(0.2 * 1797) and not set(held) & set(train)
+  assert sorted(held + train) == list(range(1797))
+  labels = load_digits().target
   for line, _, h in by_kind["image"]:
-    if h:   # the caption names the digit of that image
-      digit = labels[_image_index(line)]
-      assert WORDS[digit] in line["text"] or str(digit) in line["text"]
+    digit = int(labels[_image_index(line)])
+    assert WORDS[digit] in line["text"] or str(digit) in line["text"]
 
 
-def test_audio_frames_are_the_embedded_frames_bit_for_bit(written, embedded):
-  """(c) Frames read back from the WAV = the embedded dataset's frames of the same draw, exactly:
+def test_audio_frames_are_the_synthesized_tones_frames_bit_for_bit(written):
+  """(c) Frames read back from the WAV = the log-mel frames of the synthesized waveform, exactly:
   the synthesized tone is on the 16-bit grid and never reaches full scale, so the file holds it
   exactly."""
   _, _, by_kind = written
@@ -153,10 +144,9 @@ def test_audio_frames_are_the_embedded_frames_bit_for_bit(written, embedded):
     assert held == (k == TONES - 1)
     (part, caption), = [rec.parts]
     assert caption == line["text"].encode()
-    # What the embedded dataset makes from the same generator state:
     rng = np.random.default_rng([SEED, default_manifest.TONE_STREAM, digit, k])
-    want = embedded.tone(digit, rng).features_MxF[:, :CFG.n_mels]
-    assert part.frames_MxD.shape == want.shape == (embedded.frames_per_tone, CFG.n_mels)
+    want = log_mel_lib.log_mel(dtmf.synthesize(digit, rng, CFG), CFG)
+    assert part.frames_MxD.shape == want.shape == (dtmf.num_frames(CFG), CFG.n_mels)
     np.testing.assert_array_equal(part.frames_MxD, want)
 
 
@@ -175,9 +165,9 @@ def test_a_tone_that_would_clip_is_refused(tmp_path, monkeypatch):
     default_manifest.write_default_manifest(tmp_path, tones_per_digit=1, limit=0)
 
 
-def test_text_round_trips_and_matches_the_embedded_pieces(written, embedded):
-  """(d) Each document's records join to its bytes exactly; the pieces and the split are the
-  embedded text stream's."""
+def test_text_round_trips_in_pieces_of_seq_len_minus_2_bytes(written):
+  """(d) Each document's records join to its bytes exactly, in pieces of at most seq_len - 2 bytes
+  (EOS on the last only), in the fixed document split."""
   _, _, by_kind = written
   docs = text_corpus.documents()
   _, heldout_docs = text_corpus.split_documents(docs, CFG.heldout_fraction)
@@ -191,8 +181,9 @@ def test_text_round_trips_and_matches_the_embedded_pieces(written, embedded):
     assert [eos for _, eos, _ in recs] == [False] * (len(recs) - 1) + [True]
     assert {h for _, _, h in recs} == {j in heldout_docs}
     pieces["heldout" if j in heldout_docs else "train"] += [(p, eos) for p, eos, _ in recs]
-  for name, split in (("train", embedded.train), ("heldout", embedded.heldout)):
-    want = [(embedded.vocab.decode_text(ids), eos) for ids, eos in split.text_pieces]
+  for name, held in (("train", False), ("heldout", True)):
+    want = [piece for j, doc in enumerate(docs) if (j in heldout_docs) == held
+            for piece in byte_pieces(doc, CFG.seq_len - 2)]
     assert pieces[name] == want
 
 

@@ -1,7 +1,8 @@
-"""data/default_prepared.py: the default dataset as three cached prepared folders.
+"""data/builtin/cache.py: the default dataset as three cached prepared folders.
 
-The full build is checked against the embedded dataset (records per split, patches bit for bit,
-caption counts exactly); small builds (`limit`) check the cache: hits, keys, concurrent builds,
+The full build is checked against what it is made from, computed here (tests/oracles.py: sklearn's
+digits patchified by loops, the documents cut into byte pieces): records per split, patches bit for
+bit, caption counts exactly. Small builds (`limit`) check the cache: hits, keys, concurrent builds,
 broken folders.
 """
 import collections
@@ -15,9 +16,11 @@ import threading
 
 import numpy as np
 import pytest
+from oracles import byte_pieces, digit_patches
+from sklearn.datasets import load_digits
 
 from omnimoe.data.builtin import captions as captions_lib
-from omnimoe.data.builtin import default_dataset
+from omnimoe.data.builtin import digits, text_corpus
 from omnimoe.data.builtin import files as default_manifest
 from omnimoe.data.builtin import cache as default_prepared
 from omnimoe.data.prepare import write as prepare
@@ -46,33 +49,32 @@ def _expected_captions(templates, digits) -> collections.Counter:
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
   cache = tmp_path_factory.mktemp("cache")
-  return default_prepared.ensure(CFG, cache), default_dataset.build(CFG)
+  return default_prepared.ensure(CFG, cache)
 
 
-def test_full_build_returns_three_folders_with_the_embedded_weights(full):
-  folders, _ = full
+def test_full_build_returns_three_folders_with_the_config_weights(full):
+  folders = full
   assert [p.name for p, _ in folders] == ["images", "tones", "text"]
   assert [w for _, w in folders] == [CFG.weight_image, CFG.weight_audio, CFG.weight_text]
   for path, _ in folders:
     prepared.check_matches(prepared.open_folder(path), CFG, str(path))
 
 
-def test_image_records_are_the_embedded_images_with_exact_caption_counts(full):
-  (images, _), _, _ = full[0]
-  ds = full[1]
-  for split, side in (("train", ds.train), ("heldout", ds.heldout)):
+def test_image_records_are_the_split_digits_with_exact_caption_counts(full):
+  (images, _), _, _ = full
+  labels = load_digits().target
+  for split, indices in zip(("train", "heldout"), digits.split_indices(1797, CFG.heldout_fraction)):
     recs = _records(images, split)
-    assert len(recs) == 5 * len(side.images)
+    assert len(recs) == 5 * len(indices)
     got = collections.Counter(r.parts[0].patches_MxD.tobytes() for r in recs)
-    want = collections.Counter(m.features_MxF[:, :16].tobytes()
-                               for m in side.images for _ in range(5))
-    assert got == want   # bit-identical patches, five copies of each, in the embedded split
+    want = collections.Counter(digit_patches(int(i)).tobytes() for i in indices for _ in range(5))
+    assert got == want   # bit-identical patches, five copies of each, in the fixed split
     captions = collections.Counter(r.parts[1].decode() for r in recs)
-    assert captions == _expected_captions(captions_lib.IMAGE_TEMPLATES, side.image_labels)
+    assert captions == _expected_captions(captions_lib.IMAGE_TEMPLATES, labels[indices])
 
 
 def test_tone_records_per_digit_and_caption_counts(full):
-  _, (tones, _), _ = full[0]
+  _, (tones, _), _ = full
   n = default_manifest.TONES_PER_DIGIT
   held = default_manifest.heldout_tones(n, CFG.heldout_fraction)
   for split, per_digit in (("train", n - held), ("heldout", held)):
@@ -85,12 +87,13 @@ def test_tone_records_per_digit_and_caption_counts(full):
     assert len(distinct) == 10 * per_digit
 
 
-def test_text_records_are_the_embedded_pieces(full):
-  _, _, (text, _) = full[0]
-  ds = full[1]
-  for split, side in (("train", ds.train), ("heldout", ds.heldout)):
+def test_text_records_are_the_documents_in_pieces(full):
+  _, _, (text, _) = full
+  docs = text_corpus.documents()
+  for split, idx in zip(("train", "heldout"),
+                        text_corpus.split_documents(docs, CFG.heldout_fraction)):
     got = [(r.parts[0], r.eos) for r in _records(text, split)]
-    assert got == [(ds.vocab.decode_text(ids), eos) for ids, eos in side.text_pieces]
+    assert got == [piece for j in sorted(idx) for piece in byte_pieces(docs[j], CFG.seq_len - 2)]
 
 
 def test_second_call_is_a_cache_hit(tmp_path, monkeypatch):
@@ -157,7 +160,7 @@ def test_concurrent_builds_in_processes_yield_one_complete_folder(tmp_path):
           "from omnimoe.data.config import DataConfig; "
           f"out = d.ensure(DataConfig(), pathlib.Path(sys.argv[1]), **{SMALL!r}); "
           "print(json.dumps([str(p) for p, _ in out]))")
-  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  env = dict(os.environ)
   procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for _ in range(2)]

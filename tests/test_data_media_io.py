@@ -3,11 +3,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+from oracles import patchify_loop
 from PIL import Image
 
 from omnimoe.data import records
 from omnimoe.data.prepare import audio_io
-from omnimoe.data.builtin import digits
 from omnimoe.data.builtin import dtmf
 from omnimoe.data.prepare import log_mel as log_mel_lib
 from omnimoe.data.prepare import image_io
@@ -28,6 +28,7 @@ CFG = DataConfig(image_patch=2, image_side=8, image_channels=1, sample_rate=8000
     ('{"parts": [{"text": "see"}, {"image": "a.png"}, {"audio": "b.wav"}, {"text": "end"}]}',
      [("text", "see"), ("image", "a.png"), ("audio", "b.wav"), ("text", "end")]),
     ('{"image": "only.png"}', [("image", "only.png")]),
+    ('[{"image": "a.png"}, {"text": "a cat"}]', [("image", "a.png"), ("text", "a cat")]),
 ])
 def test_manifest_line_forms(text, kinds):
   entry = manifest.parse_line(4, text)
@@ -37,7 +38,10 @@ def test_manifest_line_forms(text, kinds):
 
 @pytest.mark.parametrize("text, needle", [
     ('{"text": "a",', "not valid JSON"),
-    ('["text"]', "must be a JSON object"),
+    ('["text"]', "part 1 must be one of"),
+    ('"a cat"', "must be a JSON object or a list of parts"),
+    ('[]', "empty example"),
+    ('[{"image": "a.png", "split": "train"}]', "part 1 must be one of"),
     ('{"imgae": "a.png", "text": "x"}', "unknown key 'imgae'"),
     ('{"parts": [{"text": "a", "image": "b.png"}]}', "part 1 must be one of"),
     ('{"parts": {"text": "a"}}', "'parts' must be a list"),
@@ -51,6 +55,12 @@ def test_bad_manifest_lines(text, needle):
   with pytest.raises(manifest.BadLine) as e:
     manifest.parse_line(9, text)
   assert needle in e.value.reason and e.value.line == 9
+
+
+def test_a_bare_list_of_parts_is_the_same_example_as_parts():
+  bare = manifest.parse_line(2, '[{"text": "see"}, {"image": "a.png"}, {"audio": "b.wav"}]')
+  keyed = manifest.parse_line(2, '{"parts": [{"text": "see"}, {"image": "a.png"}, {"audio": "b.wav"}]}')
+  assert bare == keyed and bare.split is None
 
 
 def test_manifest_read_numbers_lines_and_skips_blanks(tmp_path):
@@ -68,7 +78,7 @@ def test_grayscale_png_patches_are_exact(tmp_path):
   pixels = np.random.default_rng(0).integers(0, 256, (8, 8)).astype(np.uint8)
   write_png(tmp_path / "a.png", pixels)
   patches = image_io.load_patches(tmp_path / "a.png", CFG)
-  expected = digits.patchify(pixels[None].astype(np.float32) / 255, CFG.image_patch)[0]
+  expected = patchify_loop(pixels.astype(np.float32) / 255, CFG.image_patch)
   np.testing.assert_array_equal(patches, expected)
   assert patches.shape == (16, 4) and patches.dtype == np.float32
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from omnimoe.data.builtin import default_dataset
-from omnimoe.data.pipeline import mixture
+from omnimoe import data
+from omnimoe.data.pipeline import first_fit, mixture
 from omnimoe.data.config import DataConfig
 from omnimoe.data.examples import audio_media, image_media, make_example
 from omnimoe.data.packing import pack
@@ -17,8 +17,8 @@ CFG = DataConfig(loss_weight_text=1.0, loss_weight_image=0.5, loss_weight_audio=
 
 
 @pytest.fixture(scope="module")
-def ds():
-  return default_dataset.build(CFG)
+def vocab():
+  return data.dataset_info(CFG, 0).vocab
 
 
 @pytest.fixture(scope="module")
@@ -141,22 +141,22 @@ def test_targets_and_loss_weights(batch):
         assert tgt[r, i] == 0 and w[r, i] == 0
 
 
-def test_positions_follow_contract(ds, batch):
+def test_positions_follow_contract(batch):
   for r in range(batch["tokens"].shape[0]):
-    expected = oracle_positions(batch["modality"][r], batch["segment_ids"][r], ds.image_grid)
+    expected = oracle_positions(batch["modality"][r], batch["segment_ids"][r], (2, 2))
     np.testing.assert_array_equal(batch["positions"][r], expected)
 
 
-def test_features_zero_on_text_and_modality_matches_vocab(ds, batch):
+def test_features_zero_on_text_and_modality_matches_vocab(vocab, batch):
   text_like = batch["modality"] <= TEXT.code
   assert np.all(batch["features"][text_like] == 0)
   assert np.all(np.abs(batch["features"][batch["modality"] == AUDIO.code]).sum(-1) > 0)
   assert batch["features"][batch["modality"] == IMAGE.code].max() > 0.5   # (blank patches exist)
-  from_vocab = ds.vocab.modality_of(batch["tokens"], specials_as_text=True)
+  from_vocab = vocab.modality_of(batch["tokens"], specials_as_text=True)
   np.testing.assert_array_equal(batch["modality"], from_vocab)
 
 
-def test_rows_are_well_filled_and_mixed(batch):
+def test_rows_are_well_filled_and_mixed(vocab, batch):
   """Under 10% padding (first fit), and the examples' kinds in about the mixture's shares
   (0.4 / 0.4 / 0.2 of examples: text pieces are whole, so text holds most of the tokens)."""
   assert (batch["segment_ids"] == 0).mean() < 0.1
@@ -169,7 +169,7 @@ def test_rows_are_well_filled_and_mixed(batch):
   assert len(kinds) >= 60
   for m, want in ((IMAGE.code, 0.4), (AUDIO.code, 0.4), (TEXT.code, 0.2)):
     assert abs(shares[m] - want) < 0.15, shares
-  assert np.all(batch["tokens"] < default_dataset.build(CFG).vocab.used_size)
+  assert np.all(batch["tokens"] < vocab.used_size)
 
 
 def test_loss_weight_table():
@@ -177,7 +177,7 @@ def test_loss_weight_table():
 
 
 def test_plan_rows_is_first_fit():
-  """`mixture.plan_rows` (a max segment tree over the rows' room) places every item where a plain
+  """`first_fit.plan_rows` (a max segment tree over the rows' room) places every item where a plain
   scan for the first row with room would, and stops at the same item."""
   def scan(items, seq_len, num_rows):
     rows, room, consumed = [[] for _ in range(num_rows)], [seq_len] * num_rows, 0
@@ -193,6 +193,6 @@ def test_plan_rows_is_first_fit():
   rng = np.random.default_rng(0)
   for _ in range(200):
     num_rows, seq_len = int(rng.integers(1, 40)), int(rng.integers(8, 130))
-    items = [mixture.Item(0, i, int(rng.integers(1, seq_len + 1)), None)
+    items = [mixture.Item(0, i, int(rng.integers(1, seq_len + 1)))
              for i in range(int(rng.integers(0, 400)))]
-    assert mixture.plan_rows(iter(items), seq_len, num_rows) == scan(items, seq_len, num_rows)
+    assert first_fit.plan_rows(iter(items), seq_len, num_rows) == scan(items, seq_len, num_rows)

@@ -6,10 +6,10 @@ import wave
 
 import numpy as np
 import pytest
+from oracles import patchify_loop
 from PIL import Image
 
 from omnimoe import data
-from omnimoe.data.builtin import digits
 from omnimoe.data.prepare import log_mel as log_mel_lib
 from omnimoe.data.prepare import kmeans
 from omnimoe.data.pipeline import mixture
@@ -60,7 +60,7 @@ def expected_segments(folder, lines):
   """What each example must come back as, decoded here without data/image_io or data/audio_io."""
   def image(name):
     pixels = np.asarray(Image.open(folder / name).convert("L"), np.float32) / 255
-    return digits.patchify(pixels[None], 2)[0]
+    return patchify_loop(pixels, 2)
 
   def audio(name):
     with wave.open(str(folder / name)) as w:
@@ -244,13 +244,14 @@ def test_mixing_with_the_default_dataset(dataset):
   mixed = dataclasses.replace(cfg, seq_len=96, sources=(dataclasses.replace(prep, weight=3.0),
                                                         Source("default", 1.0)))
   mix = sources.resolve(mixed)
-  assert mix.recode_default and mix.codebook_from == {"image": mix.sources[0].name,
-                                                      "audio": mix.sources[0].name}
-  # Training draws from the prepared folder and the default dataset's own three folders, the
-  # default's weight split 0.7 / 0.15 / 0.15 (data.weight_image/audio/text).
-  assert [t.name for t in mix.train_sources] == [mix.sources[0].name] + [
-      f"{mix.sources[1].name} ({kind})" for kind in ("images", "tones", "text")]
-  np.testing.assert_allclose([t.weight for t in mix.train_sources], [3.0, 0.7, 0.15, 0.15])
+  assert mix.codebook_from == {"image": mix.folders[0].name, "audio": mix.folders[0].name}
+  # Training and eval read the prepared folder and the default dataset's own three folders, the
+  # default's weight split 0.7 / 0.15 / 0.15 (data.weight_image/audio/text); the three are one
+  # source for eval (one label).
+  assert [t.name for t in mix.folders] == [mix.folders[0].name] + [
+      f"data.sources[1] 'default' ({kind})" for kind in ("images", "tones", "text")]
+  np.testing.assert_allclose([t.weight for t in mix.folders], [3.0, 0.7, 0.15, 0.15])
+  assert mix.by_label() == [("prep", [0]), ("default", [1, 2, 3])]
   keys = mixture.key_stream(mix, seed=0)
   counts = np.bincount([keys[g][0] for g in range(4000)], minlength=4)
   np.testing.assert_allclose(counts / 4000, [0.75, 0.175, 0.0375, 0.0375], atol=0.01)
@@ -261,7 +262,8 @@ def test_mixing_with_the_default_dataset(dataset):
                                 kmeans.assign(batch["features"][where][:, :4], book) + VOCAB.image_offset)
   default_first = dataclasses.replace(mixed, sources=mixed.sources[::-1])
   mix = sources.resolve(default_first)
-  assert not mix.recode_default and mix.codebooks["image"] is mix.default.image_codebook_KxD
+  assert mix.codebooks["image"] is mix.folders[0].folder.codebooks["image"]   # default images
+  assert mix.codebooks["audio"] is mix.folders[1].folder.codebooks["audio"]   # default tones
   assert data.has_default_source(default_first) and not data.has_default_source(cfg)
   assert data.dataset_info(mixed, 0).feature_dim == 24
 

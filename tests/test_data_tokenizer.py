@@ -11,7 +11,6 @@ import sentencepiece
 from omnimoe import data
 from omnimoe.data import tokenizer
 from omnimoe.data.builtin import captions
-from omnimoe.data.builtin import default_dataset
 from omnimoe.data.prepare import write as prepare
 from omnimoe.data.prepare import folder as prepared
 from omnimoe.data.builtin import text_corpus
@@ -89,7 +88,7 @@ def test_long_text_is_cut_into_pieces_that_fit_and_add_up(model, max_tokens):
 
 def test_default_dataset_text_and_bits_per_byte_denominator(model):
   cfg = DataConfig(tokenizer=str(model))
-  ds = default_dataset.build(cfg)
+  vocab = Vocab.from_config(cfg)
   docs = text_corpus.documents()
   _, heldout = text_corpus.split_documents(docs, cfg.heldout_fraction)
   total_bytes = sum(len(docs[i]) for i in heldout)
@@ -97,13 +96,14 @@ def test_default_dataset_text_and_bits_per_byte_denominator(model):
   per_batch = data.heldout_text_bytes(cfg, batch_size=16)
   assert len(per_batch) == len(batches) and sum(per_batch) == total_bytes
   tokens = sum(b["loss_weights"].sum() for b in batches)
-  assert tokens == sum(len(ids) for ids, _ in ds.heldout.text_pieces) < 0.7 * total_bytes
+  pieces = [ids for i in heldout for _, ids, _ in vocab.text_pieces(docs[i], cfg.seq_len - 2)]
+  assert tokens == sum(len(ids) for ids in pieces) < 0.7 * total_bytes
   # Every held-out document comes back whole, segment by segment.
   text = b""
   for b in batches:
     for r in range(len(b["tokens"])):
       for s in range(1, b["segment_ids"][r].max() + 1):
-        text += ds.vocab.decode_text(b["tokens"][r][b["segment_ids"][r] == s])
+        text += vocab.decode_text(b["tokens"][r][b["segment_ids"][r] == s])
   assert text == b"".join(docs[i] for i in heldout)
   # Byte-level: the denominator is the byte targets themselves.
   plain = DataConfig()

@@ -1,12 +1,12 @@
-"""The embedded default dataset as three prepared folders, built once per data config and cached.
+"""The built-in default dataset as three prepared folders, built once per data config and cached.
 
-  folders = default_prepared.ensure(cfg)   # [(images, 0.7), (tones, 0.15), (text, 0.15)]
+  folders = cache.ensure(cfg)   # [(images, 0.7), (tones, 0.15), (text, 0.15)]
 
-`ensure` writes the default dataset's files (data/default_manifest.py, by kind) into a private
+`ensure` writes the default dataset's files (data/builtin/files.py, by kind) into a private
 temporary folder, prepares each kind with `omnimoe prepare`'s code and the run's data settings,
 and renames the result into the cache:
 
-  CACHE/default-prepared/KEY/{images,tones,text}/   three prepared folders (data/prepare.py)
+  CACHE/default-prepared/KEY/{images,tones,text}/   three prepared folders (data/prepare/write.py)
   CACHE/default-prepared/KEY/build.json              what KEY is the hash of
 
 CACHE is `cache_dir`, else $OMNIMOE_CACHE, else ~/.cache/omnimoe. KEY hashes everything the files
@@ -29,7 +29,9 @@ import shutil
 import sys
 import threading
 
-from omnimoe.data.builtin import files as default_manifest
+from omnimoe.data.builtin import captions, dtmf
+from omnimoe.data.builtin import files
+from omnimoe.data.prepare import image_io
 from omnimoe.data.prepare import write as prepare
 from omnimoe.data.builtin import text_corpus
 from omnimoe.data import tokenizer as tokenizer_lib
@@ -42,7 +44,7 @@ BUILD_FILE = "build.json"
 # The data keys the written files and the prepared folders depend on (the rest keep their defaults
 # in the build, so nothing else can change the output).
 BUILD_KEYS = prepare.PREPARED_KEYS + ("seq_len", "heldout_fraction", "tone_seconds", "tokenizer")
-FOLDERS = tuple(name for _, name in default_manifest.KINDS)   # images, tones, text
+FOLDERS = tuple(name for _, name in files.KINDS)   # images, tones, text
 
 
 def cache_root(cache_dir: pathlib.Path | None = None) -> pathlib.Path:
@@ -66,17 +68,44 @@ def cache_key(inputs: dict) -> str:
   return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check(cfg: DataConfig) -> None:
+  """Raises ValueError naming the key when these settings cannot build the default dataset."""
+  prepare.check_config(cfg)
+  weights = _weights(cfg)
+  if min(weights) < 0 or sum(weights) <= 0:
+    raise ValueError(f"data.weight_image/audio/text must be >= 0 with a positive sum, got {weights}")
+  if cfg.image_shift < 0:
+    raise ValueError(f"data.image_shift must be >= 0, got {cfg.image_shift}")
+  media = max(image_io.grid(cfg)[0] * image_io.grid(cfg)[1], dtmf.num_frames(cfg))
+  tok = tokenizer_lib.load(cfg.tokenizer)
+  caption = max(len(tok.encode(captions.render(template, d)))
+                for templates in (captions.IMAGE_TEMPLATES, captions.AUDIO_TEMPLATES)
+                for template, _ in templates for d in range(len(captions.WORDS)))
+  if 2 + media + caption > cfg.seq_len:
+    raise ValueError(f"data.seq_len={cfg.seq_len} is shorter than the longest image/tone example "
+                     f"of the default dataset ({2 + media + caption} tokens); raise it or use a "
+                     f"larger data.image_patch")
+
+
+def path(cfg: DataConfig, name: str, cache_dir: pathlib.Path | None = None) -> pathlib.Path:
+  """The prepared folder `name` (one of FOLDERS: images, tones, text), built on first use."""
+  if name not in FOLDERS:
+    raise ValueError(f"the default dataset has no folder {name!r}; it has {', '.join(FOLDERS)}")
+  return dict((p.name, p) for p, _ in ensure(cfg, cache_dir))[name]
+
+
 def _weights(cfg: DataConfig) -> tuple[float, ...]:
   return cfg.weight_image, cfg.weight_audio, cfg.weight_text
 
 
 def ensure(cfg: DataConfig, cache_dir: pathlib.Path | None = None, *,
-           tones_per_digit: int = default_manifest.TONES_PER_DIGIT,
+           tones_per_digit: int = files.TONES_PER_DIGIT,
            limit: int | None = None) -> list[tuple[pathlib.Path, float]]:
   """[(images folder, cfg.weight_image), (tones, cfg.weight_audio), (text, cfg.weight_text)],
   built on first use (see the module docstring). `limit`: only the first N images and text
   documents (quick tests). Raises ValueError (one line) for bad settings or a broken cache
   folder."""
+  check(cfg)
   inputs = build_inputs(cfg, tones_per_digit, limit)
   final = cache_root(cache_dir) / SUBFOLDER / cache_key(inputs)
   if not final.exists():
@@ -114,7 +143,7 @@ def _build(cfg: DataConfig, inputs: dict, final: pathlib.Path, tones_per_digit: 
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
   try:
-    default_manifest.write_default_manifest(tmp / "files", tones_per_digit=tones_per_digit,
+    files.write_default_manifest(tmp / "files", tones_per_digit=tones_per_digit,
                                             limit=limit, by_kind=True, cfg=build_cfg)
     for name in FOLDERS:
       prepare.prepare(tmp / "files" / f"{name}.jsonl", tmp / name, build_cfg)

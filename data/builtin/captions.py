@@ -3,14 +3,13 @@
 "the digit {word}" is drawn for 40% of the captions of each modality; its prefix `EVAL_PROMPT` is
 what the cross-modal evaluation feeds after the media, asking the model for the English word.
 
-The embedded dataset draws a template per example (`table`); files written for `omnimoe prepare`
-repeat each image or tone once per template, `copies` times (2, 1, 1, 1 for images; 4, 3, 3 for
-tones), so drawing a folder's records uniformly gives the same caption distribution exactly.
+The files written for `omnimoe prepare` (data/builtin/files.py) repeat each image or tone once per
+template, `copies` times (2, 1, 1, 1 for images; 4, 3, 3 for tones), so drawing a folder's records
+uniformly gives each template exactly its probability.
 """
 import fractions
 import math
 
-import numpy as np
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 EVAL_TEMPLATE = "the digit {word}"
@@ -33,14 +32,6 @@ assert EVAL_TEMPLATE.startswith(EVAL_PROMPT)
 
 def render(template: str, digit: int) -> str:
   return template.format(word=WORDS[digit], digit=digit)
-
-
-def table(templates) -> tuple[np.ndarray, list[list[str]]]:
-  """(cumulative probabilities [T], captions[template][digit]) for drawing with one uniform."""
-  probs = np.asarray([p for _, p in templates], np.float64)
-  assert abs(probs.sum() - 1.0) < 1e-9, probs
-  captions = [[render(t, d) for d in range(10)] for t, _ in templates]
-  return np.cumsum(probs), captions
 
 
 MAX_COPIES = 100            # `copies` refuses probabilities that need more copies than this

@@ -7,12 +7,11 @@ noise at about 10 dB SNR.
 A tone is what a 16-bit recording of it holds: samples on the 16-bit PCM grid (k / 32768), with
 headroom (the clean tone peaks at its amplitude, at most 0.5; the noise adds less than 0.4 more),
 so a 16-bit WAV of it (data/builtin/files.py) stores it exactly, never clipped, and the file's
-log-mel frames equal the embedded dataset's bit for bit.
+log-mel frames equal those of the synthesized waveform bit for bit.
 """
 import numpy as np
 
 from omnimoe.data.config import DataConfig
-from omnimoe.data.prepare.log_mel import log_mel
 
 ROW_HZ = (697.0, 770.0, 852.0, 941.0)
 COL_HZ = (1209.0, 1336.0, 1477.0)
@@ -49,8 +48,3 @@ def synthesize(digit: int, rng: np.random.Generator, cfg: DataConfig) -> np.ndar
   noise_std = np.sqrt((amplitude ** 2 / 4) / 10 ** (SNR_DB / 10))   # clean power = a^2 / 4
   wave = clean + noise_std * rng.standard_normal(t.shape)
   return (np.rint(wave * PCM_SCALE) / PCM_SCALE).astype(np.float32)
-
-
-def tone_features(digit: int, rng: np.random.Generator, cfg: DataConfig) -> np.ndarray:
-  """float32 [frames, n_mels] for one freshly drawn tone."""
-  return log_mel(synthesize(digit, rng, cfg), cfg)

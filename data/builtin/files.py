@@ -1,44 +1,41 @@
-"""The embedded default dataset as files and a manifest, for `omnimoe prepare` (no downloads).
+"""The built-in default dataset as files and a manifest, for `omnimoe prepare` (no downloads).
 
   python -m omnimoe.data.builtin.files DIR [--tones-per-digit N] [--seed S] [--limit N] [--by-kind]
   omnimoe prepare DIR/images.jsonl --out IMAGES   # and tones.jsonl, text.jsonl (--by-kind)
   omnimoe train configs/tiny.yaml 'data.sources=[{path: IMAGES, weight: 0.7}, ...]'
 
-or, in one call, `data.default_prepared.ensure(cfg)` (built once, cached). Writes
+or, in one call, `omnimoe.data.builtin.cache.ensure(cfg)` (built once, cached), which is what
+`data.sources: []` trains and evaluates from. Writes
 
   DIR/images/digit_IIII.png  every scikit-learn digit (IIII: its row in `load_digits()`), an 8x8
                              grayscale PNG of its 8-bit pixels (`digits.pixel_bytes`)
-  DIR/tones/tone_D_KKK.wav   N synthesized DTMF tones per digit D (data/dtmf.py), mono 16-bit PCM at
-                             data.sample_rate
+  DIR/tones/tone_D_KKK.wav   N synthesized DTMF tones per digit D (data/builtin/dtmf.py), mono
+                             16-bit PCM at data.sample_rate
   DIR/manifest.jsonl         the image lines, the tone lines and one line per text document of the
-                             embedded text corpus (data/text_corpus.py), in that order; every line
+                             text corpus (data/builtin/text_corpus.py), in that order; every line
                              pins its split ("split": "train" | "heldout")
   DIR/{images,tones,text}.jsonl   with --by-kind: the same lines by kind, to prepare three folders
-                             and mix them with the embedded weights (data.weight_image/audio/text)
+                             and mix them with data.weight_image/audio/text
 
 Captions: every image and every tone appears once per caption template, repeated
 `captions.copies` times (images 2, 1, 1, 1; tones 4, 3, 3), so a folder whose records are drawn
-uniformly gives each template exactly its probability, as the embedded dataset's per-example draw
-does. All the lines of one image or tone share its split.
+uniformly gives each template exactly its probability. All the lines of one image or tone share its
+split, and they are consecutive.
 
-Splits: images and text documents follow the embedded dataset's own fixed splits
-(`digits.split_indices`, `text_corpus.split_documents`, at `heldout_fraction`), so a prepared
-folder holds out exactly the images and documents that the default-dataset evals use. The embedded
-dataset has no held-out tones (its eval draws fresh ones); here the last round(heldout_fraction * N)
-tones of each digit are held out (none when N is 1), for `eval/loss`.
+Splits: images and text documents follow fixed splits (`digits.split_indices`,
+`text_corpus.split_documents`, at `heldout_fraction`): the same for every run seed. The last
+round(heldout_fraction * N) tones of each digit are held out (none when N is 1), for `eval/loss`;
+the cross-modal eval synthesizes fresh tones instead (data/pipeline/prompts.py).
 
-How close the files are to the embedded dataset:
-- Images: bit-identical patches: the embedded dataset uses the 8-bit pixel values a PNG holds
-  (data/digits.py), and with the default data.image_side 8 and data.image_channels 1 nothing is
-  resized or converted.
-- Tones: the log-mel of a written tone equals the log-mel of its synthesized waveform rounded to
-  16-bit PCM (1/32768; the synthesis leaves headroom, nothing clips). They are N fixed draws per
-  digit, where the embedded dataset synthesizes a fresh tone for every example.
-- Text: the documents as they are; `omnimoe prepare` cuts them into data.seq_len - 2 token pieces
-  exactly as the embedded text stream does.
+What the files hold:
+- Images: with the default data.image_side 8 and data.image_channels 1 nothing is resized or
+  converted: a prepared patch is exactly byte / 255 of sklearn's digit.
+- Tones: a written tone is exact (the synthesis is on the 16-bit grid and leaves headroom: nothing
+  clips), so the log-mel of the file equals the log-mel of the synthesized waveform.
+- Text: the documents as they are; `omnimoe prepare` cuts them into data.seq_len - 2 token pieces.
 - Mixture: one folder draws its training records uniformly, so the kinds would come in proportion
   to their line counts; --by-kind and three sources weighted data.weight_image/audio/text give the
-  embedded mixture.
+  default mixture.
 """
 import argparse
 import dataclasses
@@ -127,7 +124,7 @@ def write_default_manifest(folder: str | pathlib.Path, *, tones_per_digit: int =
       peak = float(np.abs(wave).max())
       if peak >= PCM_FULL_SCALE:
         raise ValueError(f"tone {k} of digit {digit} peaks at {peak:.4f}: it would clip as 16-bit "
-                         f"PCM (data/dtmf.py must leave headroom)")
+                         f"PCM (data/builtin/dtmf.py must leave headroom)")
       write_wav(folder / name, wave, cfg.sample_rate, width=PCM_WIDTH)
       split = "heldout" if k >= tones_per_digit - held else "train"
       lines["audio"] += [{"audio": name, "text": caption, "split": split}

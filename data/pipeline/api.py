@@ -1,27 +1,34 @@
-"""The run's data: the public entry points of data/, over one pipeline (data/mixture.py).
+"""The run's data: the public entry points of omnimoe.data, over one pipeline.
 
-Every run, the default one included, trains from prepared folders mixed by weight (data/sources.py
-says which: `data.sources`, where `[]` is the default dataset, itself trained from its prepared
-folders, data/default_prepared.py). The batch contract, the iterator state
-(`{"next_example": k}`), per-host sharding and prefetch are those of data/mixture.py.
+Every run, the default one included, trains and evaluates from prepared folders mixed by weight
+(data/pipeline/sources.py says which: `data.sources`, where `[]` is the built-in dataset's three
+folders, data/builtin/cache.py). The batch contract, the iterator state (`{"next_example": k}`),
+per-host sharding and prefetch are those of data/pipeline/mixture.py.
 """
+import dataclasses
 import functools
 
 import grain
 import numpy as np
 
-from omnimoe.data.builtin import default_dataset
-from omnimoe.data.pipeline import mixture
-from omnimoe.data.pipeline import sources as sources_lib
 from omnimoe.data.config import DataConfig
-from omnimoe.data.builtin.default_dataset import DatasetInfo
+from omnimoe.data.pipeline import heldout, mixture
+from omnimoe.data.pipeline import sources as sources_lib
+from omnimoe.data.vocab import Vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  vocab: Vocab
+  feature_dim: int            # F: width of the `features` vectors
 
 
 @functools.lru_cache(maxsize=16)
 def dataset_info(cfg: DataConfig, seed: int) -> DatasetInfo:
-  """Vocabulary and feature width of the run's data (checks every source; cached)."""
-  if sources_lib.is_default_only(cfg):
-    return default_dataset.dataset_info(cfg, seed)
+  """Vocabulary and feature width of the run's data (opens and checks every source; cached).
+
+  `seed` is accepted for symmetry with the iterators; neither depends on it."""
+  del seed
   mix = sources_lib.resolve(cfg)
   return DatasetInfo(mix.vocab, mix.feature_dim)
 
@@ -47,16 +54,17 @@ def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int, process_index
                                 process_index=process_index, process_count=process_count)
 
 
-def eval_batches(cfg: DataConfig, *, batch_size: int, seed: int,
-                 num_batches: int) -> list[dict[str, np.ndarray]]:
-  """Held-out batches of every source (the default dataset's: held-out images and text, freshly
-  drawn tones)."""
-  return mixture.eval_batches(cfg, batch_size=batch_size, seed=seed, num_batches=num_batches)
-
-
 def eval_batches_by_source(cfg: DataConfig, *, batch_size: int, seed: int,
                            num_batches: int) -> list[tuple[str, list[dict[str, np.ndarray]]]]:
-  """The batches of `eval_batches`, grouped by source: [(label, batches), ...] in config order;
-  the label is `default` or the prepared folder's basename (data.sources.labels)."""
-  return mixture.eval_batches_by_source(cfg, batch_size=batch_size, seed=seed,
+  """Held-out batches grouped by source: [(label, batches), ...] in config order; the label is
+  `default` or the prepared folder's basename (data/pipeline/sources.py `labels`); at most
+  `num_batches` batches per source (data/pipeline/heldout.py)."""
+  return heldout.eval_batches_by_source(cfg, batch_size=batch_size, seed=seed,
                                         num_batches=num_batches)
+
+
+def eval_batches(cfg: DataConfig, *, batch_size: int, seed: int,
+                 num_batches: int) -> list[dict[str, np.ndarray]]:
+  """The batches of `eval_batches_by_source`, source after source, labels dropped."""
+  return [b for _, batches in eval_batches_by_source(cfg, batch_size=batch_size, seed=seed,
+                                                     num_batches=num_batches) for b in batches]

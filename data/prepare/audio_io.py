@@ -77,11 +77,16 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def load_frames(path: str | pathlib.Path, cfg: DataConfig) -> np.ndarray:
-  """float32 [frames, n_mels]: the log-mel frames of one WAV file at `data.sample_rate`."""
-  samples, rate = read_wav(path)
+def frames(samples: np.ndarray, rate: int, cfg: DataConfig) -> np.ndarray:
+  """float32 [frames, n_mels]: mono samples in [-1, 1) at `rate` Hz, resampled to
+  `data.sample_rate`, as log-mel frames. What every audio file goes through once decoded."""
   wave_ = resample(samples, rate, cfg.sample_rate)
   if len(wave_) < cfg.frame_len:
     raise MediaError(f"audio too short: {len(wave_)} samples at {cfg.sample_rate} Hz, one frame "
                      f"is data.frame_len={cfg.frame_len}")
   return log_mel(wave_, cfg)
+
+
+def load_frames(path: str | pathlib.Path, cfg: DataConfig) -> np.ndarray:
+  """float32 [frames, n_mels]: the log-mel frames of one WAV file at `data.sample_rate`."""
+  return frames(*read_wav(path), cfg)

@@ -1,4 +1,4 @@
-"""Reading a prepared folder (written by data/prepare.py): card, index, codebooks and records.
+"""Reading a prepared folder (written by data/prepare/write.py): card, index, codebooks and records.
 
 Records are read through grain (`grain.sources.ArrayRecordDataSource`, random access by index).
 A record becomes an example (`to_example`) with codes assigned against the run's codebooks.
@@ -15,7 +15,7 @@ from omnimoe.data import records
 from omnimoe.data.prepare import kmeans
 from omnimoe.data import tokenizer as tokenizer_lib
 from omnimoe.data.config import DataConfig
-from omnimoe.data.examples import Example, audio_media, image_media, make_sequence
+from omnimoe.data.examples import Example, Media, audio_media, image_media, make_sequence
 from omnimoe.data.prepare.write import FORMAT, PREPARED_KEYS
 from omnimoe.data.vocab import Vocab
 
@@ -93,17 +93,19 @@ def check_matches(folder: PreparedFolder, cfg: DataConfig, where: str) -> None:
     raise ValueError(f"{where} has no training records (all {len(folder.heldout_ids)} are held out)")
 
 
+def media_of(part: records.ImagePart | records.AudioPart, vocab: Vocab, codebooks: dict,
+             feature_dim: int) -> Media:
+  """An image or audio part as media, its codes assigned against `codebooks`."""
+  if isinstance(part, records.ImagePart):
+    codes = kmeans.assign(part.patches_MxD, codebooks["image"])
+    return image_media(vocab.image_ids(codes), part.patches_MxD, part.grid, feature_dim)
+  codes = kmeans.assign(part.frames_MxD, codebooks["audio"])
+  return audio_media(vocab.audio_ids(codes), part.frames_MxD, feature_dim)
+
+
 def to_example(record: records.Record, vocab: Vocab, codebooks: dict,
                feature_dim: int) -> Example:
   """A record as an example; image patches and audio frames get the codes of `codebooks`."""
-  parts = []
-  for part in record.parts:
-    if isinstance(part, bytes):
-      parts.append(vocab.encode_text(part))
-    elif isinstance(part, records.ImagePart):
-      codes = kmeans.assign(part.patches_MxD, codebooks["image"])
-      parts.append(image_media(vocab.image_ids(codes), part.patches_MxD, part.grid, feature_dim))
-    else:
-      codes = kmeans.assign(part.frames_MxD, codebooks["audio"])
-      parts.append(audio_media(vocab.audio_ids(codes), part.frames_MxD, feature_dim))
+  parts = [vocab.encode_text(part) if isinstance(part, bytes)
+           else media_of(part, vocab, codebooks, feature_dim) for part in record.parts]
   return make_sequence(parts, feature_dim, eos=record.eos)

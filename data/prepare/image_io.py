@@ -4,7 +4,7 @@ An image is turned upright (EXIF orientation), converted to grayscale (`data.ima
 RGB (3), resized to `data.image_side` x `data.image_side` pixels (bicubic; an image already of that
 size is left untouched, aspect ratio is not kept), scaled to [0, 1] and cut into
 `data.image_patch`-sided patches: patches in row-major order, pixels row-major inside a patch,
-channels innermost. With one channel this is exactly `data.digits.patchify`.
+channels innermost.
 """
 import pathlib
 

@@ -1,6 +1,7 @@
 """The manifest of `omnimoe prepare`: JSON Lines, one example a line, its parts in order.
 
   {"parts": [{"text": "a cat"}, {"image": "cat.png"}, {"audio": "meow.wav"}, {"text": "..."}]}
+  [{"image": "cat.png"}, {"text": "a cat"}]     a bare list of parts: the same as {"parts": [...]}
   {"text": "plain text"}                         shorthand: one text part
   {"image": "a.png", "text": "caption"}          shorthand: the media first, then the text
   {"audio": "b.wav", "text": "transcript"}       (with both: image, audio, text)
@@ -8,7 +9,7 @@
 
 Paths are relative to the manifest's folder (absolute paths work too). Blank lines are skipped.
 `"split"` ("train" or "heldout"), next to `parts` or the shorthand keys, pins which share of the
-prepared folder the example goes to; without it `omnimoe prepare` draws the split (data/prepare.py).
+prepared folder the example goes to; without it `omnimoe prepare` draws the split (data/prepare/write.py).
 Any other key, a split that is not one of those two words, a part that is not exactly one of
 text/image/audio, or an example with no media and no text is a bad line.
 """
@@ -96,8 +97,10 @@ def parse_line(line: int, text: str) -> Entry:
     obj = json.loads(text)
   except json.JSONDecodeError as e:
     raise BadLine(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
+  if isinstance(obj, list):   # a bare list of parts (it cannot pin a split)
+    obj = {"parts": obj}
   if not isinstance(obj, dict):
-    raise BadLine(line, "a line must be a JSON object")
+    raise BadLine(line, "a line must be a JSON object or a list of parts")
   return Entry(line, _parts(line, obj), _split(line, obj))
 
 
