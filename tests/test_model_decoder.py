@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 
 from omnimoe.model.config import ModelConfig, MoEConfig
 from omnimoe.model.decoder import Decoder
+from omnimoe.model.expert_parallel import Platform
+from omnimoe.model.sharding import MESH_AXES
 from omnimoe.model.synthetic import synthetic_batch
 
 V, F = 64, 6
@@ -123,3 +126,28 @@ def test_first_layers_dense():
   np.testing.assert_array_equal(aux["moe_layers"], [2])
   assert np.all(np.isfinite(logits))
   assert float(jnp.abs(g["blocks"][0]["mlp"]["w_gate_DxH"][...]).max()) > 0   # in the gradient path
+
+
+def test_the_platform_it_is_built_for_reaches_every_moe_layer():
+  """ragged_all_to_all is refused on CPU and accepted with the collective emulated; with auto on
+  an expert axis, the program built for a GPU exchanges rows (the emulated ragged exchange is an
+  all_to_all) in both MoE layers, the one built for this CPU gathers them."""
+  ragged = dataclasses.replace(TINY, moe=dataclasses.replace(TINY.moe, dispatch="ragged_all_to_all"))
+  with pytest.raises(ValueError, match="XLA:CPU does not implement ragged_all_to_all"):
+    _decoder(ragged)
+  gpu = Platform("gpu", emulate_ragged=True)
+  assert Decoder(ragged, vocab_size=V, feature_dim=F, rngs=nnx.Rngs(0), platform=gpu)
+  mesh = jax.make_mesh((2, 1, 4, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+  batch = synthetic_batch(8, 16, V, F, seed=3)
+
+  def lowered(platform):
+    graphdef, params = nnx.split(Decoder(TINY, vocab_size=V, feature_dim=F, rngs=nnx.Rngs(0),
+                                         platform=platform))
+    with jax.set_mesh(mesh):
+      return jax.jit(lambda p, b: nnx.merge(graphdef, p)(b)).lower(params, batch).as_text()
+
+  on_gpu, on_cpu = lowered(gpu), lowered(Platform())
+  # Per MoE layer: 3 all_to_alls trade the sizes and offsets, then 4 emulated ragged exchanges
+  # (tokens, weights, expert ids, results back) of 2 each.
+  assert on_gpu.count("stablehlo.all_to_all") == 2 * (3 + 4 * 2)
+  assert "all_to_all" not in on_cpu and "all_gather" in on_cpu
