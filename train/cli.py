@@ -33,32 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                       ("plan", "per-device memory, FLOPs per token and collective bytes of a "
                                "config's mesh, from an ahead-of-time compile on simulated devices"),
                       ("config", "print the resolved config")]:
-    s = sub.add_parser(name, help=help_)
-    if name == "prepare":
-      s.add_argument("manifest", metavar="MANIFEST.jsonl", help="one example per line")
-      s.add_argument("--out", required=True, help="the prepared folder to write")
-      s.add_argument("--skip-bad", action="store_true",
-                     help="skip bad lines (listed in card.json) instead of stopping with exit 3")
-    s.add_argument("args", nargs="*", metavar="CONFIG | key=value",
-                   help="an optional config first (a YAML file, or a shipped config's name such "
-                        "as tiny), then key.sub=value overrides")
-    if name == "plan":
-      s.add_argument("--devices", type=int,
-                     help="simulated CPU devices (default: what the mesh sizes and rack_size imply)")
-      s.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default="cpu",
-                     help="plan the choices made on this platform (model.moe.dispatch=auto is "
-                          "ragged_all_to_all on gpu/tpu with an expert axis; default cpu)")
-    if name in ("train", "eval"):
-      s.add_argument("--workdir", help="run directory (default: runs/<config name>)")
-      s.add_argument("--coordinator-address", metavar="HOST:PORT",
-                     help="multi-host: address of process 0 (all processes pass the same)")
-      s.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-      s.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    if name == "eval":
-      s.add_argument("--effort", metavar="LIST",
-                     help="evaluate at several active fractions without retraining: comma-separated "
-                          "low (half the trained fraction), medium (as trained), high (double) or "
-                          "fractions such as 0.25 (see train/effort.py)")
+    _add_options(sub.add_parser(name, help=help_), name)
   r = sub.add_parser("report", help="draw expert-load heatmaps and loss curves from a run's "
                                     "metrics.jsonl (PNG files)")
   r.add_argument("--workdir", required=True, help="the run directory (reads its metrics.jsonl)")
@@ -67,6 +42,35 @@ def _parser() -> argparse.ArgumentParser:
                  help="expert load is averaged over this many last logged steps (default 10)")
   r.set_defaults(args=[])
   return p
+
+
+def _add_options(s: argparse.ArgumentParser, name: str) -> None:
+  """The arguments of the commands that take a config."""
+  if name == "prepare":
+    s.add_argument("manifest", metavar="MANIFEST.jsonl", help="one example per line")
+    s.add_argument("--out", required=True, help="the prepared folder to write")
+    s.add_argument("--skip-bad", action="store_true",
+                   help="skip bad lines (listed in card.json) instead of stopping with exit 3")
+  s.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                 help="an optional config first (a YAML file, or a shipped config's name such "
+                      "as tiny), then key.sub=value overrides")
+  if name == "plan":
+    s.add_argument("--devices", type=int,
+                   help="simulated CPU devices (default: what the mesh sizes and rack_size imply)")
+    s.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default="cpu",
+                   help="plan the choices made on this platform (model.moe.dispatch=auto is "
+                        "ragged_all_to_all on gpu/tpu with an expert axis; default cpu)")
+  if name in ("train", "eval"):
+    s.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+    s.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="multi-host: address of process 0 (all processes pass the same)")
+    s.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    s.add_argument("--process-id", type=int, help="multi-host: this process's index")
+  if name == "eval":
+    s.add_argument("--effort", metavar="LIST",
+                   help="evaluate at several active fractions without retraining: comma-separated "
+                        "low (half the trained fraction), medium (as trained), high (double) or "
+                        "fractions such as 0.25 (see train/effort.py)")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -149,19 +153,23 @@ def _report(ns: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+def _load(ns: argparse.Namespace):
+  """-> (the config file or name given, or None; the resolved config)."""
+  path, overrides = _split(ns.args)
+  workdir = getattr(ns, "workdir", None)
+  if ns.command == "eval" and path is None and workdir and (pathlib.Path(workdir) / "config.yaml").is_file():
+    path = str(pathlib.Path(workdir) / "config.yaml")   # the run's own resolved config
+  return path, config_lib.load(path, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
   ns = _parse(argv)
   if ns.command == "report":
     return _report(ns)
   try:
-    path, overrides = _split(ns.args)
-    workdir = getattr(ns, "workdir", None)
-    if ns.command == "eval" and path is None and workdir and (pathlib.Path(workdir) / "config.yaml").is_file():
-      path = str(pathlib.Path(workdir) / "config.yaml")   # the run's own resolved config
-    cfg = config_lib.load(path, overrides)
+    path, cfg = _load(ns)
   except config_lib.ConfigError as e:
     return _fail(EXIT_USAGE, str(e))
-
   if ns.command == "config":
     print(config_lib.dump(cfg), end="")
     return EXIT_OK
@@ -169,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     return _prepare(ns, cfg)
   if ns.command == "plan":
     return _plan(ns, cfg)
-  if ns.command == "eval" and not workdir:
+  if ns.command == "eval" and not ns.workdir:
     return _fail(EXIT_USAGE, "eval needs --workdir DIR (the run to evaluate)")
-  workdir = workdir or f"runs/{pathlib.Path(path).stem if path else 'tiny'}"
+  return _train_or_eval(ns, cfg, ns.workdir or f"runs/{pathlib.Path(path).stem if path else 'tiny'}")
 
+
+def _train_or_eval(ns: argparse.Namespace, cfg, workdir: str) -> int:
   from omnimoe.train import distributed, loop  # heavy imports (jax) only once the arguments are good
   try:
     distributed.initialize(ns.coordinator_address, ns.num_processes, ns.process_id)
@@ -182,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(EXIT_USAGE, str(e))
   try:
     if ns.command == "train":
-      summary = loop.train(cfg, workdir)
-      print(summary.describe())
+      print(loop.train(cfg, workdir).describe())
     elif ns.effort:
       from omnimoe.train import effort
       labels = effort.parse_efforts(ns.effort)
