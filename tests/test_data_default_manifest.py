@@ -159,10 +159,11 @@ def test_no_default_tone_reaches_full_scale():
   assert peak < 0.9 < default_manifest.PCM_FULL_SCALE
 
 
-def test_a_tone_that_would_clip_is_refused(tmp_path, monkeypatch):
-  monkeypatch.setattr(dtmf, "AMPLITUDE", (1.0, 1.0))   # peaks ~1.35: clips
-  with pytest.raises(ValueError, match="would clip as 16-bit PCM"):
-    default_manifest.write_default_manifest(tmp_path, tones_per_digit=1, limit=0)
+def test_a_tone_that_would_clip_is_refused():
+  loud = np.asarray([0.0, 0.5, -1.0], np.float32)   # -1.0 is on the grid but 1.0 is not: refused
+  with pytest.raises(ValueError, match="tone 3 of digit 7 peaks at 1.0000: it would clip"):
+    default_manifest.check_headroom(loud, "tone 3 of digit 7")
+  default_manifest.check_headroom(np.asarray([0.0, 0.99, -0.99], np.float32), "a quiet tone")
 
 
 def test_text_round_trips_in_pieces_of_seq_len_minus_2_bytes(written):

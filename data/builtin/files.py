@@ -63,6 +63,14 @@ def tone_waveform(digit: int, k: int, seed: int, cfg: DataConfig) -> np.ndarray:
   return dtmf.synthesize(digit, np.random.default_rng([seed, TONE_STREAM, digit, k]), cfg)
 
 
+def check_headroom(wave: np.ndarray, what: str) -> None:
+  """Raises ValueError when `wave` would clip as 16-bit PCM (the file would not hold it exactly)."""
+  peak = float(np.abs(wave).max())
+  if peak >= PCM_FULL_SCALE:
+    raise ValueError(f"{what} peaks at {peak:.4f}: it would clip as 16-bit PCM "
+                     f"(data/builtin/dtmf.py must leave headroom)")
+
+
 def heldout_tones(tones_per_digit: int, heldout_fraction: float) -> int:
   """How many of each digit's tones (the last ones) are held out."""
   if tones_per_digit < 2:
@@ -121,10 +129,7 @@ def write_default_manifest(folder: str | pathlib.Path, *, tones_per_digit: int =
     for k in range(tones_per_digit):
       name = f"tones/tone_{digit}_{k:03d}.wav"
       wave = tone_waveform(digit, k, seed, cfg)
-      peak = float(np.abs(wave).max())
-      if peak >= PCM_FULL_SCALE:
-        raise ValueError(f"tone {k} of digit {digit} peaks at {peak:.4f}: it would clip as 16-bit "
-                         f"PCM (data/builtin/dtmf.py must leave headroom)")
+      check_headroom(wave, f"tone {k} of digit {digit}")
       write_wav(folder / name, wave, cfg.sample_rate, width=PCM_WIDTH)
       split = "heldout" if k >= tones_per_digit - held else "train"
       lines["audio"] += [{"audio": name, "text": caption, "split": split}
