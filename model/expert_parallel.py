@@ -44,7 +44,7 @@ per-device bodies share (G, E, the mesh axes, the config) is one `Exchange`.
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,9 @@ from jax.sharding import PartitionSpec as P
 from omnimoe.model import grouped_matmul as gmm
 from omnimoe.model import ragged_exchange as rx
 from omnimoe.model.sharding import fit_spec
+
+if TYPE_CHECKING:
+  from omnimoe.model.config import MoEConfig
 
 DISPATCH_MODES = ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_all")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -149,9 +152,9 @@ class Exchange:
   """What the per-device bodies of one MoE layer share: the expert devices and the mesh axes."""
   groups: int                    # G: expert devices, each holding E / G experts
   num_experts: int               # E
-  token_axes: tuple              # mesh axes the tokens are split over
+  token_axes: tuple[str, ...]    # mesh axes the tokens are split over
   tensor_axis: str | None        # splits the experts' hidden width (one psum after them)
-  cfg: object                    # model.config.MoEConfig: capacity, router, backend, block_rows
+  cfg: "MoEConfig"               # capacity_factor, router, backend, block_rows
   emulate_ragged: bool = False   # see Platform
 
   @property
@@ -203,7 +206,8 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
 
 
 def _all_gather_body(ex: Exchange, tok: Tokens, weights):
-  """Every expert device runs its experts on all the tokens of its expert group's devices."""
+  """The tokens gathered over `expert` (when it splits them); each expert device runs its experts
+  on the assignments that name them; the partial sums go back with one psum_scatter (or psum)."""
   G, El = ex.groups, ex.local_experts
   gathered = G > 1 and not ex.split_here
   g = jax.lax.axis_index("expert") if G > 1 else 0
@@ -231,6 +235,7 @@ def _my_share(ex: Exchange, tok: Tokens) -> tuple[Tokens, int]:
 
 
 class Destinations(NamedTuple):
+  """Where each token's slots go (`_destinations`)."""
   dest_SxK: jax.Array        # expert device of each slot
   valid_SxK: jax.Array       # in use, and the token is not padding
   same_SxKxK: jax.Array      # [s, j, j']: slot j' is valid and goes where slot j goes
@@ -271,7 +276,7 @@ def _rows_to_send(ex: Exchange, tok: Tokens, d: Destinations, slot_SxK, assign_N
 
 
 def _combine_back(ex: Exchange, back_NxD, rows: Rows, T0: int):
-  """Each token's rows, come back, summed; the expert devices' shares gathered again."""
+  """The rows come back and each token's are summed; the expert devices' shares are gathered."""
   S, K = rows.slot_SxK.shape
   y = gmm.move_rows(back_NxD, rows.slot_SxK.reshape(-1), rows.assign_N[:, None])
   y = y.reshape(S, K, -1).sum(1)
