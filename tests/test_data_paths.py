@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from omnimoe import data
+from omnimoe.data.prepare import temp_folders
 from omnimoe.data.prepare import write as prepare
 from omnimoe.data.config import DataConfig, Source
 from omnimoe.train.cli import main
@@ -61,12 +62,12 @@ def test_train_with_a_missing_relative_source_exits_2_naming_the_absolute_path(t
 
 
 def _leave_temp(out, kind):
-  """A child process makes the temp folder a prepare of `out` would (prepare._temp_name), writes a
+  """A child process makes the temp folder a prepare of `out` would (temp_folders.name), writes a
   file into it and dies without cleaning up, as a killed `omnimoe prepare` does. Returns it."""
   code = textwrap.dedent(f"""
       import os, pathlib
-      from omnimoe.data.prepare import write as prepare
-      tmp = prepare._temp_name(pathlib.Path({str(out)!r}), {kind!r}, os.getpid())
+      from omnimoe.data.prepare import temp_folders
+      tmp = temp_folders.name(pathlib.Path({str(out)!r}), {kind!r}, os.getpid())
       tmp.mkdir()
       (tmp / "records-00000.array_record").write_bytes(b"half written")
       print(tmp)
@@ -87,7 +88,7 @@ def test_a_rerun_removes_the_temp_folders_of_a_killed_prepare(tmp_path, capsys):
   other = _leave_temp(tmp_path / "another", "partial")        # another --out: not ours to remove
   live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
-    running = prepare._temp_name(out, "partial", live.pid)  # a prepare still running: left alone
+    running = temp_folders.name(out, "partial", live.pid)  # a prepare still running: left alone
     running.mkdir()
     assert main(["prepare", str(manifest), "--out", str(out), *PINNED]) == 0
     assert "prepared 6 examples" in capsys.readouterr().out
@@ -98,7 +99,7 @@ def test_a_rerun_removes_the_temp_folders_of_a_killed_prepare(tmp_path, capsys):
   finally:
     live.kill()
     live.wait()
-  assert prepare.remove_stale_temps(out) == [running]   # once its process has ended
+  assert temp_folders.remove_stale(out) == [running]   # once its process has ended
   assert (out / "card.json").is_file()
   cfg = dataclasses.replace(CFG, sources=(Source(str(out)),))
   batches = data.eval_batches(cfg, batch_size=2, seed=0, num_batches=1)

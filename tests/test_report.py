@@ -17,7 +17,7 @@ AUDIO = [0.0, 0.0, 0.5, 0.5]
 
 
 def train_row(step: int) -> dict:
-  """A train row with the telemetry keys of README.md "Sparse MoE" for two MoE layers (blocks 1
+  """A train row with the telemetry keys of docs/moe.md for two MoE layers (blocks 1
   and 2) and no image tokens (so no image keys); the text load moves with the step."""
   row = {"loss": 5.0 / step, "tokens_per_s": 100.0, "moe/active_fraction": 0.5}
   for layer in (1, 2):

@@ -31,7 +31,7 @@ import threading
 
 from omnimoe.data.builtin import captions, dtmf
 from omnimoe.data.builtin import files
-from omnimoe.data.prepare import image_io
+from omnimoe.data.prepare import image_io, temp_folders
 from omnimoe.data.prepare import write as prepare
 from omnimoe.data.builtin import text_corpus
 from omnimoe.data import tokenizer as tokenizer_lib
@@ -138,7 +138,7 @@ def _build(cfg: DataConfig, inputs: dict, final: pathlib.Path, tones_per_digit: 
   if inputs["tokenizer"]["path"]:
     build_cfg = dataclasses.replace(build_cfg, tokenizer=inputs["tokenizer"]["path"])
   final.parent.mkdir(parents=True, exist_ok=True)
-  prepare.remove_stale_temps(final)
+  temp_folders.remove_stale(final)
   tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{threading.get_ident()}"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()

@@ -94,6 +94,49 @@ class Written:
   heldout: dict               # kind -> held-out lines of that kind
 
 
+def _image_lines(folder: pathlib.Path, cfg: DataConfig, limit: int | None) -> list[dict]:
+  """Writes the digit PNGs; their manifest lines, each image's captions together."""
+  from sklearn.datasets import load_digits
+  sk = load_digits()
+  heldout = set(digits_lib.split_indices(len(sk.target), cfg.heldout_fraction)[1].tolist())
+  lines = []
+  for i in range(len(sk.target) if limit is None else min(limit, len(sk.target))):
+    name = f"images/digit_{i:04d}.png"
+    write_png(folder / name, digits_lib.pixel_bytes(sk.images[i]))
+    split = "heldout" if i in heldout else "train"
+    lines += [{"image": name, "text": caption, "split": split}
+              for caption in caption_lines(captions_lib.IMAGE_TEMPLATES, int(sk.target[i]))]
+  return lines
+
+
+def _tone_lines(folder: pathlib.Path, cfg: DataConfig, tones_per_digit: int,
+                seed: int) -> list[dict]:
+  """Writes the tone WAVs; their manifest lines, each tone's captions together."""
+  held, lines = heldout_tones(tones_per_digit, cfg.heldout_fraction), []
+  for digit in range(10):
+    for k in range(tones_per_digit):
+      name = f"tones/tone_{digit}_{k:03d}.wav"
+      wave = tone_waveform(digit, k, seed, cfg)
+      check_headroom(wave, f"tone {k} of digit {digit}")
+      write_wav(folder / name, wave, cfg.sample_rate, width=PCM_WIDTH)
+      split = "heldout" if k >= tones_per_digit - held else "train"
+      lines += [{"audio": name, "text": caption, "split": split}
+                for caption in caption_lines(captions_lib.AUDIO_TEMPLATES, digit)]
+  return lines
+
+
+def _text_lines(cfg: DataConfig, limit: int | None) -> list[dict]:
+  docs = text_corpus.documents()
+  heldout = set(text_corpus.split_documents(docs, cfg.heldout_fraction)[1])
+  return [{"text": docs[j].decode("utf-8"), "split": "heldout" if j in heldout else "train"}
+          for j in range(len(docs) if limit is None else min(limit, len(docs)))]
+
+
+def _dump(path: pathlib.Path, rows) -> None:
+  path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
+                  encoding="utf-8")
+
+
 def write_default_manifest(folder: str | pathlib.Path, *, tones_per_digit: int = TONES_PER_DIGIT,
                            seed: int = 0, limit: int | None = None, by_kind: bool = False,
                            cfg: DataConfig = DataConfig()) -> Written:
@@ -103,7 +146,6 @@ def write_default_manifest(folder: str | pathlib.Path, *, tones_per_digit: int =
   documents (corpus order), for quick tests; tones are `tones_per_digit` per digit either way.
   `cfg` gives sample_rate, tone_seconds and heldout_fraction (those you will train with).
   """
-  from sklearn.datasets import load_digits
   if tones_per_digit < 0:
     raise ValueError(f"--tones-per-digit must be >= 0, got {tones_per_digit}")
   if limit is not None and limit < 0:
@@ -111,48 +153,16 @@ def write_default_manifest(folder: str | pathlib.Path, *, tones_per_digit: int =
   folder = pathlib.Path(folder)
   (folder / "images").mkdir(parents=True, exist_ok=True)
   (folder / "tones").mkdir(exist_ok=True)
-  lines = {kind: [] for kind, _ in KINDS}
-
-  sk = load_digits()
-  _, heldout_images = digits_lib.split_indices(len(sk.target), cfg.heldout_fraction)
-  heldout_images = set(heldout_images.tolist())
-  num_images = len(sk.target) if limit is None else min(limit, len(sk.target))
-  for i in range(num_images):
-    name = f"images/digit_{i:04d}.png"
-    write_png(folder / name, digits_lib.pixel_bytes(sk.images[i]))
-    split = "heldout" if i in heldout_images else "train"
-    captions = caption_lines(captions_lib.IMAGE_TEMPLATES, int(sk.target[i]))
-    lines["image"] += [{"image": name, "text": caption, "split": split} for caption in captions]
-
-  held = heldout_tones(tones_per_digit, cfg.heldout_fraction)
-  for digit in range(10):
-    for k in range(tones_per_digit):
-      name = f"tones/tone_{digit}_{k:03d}.wav"
-      wave = tone_waveform(digit, k, seed, cfg)
-      check_headroom(wave, f"tone {k} of digit {digit}")
-      write_wav(folder / name, wave, cfg.sample_rate, width=PCM_WIDTH)
-      split = "heldout" if k >= tones_per_digit - held else "train"
-      lines["audio"] += [{"audio": name, "text": caption, "split": split}
-                         for caption in caption_lines(captions_lib.AUDIO_TEMPLATES, digit)]
-
-  docs = text_corpus.documents()
-  _, heldout_docs = text_corpus.split_documents(docs, cfg.heldout_fraction)
-  heldout_docs = set(heldout_docs)
-  for j in range(len(docs) if limit is None else min(limit, len(docs))):
-    lines["text"].append({"text": docs[j].decode("utf-8"),
-                          "split": "heldout" if j in heldout_docs else "train"})
-
-  def dump(path: pathlib.Path, rows) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
-                    encoding="utf-8")
-
+  lines = {"image": _image_lines(folder, cfg, limit),
+           "audio": _tone_lines(folder, cfg, tones_per_digit, seed),
+           "text": _text_lines(cfg, limit)}
   manifest = folder / "manifest.jsonl"
-  dump(manifest, [row for kind, _ in KINDS for row in lines[kind]])
+  _dump(manifest, [row for kind, _ in KINDS for row in lines[kind]])
   if by_kind:
     for kind, name in KINDS:
-      dump(folder / f"{name}.jsonl", lines[kind])
-  return Written(manifest, num_images, 10 * tones_per_digit, len(lines["text"]),
-                 {kind: len(rows) for kind, rows in lines.items()},
+      _dump(folder / f"{name}.jsonl", lines[kind])
+  return Written(manifest, len({row["image"] for row in lines["image"]}), 10 * tones_per_digit,
+                 len(lines["text"]), {kind: len(rows) for kind, rows in lines.items()},
                  {kind: sum(row["split"] == "heldout" for row in rows)
                   for kind, rows in lines.items()})
 

@@ -30,7 +30,7 @@ Rules:
   example that does not fit) raises BadData naming the manifest line and the path; with
   `skip_bad=True` the line is skipped and listed in the card.
 """
-import glob
+import dataclasses
 import json
 import os
 import pathlib
@@ -41,7 +41,7 @@ from array_record.python import array_record_module
 
 from omnimoe.data.prepare import audio_io
 from omnimoe.data.prepare import image_io
-from omnimoe.data.prepare import kmeans
+from omnimoe.data.prepare import kmeans, temp_folders
 from omnimoe.data.prepare import manifest as manifest_lib
 from omnimoe.data import records as records_lib
 from omnimoe.data import tokenizer as tokenizer_lib
@@ -83,41 +83,6 @@ def check_config(cfg: DataConfig) -> None:
 
 def is_prepared(folder: pathlib.Path) -> bool:
   return (folder / "card.json").is_file()
-
-
-def _temp_name(out: pathlib.Path, kind: str, pid: int) -> pathlib.Path:
-  """The hidden folder beside `out` a prepare with process id `pid` works in (`partial`) or moves
-  the previous version to while swapping (`old`)."""
-  return out.absolute().parent / f".{out.name}.{kind}-{pid}"
-
-
-def pid_running(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except (PermissionError, OverflowError, OSError):
-    return True   # someone else's process (or unknowable): leave its folder alone
-  return True
-
-
-def remove_stale_temps(out: pathlib.Path) -> list[pathlib.Path]:
-  """Removes `.OUT.partial-PID[-ANY]` / `.OUT.old-PID[-ANY]` folders beside `out` left by
-  processes that were killed before they could clean up (PID no longer running; data/
-  default_prepared.py adds a thread id); returns what it removed."""
-  out = pathlib.Path(out).absolute()
-  removed = []
-  if not out.parent.is_dir():
-    return removed
-  for kind in ("partial", "old"):
-    prefix = f".{out.name}.{kind}-"
-    for path in out.parent.glob(glob.escape(prefix) + "*"):
-      pid = path.name[len(prefix):].split("-")[0]
-      if (pid.isdigit() and int(pid) != os.getpid() and path.is_dir() and not path.is_symlink()
-          and not pid_running(int(pid))):
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-  return removed
 
 
 def _heldout_ordinals(n: int, fraction: float) -> set[int]:
@@ -273,14 +238,14 @@ def prepare(manifest: str | pathlib.Path, out: str | pathlib.Path, cfg: DataConf
     raise PrepareError(f"--out '{out}' exists and is not a prepared folder; remove it or choose "
                        f"another")
   out.absolute().parent.mkdir(parents=True, exist_ok=True)
-  remove_stale_temps(out)
-  tmp = _temp_name(out, "partial", os.getpid())
+  temp_folders.remove_stale(out)
+  tmp = temp_folders.name(out, "partial", os.getpid())
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
   try:
     card = _write(manifest, tmp, cfg, skip_bad, records_per_shard)
     if out.exists():   # a previous prepared folder: swap, then drop the old one
-      old = _temp_name(out, "old", os.getpid())
+      old = temp_folders.name(out, "old", os.getpid())
       out.rename(old)
       tmp.rename(out)
       shutil.rmtree(old)
@@ -292,16 +257,26 @@ def prepare(manifest: str | pathlib.Path, out: str | pathlib.Path, cfg: DataConf
   return card
 
 
-def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_bad: bool,
-           records_per_shard: int) -> dict:
+@dataclasses.dataclass
+class _Written:
+  """What writing the records of one manifest gathered, for the index, codebooks and card."""
+  shards: list[str]
+  lengths: list[int]                  # tokens of each record's example
+  is_heldout: list[bool]
+  skipped: list[dict]                 # {"line", "path", "reason"} of each skipped line
+  pinned: dict                        # examples whose line pins its split, by split
+  tally: "_Tally"
+  samples: dict                       # (kind, split) -> _Reservoir of media vectors
+
+
+def _write_records(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, tok,
+                   skip_bad: bool, records_per_shard: int) -> _Written:
   heldout = _heldout_ordinals(manifest_lib.count_examples(manifest), cfg.heldout_fraction)
-  tok = tokenizer_lib.load(cfg.tokenizer)
   text_len = _text_len(tok)
   writer = _ShardWriter(folder, records_per_shard)
-  samples = {(kind, split): _Reservoir(KMEANS_SAMPLE, CODEBOOK_SEED)
-             for kind in ("image", "audio") for split in ("train", "heldout")}
-  lengths, is_heldout, skipped, tally = [], [], [], _Tally(text_len)
-  pinned = {"train": 0, "heldout": 0}   # examples whose line pins its split
+  out = _Written([], [], [], [], {"train": 0, "heldout": 0}, _Tally(text_len),
+                 {(kind, split): _Reservoir(KMEANS_SAMPLE, CODEBOOK_SEED)
+                  for kind in ("image", "audio") for split in ("train", "heldout")})
   for ordinal, entry in enumerate(manifest_lib.read(manifest)):
     try:
       if isinstance(entry, manifest_lib.BadLine):
@@ -310,35 +285,39 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
     except manifest_lib.BadLine as bad:
       if not skip_bad:
         raise BadData(_one_line(manifest, bad)) from None
-      skipped.append({"line": bad.line, "path": bad.path, "reason": bad.reason})
+      out.skipped.append({"line": bad.line, "path": bad.path, "reason": bad.reason})
       continue
     split = entry.split or ("heldout" if ordinal in heldout else "train")
-    if entry.split:
-      pinned[split] += 1
-    tally.add(recs, split)
+    out.pinned[split] += bool(entry.split)
+    out.tally.add(recs, split)
     for rec in recs:
       writer.write(records_lib.encode(rec))
-      lengths.append(records_lib.num_tokens(rec, text_len))
-      is_heldout.append(split == "heldout")
+      out.lengths.append(records_lib.num_tokens(rec, text_len))
+      out.is_heldout.append(split == "heldout")
       for part in rec.parts:
         if not isinstance(part, bytes):
           kind = _kind(part)
-          x = part.patches_MxD if kind == "image" else part.frames_MxD
-          samples[kind, split].add(x)
-  shards = writer.finish()
-  if not lengths:
-    raise BadData(f"{manifest}: no usable example" + (f" ({len(skipped)} skipped)" if skipped else ""))
+          out.samples[kind, split].add(part.patches_MxD if kind == "image" else part.frames_MxD)
+  out.shards = writer.finish()
+  return out
 
-  codebooks, sizes = {}, {"image": cfg.image_codebook, "audio": cfg.audio_codebook}
+
+def _fit_codebooks(w: _Written, sizes: dict) -> dict:
+  """k-means per modality over the training records' vectors (the held-out ones when every
+  example with that modality is held out)."""
+  codebooks = {}
   for kind in ("image", "audio"):
-    x = samples[kind, "train"].sample()
-    x = samples[kind, "heldout"].sample() if x is None else x   # every such example held out
+    x = w.samples[kind, "train"].sample()
+    x = w.samples[kind, "heldout"].sample() if x is None else x
     if x is not None:
       codebooks[kind] = kmeans.fit(x, sizes[kind], CODEBOOK_SEED)
-  np.savez(folder / "codebooks.npz", **codebooks)
-  np.savez(folder / "index.npz", lengths=np.asarray(lengths, np.int32),
-           heldout=np.asarray(is_heldout, bool))
-  card = {
+  return codebooks
+
+
+def _card(manifest: pathlib.Path, cfg: DataConfig, tok, w: _Written, sizes: dict,
+          codebooks: dict) -> dict:
+  tally = w.tally
+  return {
       "format": FORMAT,
       "manifest": str(manifest.absolute()),
       "prepared_with": {"seq_len": cfg.seq_len, "heldout_fraction": cfg.heldout_fraction,
@@ -347,17 +326,32 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
                         "text_tokens": tok.size},
       "feature_widths": {"image": image_patch_dim(cfg), "audio": cfg.n_mels},
       "examples": tally.examples,
-      "split_pinned": pinned,
+      "split_pinned": w.pinned,
       "examples_with": tally.with_modality,
       "media": tally.media,
-      "records": {"total": len(lengths), **tally.records},
-      "tokens": {**tally.tokens, "total": int(sum(lengths))},
+      "records": {"total": len(w.lengths), **tally.records},
+      "tokens": {**tally.tokens, "total": int(sum(w.lengths))},
       "text_bytes": tally.text_bytes,
       "longest_record_tokens": tally.longest,
       "codebooks": {kind: (sizes[kind] if kind in codebooks else None) for kind in sizes},
-      "shards": shards,
-      "skipped": {"count": len(skipped), "lines": skipped},
+      "shards": w.shards,
+      "skipped": {"count": len(w.skipped), "lines": w.skipped},
   }
+
+
+def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_bad: bool,
+           records_per_shard: int) -> dict:
+  tok = tokenizer_lib.load(cfg.tokenizer)
+  w = _write_records(manifest, folder, cfg, tok, skip_bad, records_per_shard)
+  if not w.lengths:
+    raise BadData(f"{manifest}: no usable example" +
+                  (f" ({len(w.skipped)} skipped)" if w.skipped else ""))
+  sizes = {"image": cfg.image_codebook, "audio": cfg.audio_codebook}
+  codebooks = _fit_codebooks(w, sizes)
+  np.savez(folder / "codebooks.npz", **codebooks)
+  np.savez(folder / "index.npz", lengths=np.asarray(w.lengths, np.int32),
+           heldout=np.asarray(w.is_heldout, bool))
+  card = _card(manifest, cfg, tok, w, sizes, codebooks)
   (folder / "card.json").write_text(json.dumps(card, indent=1) + "\n")
   return card
 
