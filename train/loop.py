@@ -107,7 +107,7 @@ class _StopFlag:
 
 
 def _moe_metrics(raw: dict) -> dict:
-  """Per-layer MoE statistics [L, ...] -> metrics.jsonl keys (see README.md, "Sparse MoE").
+  """Per-layer MoE statistics [L, ...] -> metrics.jsonl keys (see docs/moe.md, "Telemetry").
 
   A modality with no tokens in the step's batch gets no keys (rather than a misleading 0)."""
   out = {}
@@ -273,10 +273,10 @@ def _steps(cfg: Config, run: _Run, writer: MetricsWriter, bar: Progress):
     bar.message(note)
   if run.resumed_from is not None:
     bar.message(f"resumed from {run.workdir / 'checkpoints' / str(run.resumed_from)}")
-  state, total, last_eval = run.state, cfg.train.steps, {}
-  metrics = _StepMetrics(cfg, int(state["step"]), writer, bar, run.ckpts)
+  state, start, total, last_eval = run.state, int(run.state["step"]), cfg.train.steps, {}
+  metrics = _StepMetrics(cfg, start, writer, bar, run.ckpts)
   with _StopFlag() as stop:
-    for step in range(int(state["step"]) + 1, total + 1):
+    for step in range(start + 1, total + 1):
       state, raw = train_step(state, global_batch(next(run.batches), run.mesh))
       metrics.hold(step, raw)        # logs the step before: the host never waits on this one
       stopping = stop.requested      # read once, so that a stop is always saved first
