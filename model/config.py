@@ -115,7 +115,23 @@ def check_dense_layers(num_dense_layers: int, num_layers: int) -> None:
 
 
 def check_moe(moe: MoEConfig) -> None:
-  """The MoE layer's numbers; `moe.router` must already be a known router."""
+  """The MoE layer's numbers and its router controller's; `moe.router` must be a known router."""
+  check_moe_layer(moe)
+  if moe.router == "dynamic":
+    E, f = moe.num_experts, moe.target_active_fraction
+    need(0 < f <= 1, "model.moe.target_active_fraction", f"must lie in (0, 1], got {f}")
+    need(moe.k_min / E <= f <= moe.k_max / E, "model.moe.target_active_fraction",
+         f"must lie in [k_min/num_experts, k_max/num_experts] = [{moe.k_min / E:.4g}, "
+         f"{moe.k_max / E:.4g}], got {f}")
+  need(0 < moe.threshold_init <= 1, "model.moe.threshold_init",
+       f"must lie in (0, 1], got {moe.threshold_init}")
+  for name in ("bias_update_rate", "threshold_rate"):
+    need(getattr(moe, name) >= 0, f"model.moe.{name}", f"must be >= 0, got {getattr(moe, name)}")
+
+
+def check_moe_layer(moe: MoEConfig) -> None:
+  """What the MoE layer itself is built from (model/moe.py calls this; `check_moe` adds the
+  trainer's controller settings)."""
   E = moe.num_experts
   for name in ("num_experts", "top_k", "expert_hidden", "block_rows", "capacity_factor"):
     positive(f"model.moe.{name}", getattr(moe, name))
@@ -124,24 +140,11 @@ def check_moe(moe: MoEConfig) -> None:
   need(moe.num_shared_experts >= 0, "model.moe.num_shared_experts",
        f"must be >= 0, got {moe.num_shared_experts}")
   if moe.router == "dynamic":
-    _check_dynamic(moe)
+    need(1 <= moe.k_min <= moe.k_max, "model.moe.k_min",
+         f"must lie in 1..model.moe.k_max={moe.k_max}, got {moe.k_min}")
+    need(moe.k_max <= E, "model.moe.k_max",
+         f"must be at most model.moe.num_experts={E}, got {moe.k_max}")
   _check_groups(moe)
-  need(0 < moe.threshold_init <= 1, "model.moe.threshold_init",
-       f"must lie in (0, 1], got {moe.threshold_init}")
-  for name in ("bias_update_rate", "threshold_rate"):
-    need(getattr(moe, name) >= 0, f"model.moe.{name}", f"must be >= 0, got {getattr(moe, name)}")
-
-
-def _check_dynamic(moe: MoEConfig) -> None:
-  E, f = moe.num_experts, moe.target_active_fraction
-  need(1 <= moe.k_min <= moe.k_max, "model.moe.k_min",
-       f"must lie in 1..model.moe.k_max={moe.k_max}, got {moe.k_min}")
-  need(moe.k_max <= E, "model.moe.k_max",
-       f"must be at most model.moe.num_experts={E}, got {moe.k_max}")
-  need(0 < f <= 1, "model.moe.target_active_fraction", f"must lie in (0, 1], got {f}")
-  need(moe.k_min / E <= f <= moe.k_max / E, "model.moe.target_active_fraction",
-       f"must lie in [k_min/num_experts, k_max/num_experts] = [{moe.k_min / E:.4g}, "
-       f"{moe.k_max / E:.4g}], got {f}")
 
 
 def _check_groups(moe: MoEConfig) -> None:

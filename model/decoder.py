@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnimoe.model.config import ModelConfig
+from omnimoe.model.config import ModelConfig, check_dense_layers
 from omnimoe.model.embed import MultimodalEmbed
 from omnimoe.model.expert_parallel import Platform
 from omnimoe.model.mlp import SwiGLU
@@ -70,8 +70,7 @@ class Decoder(nnx.Module):
     self.mesh = mesh
     self.embed = MultimodalEmbed(vocab_size, feature_dim, cfg.d_model, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype, rngs=rngs)
-    if not 0 <= cfg.num_dense_layers < cfg.num_layers:
-      raise ValueError(f"num_dense_layers={cfg.num_dense_layers} must lie in 0..num_layers-1")
+    check_dense_layers(cfg.num_dense_layers, cfg.num_layers)
     self.blocks = nnx.List([Block(cfg, dense=i < cfg.num_dense_layers, rngs=rngs,
                                   platform=platform) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, names=("embed",), dtype=cfg.dtype,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnimoe.model.expert_parallel import Platform, resolve_dispatch, routed_experts
-from omnimoe.model.config import MoEConfig
+from omnimoe.model.config import MoEConfig, check_moe_layer, one_of
 from omnimoe.model.mlp import SwiGLU
 from omnimoe.model.router import balance_stats, dynamic_routing, top_k_routing
 from omnimoe.model.sharding import param
@@ -42,26 +42,9 @@ class MoE(nnx.Module):
   def __init__(self, d_model: int, cfg: MoEConfig, *, dtype="float32", param_dtype="float32",
                rngs: nnx.Rngs, platform: Platform = Platform()):
     E, D, H = cfg.num_experts, d_model, cfg.expert_hidden
-    if cfg.router not in ROUTERS:
-      raise ValueError(f"moe.router={cfg.router!r} must be one of {ROUTERS}")
-    if cfg.router == "topk" and not 1 <= cfg.top_k <= E:
-      raise ValueError(f"moe.top_k={cfg.top_k} must be in 1..num_experts={E}")
-    if cfg.router == "dynamic" and not 1 <= cfg.k_min <= cfg.k_max <= E:
-      raise ValueError(f"moe.k_min={cfg.k_min}, k_max={cfg.k_max} need 1 <= k_min <= k_max <= "
-                       f"num_experts={E}")
+    one_of("model.moe.router", cfg.router, ROUTERS)
+    check_moe_layer(cfg)                                  # one place for the MoE numbers
     resolve_dispatch(cfg.dispatch, None, E, platform)   # a bad mode fails when it is built
-    if cfg.capacity_factor <= 0:
-      raise ValueError(f"moe.capacity_factor={cfg.capacity_factor} must be > 0")
-    if cfg.num_groups < 1 or E % cfg.num_groups:
-      raise ValueError(f"moe.num_groups={cfg.num_groups} must divide num_experts={E}")
-    if cfg.max_groups and not 1 <= cfg.max_groups <= cfg.num_groups:
-      raise ValueError(f"moe.max_groups={cfg.max_groups} must be 0 (no limit) or in "
-                       f"1..num_groups={cfg.num_groups}")
-    reach = (cfg.max_groups or cfg.num_groups) * (E // cfg.num_groups)
-    k = cfg.top_k if cfg.router == "topk" else cfg.k_max
-    if k > reach:
-      raise ValueError(f"moe.max_groups={cfg.max_groups} leaves {reach} experts in reach, fewer "
-                       f"than the {k} a token may take")
     self.cfg = cfg
     self.platform = platform   # what the experts are built for (model/expert_parallel.py)
     self.dtype = jnp.dtype(dtype)

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omnimoe.model.config import check_rope
+
 
 def rope_angles(positions_BxLx3: jax.Array, head_dim: int, sections: Sequence[int],
                 theta: float) -> jax.Array:
   """Rotation angle of every pair: float32 [B, L, Dh/2]."""
   half = head_dim // 2
-  if sum(sections) != half or head_dim % 2:
-    raise ValueError(f"rope_sections {tuple(sections)} must sum to head_dim/2 = {half}")
+  check_rope(head_dim, sections)
   inv_freq_P = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / head_dim)
   component_P = np.repeat(np.arange(len(sections)), sections)      # which of t/h/w per pair
   pos_BxLxP = jnp.take(positions_BxLx3.astype(jnp.float32), component_P, axis=-1)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnimoe.model.attention import attend
-from omnimoe.model.config import ModelConfig
+from omnimoe.model.config import ModelConfig, check_heads
 from omnimoe.model.norm import RMSNorm
 from omnimoe.model.rope import apply_rope
 from omnimoe.model.sharding import constrain, param
@@ -16,8 +16,7 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if H % K:
-      raise ValueError(f"model.num_heads={H} must be a multiple of model.num_kv_heads={K}")
+    check_heads(H, K)
     self.cfg = cfg
     self.dtype = jnp.dtype(cfg.dtype)
     normal = jax.nn.initializers.normal

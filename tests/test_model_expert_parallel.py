@@ -248,7 +248,7 @@ def test_max_groups_equal_to_num_groups_changes_nothing():
 
 
 def test_bad_group_settings_are_refused():
-  with pytest.raises(ValueError, match="must divide num_experts"):
+  with pytest.raises(ValueError, match="must divide model.moe.num_experts=8"):
     MoE(D, MoEConfig(num_experts=8, num_groups=3), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="fewer than the 2 a token may take"):
+  with pytest.raises(ValueError, match="must leave the 2 experts a token may take in reach"):
     MoE(D, MoEConfig(num_experts=8, num_groups=8, max_groups=1, top_k=2), rngs=nnx.Rngs(0))
