@@ -1,4 +1,6 @@
 """Slow, obvious references that tests compare the fast code against (never the code under test)."""
+import functools
+
 import numpy as np
 
 
@@ -15,10 +17,15 @@ def patchify_loop(pixels_HxW: np.ndarray, patch: int) -> np.ndarray:
 
 def digit_patches(index: int, patch: int = 4) -> np.ndarray:
   """sklearn digit `index` as an 8-bit image file holds it (round(v * 255 / 16) / 255), patchified."""
-  from sklearn.datasets import load_digits
-  values = load_digits().images[index]
+  values = _digit_values()[index]
   pixels = np.rint(values * 255 / 16).astype(np.float32) / np.float32(255)
   return patchify_loop(pixels, patch)
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_values() -> np.ndarray:
+  from sklearn.datasets import load_digits
+  return load_digits().images
 
 
 def byte_pieces(doc: bytes, max_bytes: int) -> list[tuple[bytes, bool]]:
