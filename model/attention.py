@@ -5,7 +5,8 @@ Query i sees key j iff j <= i and segment_ids[i] == segment_ids[j] != 0. Rows of
 (H = K * G). The softmax scale is Dh ** -0.5.
 
 Backends:
-  blockwise  pure JAX, online softmax over key blocks (lax.scan), memory-linear in L, custom VJP
+  blockwise  pure JAX, online softmax over query x key tiles that skips tiles the causal mask or
+             the segment ids hide entirely; memory-linear in L, custom VJP
   xla        one einsum softmax with an explicit [B, L, L] mask (fast for short L)
   cudnn      jax.nn.dot_product_attention(implementation="cudnn"): GPU, bf16/fp16 only; causal via
              is_causal, segments via an explicit boolean mask (cuDNN adds it as a bias)
