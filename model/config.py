@@ -60,6 +60,9 @@ class ModelConfig:
   param_dtype: str = "float32"    # parameter dtype
   num_dense_layers: int = 0       # the first N blocks use a dense SwiGLU instead of the MoE layer
   dense_hidden: int = 512         # hidden width of those dense blocks' SwiGLU
+  remat: str = "none"             # recompute each block in the backward pass: none | full (keep only
+                                  # block inputs) | dots (also keep matmul outputs without batch
+                                  # dims, i.e. the projections); see model/decoder.py
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
   @property
@@ -69,6 +72,7 @@ class ModelConfig:
 
 
 DTYPES = ("float32", "bfloat16")   # model.dtype and model.param_dtype
+REMAT = ("none", "full", "dots")   # model.remat (the jax checkpoint policies: model/decoder.py)
 
 
 def need(ok: bool, key: str, what: str) -> None:
@@ -95,6 +99,7 @@ def check(cfg: ModelConfig) -> None:
   check_heads(cfg.num_heads, cfg.num_kv_heads)
   check_rope(cfg.head_dim, cfg.rope_sections)
   check_dense_layers(cfg.num_dense_layers, cfg.num_layers)
+  one_of("model.remat", cfg.remat, REMAT)
   check_moe(cfg.moe)
 
 

@@ -13,13 +13,17 @@ The first `num_dense_layers` blocks use a dense SwiGLU and return no aux.
 trace under it, so activation constraints and the experts' shard_map see it (train.state sets it).
 `platform` (model/expert_parallel.py `Platform`, default: this process's backend) is what the MoE
 layers' experts are built for (`omnimoe plan --platform gpu` builds a GPU's program on CPUs).
-Blocks run in a Python loop (compile time grows with num_layers).
+Blocks run in a Python loop (compile time grows with num_layers), each under `model.remat`'s
+jax checkpoint policy (REMAT_POLICIES; `none` = no checkpoint).
+`hidden(batch, router) -> (h_BxLxD, aux)` stops before the head: `head_logits(h, head_DxV)` on any
+slice of positions gives those positions' logits, so a loss can visit the positions chunk by chunk
+(train/step.py) and never hold [B, L, V]; `in_mesh(fn, ...)` runs such a function on the model's mesh.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnimoe.model.config import ModelConfig, check_dense_layers
+from omnimoe.model.config import REMAT, ModelConfig, check_dense_layers, one_of
 from omnimoe.model.embed import MultimodalEmbed
 from omnimoe.model.expert_parallel import Platform
 from omnimoe.model.mlp import SwiGLU
@@ -31,6 +35,24 @@ from omnimoe.model.self_attention import SelfAttention
 from omnimoe.model.sharding import constrain, param, require_auto_axes
 
 ACT = ("batch", "length", "act_embed")
+
+# model.remat -> what jax.checkpoint keeps from a block's forward pass (the rest is recomputed)
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def head_logits(h_BxLxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
+  """float32 logits of the final hidden states (any number of positions L)."""
+  logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, head_DxV.astype(h_BxLxD.dtype),
+                            preferred_element_type=jnp.float32)
+  return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+
+
+def _block_runner(remat: str):
+  """`run(block, *args)`: the block's call, under the checkpoint policy `remat` names."""
+  one_of("model.remat", remat, REMAT)
+  call = lambda block, *args: block(*args)
+  return call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat])
 
 
 class Block(nnx.Module):
@@ -71,6 +93,7 @@ class Decoder(nnx.Module):
     self.embed = MultimodalEmbed(vocab_size, feature_dim, cfg.d_model, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype, rngs=rngs)
     check_dense_layers(cfg.num_dense_layers, cfg.num_layers)
+    _block_runner(cfg.remat)                          # a bad model.remat fails here, in one line
     self.blocks = nnx.List([Block(cfg, dense=i < cfg.num_dense_layers, rngs=rngs,
                                   platform=platform) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, names=("embed",), dtype=cfg.dtype,
@@ -79,10 +102,21 @@ class Decoder(nnx.Module):
                           (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
   def __call__(self, batch: dict, router: dict | None = None) -> tuple[jax.Array, dict]:
+    """(logits_BxLxV float32, aux)."""
+    h_BxLxD, aux = self.hidden(batch, router)
+    with jax.named_scope("head"):
+      return self.in_mesh(head_logits, h_BxLxD, self.head_DxV[...]), aux
+
+  def hidden(self, batch: dict, router: dict | None = None) -> tuple[jax.Array, dict]:
+    """(h_BxLxD, aux): the final-normed hidden states the head reads."""
+    return self.in_mesh(self._forward, batch, router)
+
+  def in_mesh(self, fn, *args):
+    """fn(*args) traced under the model's mesh (as is, when there is none or one is set)."""
     if self.mesh is None or not jax.sharding.get_abstract_mesh().empty:
-      return self._forward(batch, router)
+      return fn(*args)
     with jax.sharding.use_abstract_mesh(self.mesh):
-      return self._forward(batch, router)
+      return fn(*args)
 
   def _forward(self, batch: dict, router: dict | None) -> tuple[jax.Array, dict]:
     cfg = self.cfg
@@ -96,22 +130,19 @@ class Decoder(nnx.Module):
       x_BxLxD = self.embed(jnp.asarray(batch["tokens"], jnp.int32),
                            jnp.asarray(batch["features"]), modality_BxL)
     x_BxLxD = constrain(x_BxLxD, ACT)
-    auxes = []
+    auxes, run_block = [], _block_runner(cfg.remat)
     for i, block in enumerate(self.blocks):
       moe_index = i - cfg.num_dense_layers            # router state is kept per MoE layer
-      per_layer = {} if block.dense else {
-          "threshold": router["threshold"][moe_index],
-          "bias_MxE": router["bias"][moe_index] if "bias" in router else None}
-      x_BxLxD, aux = block(x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP, **per_layer)
+      per_layer = (None, None) if block.dense else (
+          router["threshold"][moe_index], router["bias"][moe_index] if "bias" in router else None)
+      x_BxLxD, aux = run_block(block, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP,
+                               *per_layer)
       if aux is not None:
         auxes.append(aux)
-    with jax.named_scope("head"):
+    with jax.named_scope("final_norm"):
       h_BxLxD = self.final_norm(x_BxLxD)
-      logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, self.head_DxV[...].astype(h_BxLxD.dtype),
-                                preferred_element_type=jnp.float32)
-    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
     stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}
     aux = dict(stacked, load_balance_loss=stacked["load_balance_loss"].mean(),
                router_z_loss=stacked["router_z_loss"].mean(),
                moe_layers=jnp.arange(cfg.num_dense_layers, cfg.num_layers, dtype=jnp.int32))
-    return logits_BxLxV, aux
+    return h_BxLxD, aux

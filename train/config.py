@@ -40,6 +40,9 @@ class TrainConfig:
   b2: float = 0.95                # AdamW beta2
   grad_clip: float = 1.0          # global gradient-norm clip (0 = off)
   log_every: int = 10             # steps between metrics.jsonl lines
+  loss_chunk: int = 0             # cross entropy over chunks of this many positions, each chunk's
+                                  # logits recomputed in the backward, so [B, L, V] never exists
+                                  # (a last partial chunk is padded); 0 = whole logits at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +270,7 @@ def _check_run(cfg: Config) -> None:
   for name in ("steps", "batch_size", "log_every", "learning_rate"):
     positive(f"train.{name}", getattr(t, name))
   need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+  need(t.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0 (0 = off), got {t.loss_chunk}")
   need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
   positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
   positive("checkpoint.keep", cfg.checkpoint.keep)

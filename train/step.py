@@ -1,17 +1,50 @@
-"""The pure train and eval steps: `(state, batch) -> (state, metrics)`, jitted once each."""
+"""The pure train and eval steps: `(state, batch) -> (state, metrics)`, jitted once each.
+
+With `train.loss_chunk=C` both steps take the cross entropy C positions at a time
+(`chunked_cross_entropy_BxL`): the logits of one [B, C] chunk are made, reduced to per-token losses
+and dropped, and remade in the backward pass, so no [B, L, V] array exists."""
 import jax
 import jax.numpy as jnp
 import optax
 
+from omnimoe.model.decoder import Decoder, head_logits
 from omnimoe.model.modality import MODALITIES
 from omnimoe.model.router import update_router_state
 from omnimoe.train.config import Config
 from omnimoe.train.state import Setup, learning_rate_schedule, merge
 
 
-
 def cross_entropy_BxL(logits_BxLxV, targets_BxL):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), targets_BxL)
+
+
+def chunked_cross_entropy_BxL(h_BxLxD, head_DxV, targets_BxL, chunk: int):
+  """cross_entropy_BxL(head_logits(h, head), targets), `chunk` positions at a time (the length is
+  padded up to a multiple of `chunk`; the padding's losses are cut off)."""
+  B, L, D = h_BxLxD.shape
+  N = -(-L // chunk)
+  pad = N * chunk - L
+  h_NxBxCxD = jnp.pad(h_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(B, N, chunk, D).swapaxes(0, 1)
+  t_NxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(B, N, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint   # the backward remakes the chunk's logits instead of keeping them
+  def one_chunk(args):
+    h_BxCxD, t_BxC = args
+    return cross_entropy_BxL(head_logits(h_BxCxD, head_DxV), t_BxC)
+
+  ce_NxBxC = jax.lax.map(one_chunk, (h_NxBxCxD, t_NxBxC))
+  return ce_NxBxC.swapaxes(0, 1).reshape(B, N * chunk)[:, :L]
+
+
+def token_cross_entropy(model: Decoder, batch, router, chunk: int):
+  """(per-position cross entropy [B, L], the model's aux); `chunk` = train.loss_chunk."""
+  if chunk == 0:
+    logits_BxLxV, aux = model(batch, router)
+    return cross_entropy_BxL(logits_BxLxV, batch["targets"]), aux
+  h_BxLxD, aux = model.hidden(batch, router)
+  ce_BxL = model.in_mesh(chunked_cross_entropy_BxL, h_BxLxD, model.head_DxV[...],
+                         batch["targets"], chunk)
+  return ce_BxL, aux
 
 
 def loss_fn(params, batch, router=None, *, setup: Setup, cfg: Config):
@@ -19,9 +52,9 @@ def loss_fn(params, batch, router=None, *, setup: Setup, cfg: Config):
 
   `router`: the router controller state (None: its initial value). Returns (loss, aux); aux holds
   the losses and the per-layer MoE statistics the controller and the metrics need."""
-  logits_BxLxV, aux = merge(setup, params)(batch, router)
+  ce_BxL, aux = token_cross_entropy(merge(setup, params), batch, router, cfg.train.loss_chunk)
   weights_BxL = batch["loss_weights"]
-  ce = jnp.sum(cross_entropy_BxL(logits_BxLxV, batch["targets"]) * weights_BxL)
+  ce = jnp.sum(ce_BxL * weights_BxL)
   ce = ce / jnp.maximum(jnp.sum(weights_BxL), 1e-9)
   moe = cfg.model.moe
   total = ce + moe.load_balance_coef * aux["load_balance_loss"] + moe.z_loss_coef * aux["router_z_loss"]
@@ -68,8 +101,8 @@ def make_eval_step(cfg: Config, setup: Setup, modality_of):
   batches add up exactly. `eval_step(params, batch, router=None)`.
   """
   def eval_step(params, batch, router=None):
-    logits_BxLxV, _ = merge(setup, params)(batch, router)
-    ce_BxL = cross_entropy_BxL(logits_BxLxV, batch["targets"]) * batch["loss_weights"]
+    ce_BxL, _ = token_cross_entropy(merge(setup, params), batch, router, cfg.train.loss_chunk)
+    ce_BxL = ce_BxL * batch["loss_weights"]
     target_mod_BxL = modality_of(batch["targets"])
     out = {"ce_sum": jnp.sum(ce_BxL), "weight_sum": jnp.sum(batch["loss_weights"])}
     for m in MODALITIES:
