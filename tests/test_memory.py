@@ -7,6 +7,7 @@ cross entropy also meets a float64 numpy oracle."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from omnimoe import data
 from omnimoe.train import config as config_lib
 from omnimoe.train.mesh import global_batch, make_mesh
 from omnimoe.train.state import init_state, make_setup
-from omnimoe.train.step import chunked_cross_entropy_BxL, loss_fn
+from omnimoe.train.step import chunked_cross_entropy_BxL, loss_fn, make_eval_step
 
 L = 64
 TINY = ["model.num_layers=2", "model.num_dense_layers=1", "model.d_model=32", "model.num_heads=2",
@@ -33,12 +34,16 @@ def _mesh_info_batch():
   return mesh, info, global_batch(next(it), mesh)
 
 
-def _build(*overrides):
-  """(loss fn of params -> (loss, aux), params, batch) for the tiny model with `overrides`."""
+def _setup(*overrides):
   cfg = config_lib.load(None, [*TINY, *overrides])
   mesh, info, batch = _mesh_info_batch()
   setup = make_setup(cfg, mesh, info)
-  params = init_state(cfg, setup)["params"]
+  return cfg, setup, init_state(cfg, setup)["params"], batch
+
+
+def _build(*overrides):
+  """(loss fn of params -> (loss, aux), params, batch) for the tiny model with `overrides`."""
+  cfg, setup, params, batch = _setup(*overrides)
   return functools.partial(loss_fn, setup=setup, cfg=cfg), params, batch
 
 
@@ -70,6 +75,20 @@ def test_remat_leaves_loss_and_every_gradient_unchanged(remat):
 @pytest.mark.parametrize("chunk", [16, 40, L])   # 40 does not divide L: the last chunk is padded
 def test_chunked_loss_leaves_loss_and_every_gradient_unchanged(chunk):
   _assert_same((f"train.loss_chunk={chunk}",))
+
+
+def _eval_sums(*overrides):
+  cfg, setup, params, batch = _setup(*overrides)
+  vocab = _mesh_info_batch()[1].vocab
+  step = make_eval_step(cfg, setup, lambda ids: vocab.modality_of(ids, xp=jnp, specials_as_text=True))
+  return {k: float(v) for k, v in step(params, batch).items()}
+
+
+def test_eval_step_with_a_chunked_loss_gives_the_same_sums():
+  want, got = _eval_sums(), _eval_sums("train.loss_chunk=40")
+  assert set(got) == set(want) and want["ce_sum"] > 0
+  for key in want:
+    assert got[key] == pytest.approx(want[key], rel=RTOL), key
 
 
 def test_remat_and_chunked_loss_together():
