@@ -63,6 +63,9 @@ class ModelConfig:
   remat: str = "none"             # recompute each block in the backward pass: none | full (keep only
                                   # block inputs) | dots (also keep matmul outputs without batch
                                   # dims, i.e. the projections); see model/decoder.py
+  scan_layers: bool = False       # MoE blocks' parameters stacked on a leading `layers` axis and run
+                                  # by one lax.scan (compile time no longer grows with num_layers);
+                                  # dense first blocks stay unrolled in front; see model/decoder.py
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
   @property

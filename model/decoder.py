@@ -14,7 +14,12 @@ trace under it, so activation constraints and the experts' shard_map see it (tra
 `platform` (model/expert_parallel.py `Platform`, default: this process's backend) is what the MoE
 layers' experts are built for (`omnimoe plan --platform gpu` builds a GPU's program on CPUs).
 Blocks run in a Python loop (compile time grows with num_layers), each under `model.remat`'s
-jax checkpoint policy (REMAT_POLICIES; `none` = no checkpoint).
+jax checkpoint policy (REMAT_POLICIES; `none` = no checkpoint). With `model.scan_layers` the dense
+blocks stay in `blocks` (unrolled, in front) and the M MoE blocks are one Block, `moe_stack`, whose
+Variables carry a leading [M] axis named `layers` (mapped to no mesh axis): one `lax.scan` runs
+them, the router state's per-layer slices are its xs and the per-layer aux its ys (the same [M, ...]
+shapes), each step under the same remat policy. Parameter tree: unrolled blocks[i] (i < M + dense)
+<-> scanned blocks[i] (dense i) and moe_stack[...][m] == unrolled blocks[num_dense_layers + m].
 `hidden(batch, router) -> (h_BxLxD, aux)` stops before the head: `head_logits(h, head_DxV)` on any
 slice of positions gives those positions' logits, so a loss can visit the positions chunk by chunk
 (train/step.py) and never hold [B, L, V]; `in_mesh(fn, ...)` runs such a function on the model's mesh.
@@ -84,6 +89,30 @@ class Block(nnx.Module):
     return constrain(x_BxLxD + y_BxLxD, ACT), aux
 
 
+def stack_blocks(blocks: list[Block]) -> Block:
+  """blocks[0], each Variable now holding all blocks' values stacked on a leading `layers` axis."""
+  paths = [{p: v for p, v in nnx.iter_graph(b) if isinstance(v, nnx.Variable)} for b in blocks]
+  for path, var in paths[0].items():
+    value = jnp.stack([vs[path].get_value() for vs in paths])
+    names = var.get_metadata().get("out_sharding") or (None,) * (value.ndim - 1)
+    var.set_value(value)
+    var.set_metadata(out_sharding=("layers", *names))
+  return blocks[0]
+
+
+def scan_blocks(stack: Block, run_block, x_BxLxD, rest: tuple, per_layer_router: tuple):
+  """(x after every layer of `stack` in turn, their aux stacked [M, ...]): one lax.scan whose xs
+  are the layers' Variables and router state (threshold [M], bias [M, 3, E] or None)."""
+  graphdef, state = nnx.split(stack)
+
+  def body(x_BxLxD, layer):
+    layer_state, threshold, bias = layer
+    return run_block(nnx.merge(graphdef, layer_state), x_BxLxD, *rest, threshold, bias)
+
+  with jax.named_scope("scanned_blocks"):
+    return jax.lax.scan(body, x_BxLxD, (state, *per_layer_router))
+
+
 class Decoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, vocab_size: int, feature_dim: int, rngs: nnx.Rngs,
@@ -94,8 +123,13 @@ class Decoder(nnx.Module):
                                  param_dtype=cfg.param_dtype, rngs=rngs)
     check_dense_layers(cfg.num_dense_layers, cfg.num_layers)
     _block_runner(cfg.remat)                          # a bad model.remat fails here, in one line
-    self.blocks = nnx.List([Block(cfg, dense=i < cfg.num_dense_layers, rngs=rngs,
-                                  platform=platform) for i in range(cfg.num_layers)])
+    blocks = [Block(cfg, dense=i < cfg.num_dense_layers, rngs=rngs, platform=platform)
+              for i in range(cfg.num_layers)]
+    if cfg.scan_layers:                               # same draws as unrolled, then stacked
+      self.blocks = nnx.List(blocks[:cfg.num_dense_layers])
+      self.moe_stack = stack_blocks(blocks[cfg.num_dense_layers:])
+    else:
+      self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, names=("embed",), dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs)
     self.head_DxV = param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5),
@@ -131,17 +165,21 @@ class Decoder(nnx.Module):
                            jnp.asarray(batch["features"]), modality_BxL)
     x_BxLxD = constrain(x_BxLxD, ACT)
     auxes, run_block = [], _block_runner(cfg.remat)
+    per_layer_router = (router["threshold"], router.get("bias"))
+    rest = (segment_ids_BxL, modality_BxL, angles_BxLxP)
     for i, block in enumerate(self.blocks):
       moe_index = i - cfg.num_dense_layers            # router state is kept per MoE layer
-      per_layer = (None, None) if block.dense else (
-          router["threshold"][moe_index], router["bias"][moe_index] if "bias" in router else None)
-      x_BxLxD, aux = run_block(block, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP,
-                               *per_layer)
+      per_layer = (None, None) if block.dense else jax.tree.map(lambda a: a[moe_index],
+                                                                 per_layer_router)
+      x_BxLxD, aux = run_block(block, x_BxLxD, *rest, *per_layer)
       if aux is not None:
         auxes.append(aux)
+    if cfg.scan_layers:
+      x_BxLxD, stacked = scan_blocks(self.moe_stack, run_block, x_BxLxD, rest, per_layer_router)
+    else:
+      stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}
     with jax.named_scope("final_norm"):
       h_BxLxD = self.final_norm(x_BxLxD)
-    stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}
     aux = dict(stacked, load_balance_loss=stacked["load_balance_loss"].mean(),
                router_z_loss=stacked["router_z_loss"].mean(),
                moe_layers=jnp.arange(cfg.num_dense_layers, cfg.num_layers, dtype=jnp.int32))

@@ -1,10 +1,17 @@
-"""orbax checkpoints of the train state and the data iterator: `<workdir>/checkpoints/<step>/`."""
+"""orbax checkpoints of the train state and the data iterator: `<workdir>/checkpoints/<step>/`.
+
+A checkpoint keeps its parameters' layer form: unrolled (`params.blocks[i]`) or, with
+`model.scan_layers`, stacked (`params.moe_stack`, see model/decoder.py). Restoring one form into a
+run of the other is refused in one line (a ConfigError naming `model.scan_layers`; the CLI exits 2)."""
 import pathlib
 
 import jax
 import orbax.checkpoint as ocp
 
+from omnimoe.train.config import ConfigError
 from omnimoe.train.state import Setup
+
+STACKED = "moe_stack"   # the scanned MoE blocks' entry of `params` (model/decoder.py)
 
 
 class Checkpoints:
@@ -25,11 +32,24 @@ class Checkpoints:
 
   def restore(self, step: int, setup: Setup) -> tuple[dict, dict]:
     """The state at `step`, placed directly into `setup.shardings` (which may be another mesh)."""
+    self._check_layer_form(step, setup)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           setup.abstract_state, setup.shardings)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return out.state, out.data
+
+  def _check_layer_form(self, step: int, setup: Setup) -> None:
+    saved_tree = ocp.StandardCheckpointer().metadata(
+        self.directory / str(step) / "state").item_metadata
+    saved = STACKED in saved_tree["params"]
+    wanted = STACKED in setup.abstract_state["params"]
+    if saved != wanted:
+      was, now = str(saved).lower(), str(wanted).lower()
+      raise ConfigError(
+          f"checkpoint {self.directory / str(step)} was written with model.scan_layers={was} "
+          f"but this run has model.scan_layers={now}; set model.scan_layers={was} to restore it "
+          "(the two parameter layouts are not converted)")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
