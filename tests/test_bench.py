@@ -44,3 +44,23 @@ def test_onehot_baseline_equals_the_moe_layer():
 def test_step_bench_runs(capsys):
   bench_step.main(["blocked:8", "--batch", "2", "--seq", "16", "--steps", "1"])
   assert "tokens/s" in capsys.readouterr().out
+
+
+def test_attention_bench_times_before_and_after_on_the_same_inputs(tmp_path, capsys):
+  from bench import attention as bench_attention
+  out = tmp_path / "attn.json"
+  bench_attention.main(["--lengths", "64", "96", "--block", "16", "--repeats", "1", "--docs", "2",
+                        "--json", str(out)])
+  rows = json.loads(out.read_text())
+  assert [(r["tokens"], r["impl"]) for r in rows] == [
+      (L, impl) for L in (64, 96) for impl in ("before", "after")]
+  for before, after in zip(rows[::2], rows[1::2]):
+    assert before["ms"] > 0 and after["ms"] > 0
+    # The same attention: the loss is sum(out * r) over L*H*Dh float32 terms that cancel to a few
+    # units, so the two may differ by about float32 eps per term (the outputs themselves are
+    # checked against a float64 oracle in test_model_attention.py).
+    terms = before["tokens"] * before["heads"] * before["head_dim"]
+    assert abs(after["loss"] - before["loss"]) <= 1.2e-7 * terms
+    nb = before["tokens"] // 16
+    assert before["pairs_all"] == nb * nb and after["pairs_computed"] < nb * (nb + 1) // 2
+  assert "| 96 |" in capsys.readouterr().out
