@@ -15,19 +15,21 @@ Public API (the trainer depends on these names):
   heldout_text_batches(cfg, *, batch_size, seed) -> list of batches (bits per byte)
   heldout_text_bytes(cfg, *, batch_size) -> UTF-8 bytes of each of those batches
   prompt_set(cfg, *, modality, seed, max_new_tokens, limit=None) -> PromptSet
+  retrieval_sets(cfg, *, batch_size, seed) -> [RetrievalSet]: held-out needle documents by length
 """
 from omnimoe.data.builtin.captions import EVAL_PROMPT
 from omnimoe.data.config import DataConfig
 from omnimoe.data.packing import BATCH_KEYS
 from omnimoe.data.pipeline.api import (DatasetInfo, dataset_info, eval_batches,
                                        eval_batches_by_source, train_iterator)
+from omnimoe.data.pipeline.needle import RetrievalSet, retrieval_sets
 from omnimoe.data.pipeline.heldout_text import heldout_text_batches, heldout_text_bytes
 from omnimoe.data.pipeline.prompts import PromptSet, prompt_set
 from omnimoe.data.pipeline.sources import has_default as has_default_source
 from omnimoe.data.vocab import Vocab
 
 __all__ = [
-    "BATCH_KEYS", "DataConfig", "DatasetInfo", "EVAL_PROMPT", "PromptSet", "Vocab",
+    "BATCH_KEYS", "DataConfig", "DatasetInfo", "EVAL_PROMPT", "PromptSet", "RetrievalSet", "Vocab",
     "dataset_info", "eval_batches", "eval_batches_by_source", "has_default_source",
-    "heldout_text_batches", "heldout_text_bytes", "prompt_set", "train_iterator",
+    "heldout_text_batches", "heldout_text_bytes", "prompt_set", "retrieval_sets", "train_iterator",
 ]

@@ -2,6 +2,7 @@
 import dataclasses
 
 DEFAULT_SOURCE = "default"      # the `path` that names the built-in default dataset
+TASKS = ("mixture", "needle")   # data.task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,6 +14,8 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  task: str = "mixture"           # mixture: data.sources mixed by weight | needle: the built-in
+                                  # retrieval task (facts in haystacks of prose, docs/needle.md)
   sources: tuple[Source, ...] = ()  # [{path, weight}, ...]; [] = the built-in default dataset only
   seq_len: int = 128              # packed row length L
   image_patch: int = 4            # image patch side in pixels (digits are 8x8: a 2x2 grid)
@@ -37,6 +40,21 @@ class DataConfig:
   tokenizer: str = ""             # text tokenizer: "" = UTF-8 bytes; else a sentencepiece .model file
                                   # (relative: from the current directory; `python -m omnimoe.data.tokenizer
                                   # train` makes one); the vocabulary grows to its pieces
+  # data.task=needle (data/builtin/needle.py, data/pipeline/needle.py; docs/needle.md):
+  needle_lengths: tuple[int, ...] = (2048,)  # training document lengths, one per curriculum phase;
+                                  # each divides data.seq_len (a row holds seq_len / length documents)
+  needle_phase_steps: tuple[int, ...] = ()   # steps (batches) of each phase but the last, which runs
+                                  # to the end: len(needle_lengths) - 1 numbers
+  needle_facts: tuple[int, ...] = (8,)      # facts planted in a training haystack: one number, or
+                                  # one per phase (a curriculum of harder haystacks)
+  needle_questions: tuple[int, ...] = (8,)  # questions at its end about distinct facts (loss on the
+                                  # answers): one number, or one per phase
+  needle_eval_lengths: tuple[int, ...] = (512, 1024, 2048)  # held-out haystack lengths H (tokens
+                                  # before the questions; each row is H + the questions + padding)
+  needle_eval_docs: int = 100     # held-out documents per length
+  needle_eval_facts: int = 5      # facts in a held-out haystack
+  needle_eval_questions: int = 5  # questions per held-out document; their facts' depth deciles
+                                  # cycle 0..9 over the documents of a length (equal counts per decile)
 
 
 def image_patch_dim(cfg: DataConfig) -> int:

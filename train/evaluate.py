@@ -9,7 +9,9 @@ of them, `eval/loss/<modality>` by the modality of the target, and `eval/loss/so
 source (`default`, or a prepared folder's basename): the per-source losses, weighted by their
 target counts, average to `eval/loss`. Bits per byte and cross-modal
 accuracy are measured on the default dataset, so a run without a `default` source skips them and
-says so in `Evaluator.notes` (see `default_dataset_evals`).
+says so in `Evaluator.notes` (see `default_dataset_evals`). A `data.task=needle` run skips them too
+and measures retrieval accuracy by depth and length instead (train/retrieval.py); its eval/loss is
+the loss on the answers of held-out documents.
 """
 import dataclasses
 import math
@@ -23,12 +25,16 @@ from omnimoe.data.vocab import EOS
 from omnimoe.train.config import Config
 from omnimoe.train.state import Setup, merge
 from omnimoe.model.modality import NAMES as MODALITIES
+from omnimoe.train.retrieval import Retrieval
 from omnimoe.train.step import make_eval_step
 
 
 NO_DEFAULT_NOTE = ("eval: data.sources has no 'default' source, so eval/text_bits_per_byte and "
                    "eval/{image,audio}_to_text_accuracy (default-dataset metrics) are skipped; "
                    "eval/loss is measured on the held-out records of the prepared sources")
+NEEDLE_NOTE = ("eval: data.task=needle reads no default dataset, so eval/text_bits_per_byte and "
+               "eval/{image,audio}_to_text_accuracy are skipped; eval/retrieval_accuracy (by "
+               "depth and length) and eval/loss on the answers of held-out haystacks are measured")
 
 
 @dataclasses.dataclass
@@ -61,7 +67,7 @@ def default_dataset_evals(cfg: Config) -> tuple[list, dict, tuple]:
   """(held-out text batches, cross-modal prompt sets, notes) of the default dataset; empty, with a
   note, when the run does not read the default dataset."""
   if not data.has_default_source(cfg.data):
-    return [], {}, (NO_DEFAULT_NOTE,)
+    return [], {}, (NEEDLE_NOTE if cfg.data.task == "needle" else NO_DEFAULT_NOTE,)
   e, seed = cfg.eval, cfg.train.seed
   text = data.heldout_text_batches(cfg.data, batch_size=e.batch_size, seed=seed)[:e.text_limit or None]
   prompts = {"image": data.prompt_set(cfg.data, modality="image", seed=seed,
@@ -123,6 +129,7 @@ class Evaluator:
     self.decoders = {
         name: make_greedy_decode(setup, prompt_len=p.prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
         for name, p in self.sets.prompts.items()}
+    self.retrieval = Retrieval(cfg, setup) if cfg.data.task == "needle" else None
 
   def _sums(self, params, batches, router, groups=None) -> dict:
     """Sums of the eval step's outputs over `batches`; with `groups` (a label per batch), a dict
@@ -165,4 +172,6 @@ class Evaluator:
       if name in self.sets.prompts:
         metrics[key] = word_accuracy(self.decoders[name], params, self.sets.prompts[name], self.vocab,
                                      router)
+    if self.retrieval is not None:
+      metrics.update(self.retrieval(params, router))
     return metrics

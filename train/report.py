@@ -4,6 +4,8 @@
                    assignments that each expert took (rows sum to 1), averaged over the last N
                    logged steps (the title names them)
   loss.png         train loss and held-out eval losses (overall and by modality) against step
+  retrieval.png    only for a needle run (docs/needle.md): retrieval accuracy of the last logged
+                   eval, depth decile x haystack length, the heatmap of needle-in-a-haystack tests
 
 Figures are drawn with matplotlib's object API (`Figure` + the Agg canvas), so no GUI backend or
 global pyplot state is touched.
@@ -19,6 +21,7 @@ from omnimoe.model.modality import NAMES as MODALITIES
 
 LOAD_KEY = re.compile(r"^moe/expert_load/(?P<modality>[a-z]+)/layer_(?P<layer>\d+)$")
 EVAL_LOSSES = ("eval/loss", *(f"eval/loss/{m}" for m in MODALITIES))
+RETRIEVAL_KEY = re.compile(r"^eval/retrieval_accuracy/len_(?P<length>\d+)/depth_(?P<decile>\d+)$")
 
 
 class ReportError(ValueError):
@@ -151,9 +154,52 @@ def plot_losses(rows: list[dict], path: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def retrieval_grid(rows: list[dict]) -> tuple[np.ndarray, list[int], int] | None:
+  """Accuracy [10 deciles, lengths] of the last logged eval with retrieval keys (NaN where a cell
+  has no key), the lengths (ascending) and its step; None when no row has such keys."""
+  last = None
+  for r in rows:
+    if any(RETRIEVAL_KEY.match(k) for k in r):
+      last = r     # file order: the last eval logged (a resumed run's later row wins)
+  if last is None:
+    return None
+  cells = {(int(m["length"]), int(m["decile"])): float(v) for k, v in last.items()
+           if (m := RETRIEVAL_KEY.match(k))}
+  lengths = sorted({length for length, _ in cells})
+  grid = np.full((10, len(lengths)), np.nan)
+  for (length, decile), v in cells.items():
+    if decile < 10:
+      grid[decile, lengths.index(length)] = v
+  return grid, lengths, last["step"]
+
+
+def plot_retrieval(grid: np.ndarray, lengths: list[int], step: int,
+                   path: pathlib.Path) -> pathlib.Path:
+  """Depth decile (rows, 0 = start of the haystack at the top) x haystack length (columns), cells
+  annotated in percent."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(2.2 + 1.1 * len(lengths), 5.0), layout="constrained")
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+  ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
+  ax.set_yticks(range(10), [f"{10 * d}-{10 * d + 10}%" for d in range(10)], fontsize=8)
+  ax.set_xlabel("haystack length (tokens)", fontsize=9)
+  ax.set_ylabel("depth of the fact in the haystack", fontsize=9)
+  for (d, j), v in np.ndenumerate(grid):
+    ax.text(j, d, "-" if np.isnan(v) else f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+  ax.set_title(f"retrieval accuracy (%), held-out haystacks, step {step}", fontsize=10)
+  fig.colorbar(image, ax=ax, shrink=0.8, label="exact-match accuracy")
+  fig.savefig(path, dpi=120)
+  return path
+
+
 def report(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None,
            last: int = 10) -> list[pathlib.Path]:
-  """Writes expert_load.png and loss.png into `out` (default: the workdir); returns their paths."""
+  """Writes expert_load.png and loss.png into `out` (default: the workdir), and retrieval.png for a
+  needle run; returns their paths."""
   if last < 1:
     raise ReportError(f"--last must be at least 1, got {last}")
   workdir = pathlib.Path(workdir)
@@ -164,5 +210,8 @@ def report(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise ReportError(f"cannot write to '{out}': {e.strerror or e}") from None
-  return [plot_expert_load(loads, steps, out / "expert_load.png"),
-          plot_losses(rows, out / "loss.png")]
+  paths = [plot_expert_load(loads, steps, out / "expert_load.png"),
+           plot_losses(rows, out / "loss.png")]
+  if (retrieval := retrieval_grid(rows)) is not None:
+    paths.append(plot_retrieval(*retrieval, out / "retrieval.png"))
+  return paths

@@ -2,7 +2,8 @@
 
 Every run, the default one included, trains and evaluates from prepared folders mixed by weight
 (data/pipeline/sources.py says which: `data.sources`, where `[]` is the built-in dataset's three
-folders, data/builtin/cache.py). The batch contract, the iterator state (`{"next_example": k}`),
+folders, data/builtin/cache.py), except `data.task=needle`, whose documents are generated
+(data/pipeline/needle.py). The batch contract, the iterator state (`{"next_example": k}`),
 per-host sharding and prefetch are those of data/pipeline/mixture.py.
 """
 import dataclasses
@@ -11,8 +12,8 @@ import functools
 import grain
 import numpy as np
 
-from omnimoe.data.config import DataConfig
-from omnimoe.data.pipeline import heldout, mixture
+from omnimoe.data.config import DataConfig, feature_dim
+from omnimoe.data.pipeline import heldout, mixture, needle
 from omnimoe.data.pipeline import sources as sources_lib
 from omnimoe.data.vocab import Vocab
 
@@ -29,6 +30,9 @@ def dataset_info(cfg: DataConfig, seed: int) -> DatasetInfo:
 
   `seed` is accepted for symmetry with the iterators; neither depends on it."""
   del seed
+  needle.check(cfg)
+  if cfg.task == "needle":   # generated text: no folders to open
+    return DatasetInfo(Vocab.from_config(cfg), feature_dim(cfg))
   mix = sources_lib.resolve(cfg)
   return DatasetInfo(mix.vocab, mix.feature_dim)
 
@@ -50,6 +54,10 @@ def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int, process_index
   Supports `get_state()` / `set_state()`; call `close()` when done to stop the prefetch threads.
   """
   _check_sharding(batch_size, process_index, process_count)
+  needle.check(cfg)
+  if cfg.task == "needle":
+    return needle.train_iterator(cfg, batch_size=batch_size, seed=seed,
+                                 process_index=process_index, process_count=process_count)
   return mixture.train_iterator(cfg, batch_size=batch_size, seed=seed,
                                 process_index=process_index, process_count=process_count)
 
@@ -58,7 +66,12 @@ def eval_batches_by_source(cfg: DataConfig, *, batch_size: int, seed: int,
                            num_batches: int) -> list[tuple[str, list[dict[str, np.ndarray]]]]:
   """Held-out batches grouped by source: [(label, batches), ...] in config order; the label is
   `default` or the prepared folder's basename (data/pipeline/sources.py `labels`); at most
-  `num_batches` batches per source (data/pipeline/heldout.py)."""
+  `num_batches` batches per source (data/pipeline/heldout.py). A needle run has one source,
+  `needle`: held-out documents of its last training length (data/pipeline/needle.py)."""
+  needle.check(cfg)
+  if cfg.task == "needle":
+    return [("needle", needle.loss_batches(cfg, batch_size=batch_size, seed=seed,
+                                           num_batches=num_batches))]
   return heldout.eval_batches_by_source(cfg, batch_size=batch_size, seed=seed,
                                         num_batches=num_batches)
 

@@ -42,8 +42,9 @@ def _active(cfg: DataConfig) -> list[tuple[int | None, Source]]:
 
 
 def has_default(cfg: DataConfig) -> bool:
-  """True when the built-in dataset is one of the run's sources (the cross-modal evals need it)."""
-  return any(s.path == DEFAULT_SOURCE for _, s in _active(cfg))
+  """True when the built-in dataset is one of the run's sources (the cross-modal evals need it);
+  never for `data.task=needle`, which reads no sources."""
+  return cfg.task != "needle" and any(s.path == DEFAULT_SOURCE for _, s in _active(cfg))
 
 
 def labels(cfg: DataConfig) -> list[str]:
