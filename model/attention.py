@@ -1,34 +1,36 @@
-"""Causal, segment-masked GQA attention behind one function, `attend`.
+"""Causal, segment-masked GQA attention behind one function, `attend` (one device's arrays).
 
-Query i sees key j iff j <= i and segment_ids[i] == segment_ids[j] != 0. Rows of padding
+Query i sees key j iff order[j] <= order[i] and segment_ids[i] == segment_ids[j] != 0, where
+order is the 1-D position of a token in its row: the array index unless the batch carries an
+`order` (rows reordered for context parallelism, model/context_parallel.py). Rows of padding
 (segment 0) see nothing and return exactly 0 (never NaN). H query heads share K key/value heads
-(H = K * G). The softmax scale is Dh ** -0.5.
+(H = K * G). The softmax scale is Dh ** -0.5. `attend_meta` takes queries and keys with their own
+segment ids and orders (the keys may be a longer array: all of a row's keys gathered over devices).
 
 Backends:
   blockwise  pure JAX, online softmax over query x key tiles that skips tiles the causal mask or
              the segment ids hide entirely; memory-linear in L, custom VJP
-  xla        one einsum softmax with an explicit [B, L, L] mask (fast for short L)
+  xla        one einsum softmax with an explicit [B, Lq, Lk] mask (fast for short L)
   cudnn      jax.nn.dot_product_attention(implementation="cudnn"): GPU, bf16/fp16 only; causal via
-             is_causal, segments via an explicit boolean mask (cuDNN adds it as a bias)
-  auto       cudnn on GPU with bfloat16; otherwise xla when L <= block, else blockwise
+             is_causal in array order (else an explicit mask), segments via an explicit boolean
+             mask (cuDNN adds it as a bias)
+  auto       cudnn on GPU with bfloat16; otherwise xla when Lk <= block, else blockwise
 """
 import jax
 import jax.numpy as jnp
 
-from omnimoe.model.blockwise_attention import blockwise_attention
+from omnimoe.model.blockwise_attention import Meta, blockwise_attention, blockwise_cross, index_meta
 
 IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn")
 
 
-def segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
-  """Boolean [B, L, L]: query i may see key j."""
-  seg = segment_ids_BxL
-  L = seg.shape[1]
-  causal = jnp.arange(L)[None, :] <= jnp.arange(L)[:, None]
-  return (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0) & causal[None]
+def visible(meta: Meta) -> jax.Array:
+  """Boolean [B, Lq, Lk]: query i may see key j."""
+  same = (meta.seg_q[:, :, None] == meta.seg_k[:, None, :]) & (meta.seg_q[:, :, None] > 0)
+  return same & (meta.order_k[:, None, :] <= meta.order_q[:, :, None])
 
 
-def _xla(q, k, v, seg):
+def _xla(q, k, v, meta: Meta):
   B, L, H, D = q.shape
   K = k.shape[2]
   # Head-major layouts ([B, K, G, L, D]) keep every matmul a plain batched matmul.
@@ -38,27 +40,30 @@ def _xla(q, k, v, seg):
   s = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxLxD, k_BxKxLxD, preferred_element_type=jnp.float32)
   # Additive mask: masked scores become ~-1e30, so softmax gives exactly 0 for them in every row
   # that has a visible key (each valid query sees itself). Padding rows are zeroed at the end.
-  s = s + jnp.where(segment_mask(seg), 0.0, -1e30)[:, None, None]
+  s = s + jnp.where(visible(meta), 0.0, -1e30)[:, None, None]
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   o = jnp.einsum("bkgls,bksd->bkgld", p, v_BxKxLxD, preferred_element_type=jnp.float32)
   o = o.transpose(0, 3, 1, 2, 4).reshape(B, L, H, D)
-  return jnp.where((seg > 0)[:, :, None, None], o, 0).astype(q.dtype)
+  return jnp.where((meta.seg_q > 0)[:, :, None, None], o, 0).astype(q.dtype)
 
 
-def _cudnn(q, k, v, seg):
+def _cudnn(q, k, v, meta: Meta, index_order: bool):
   if jax.default_backend() != "gpu":
     raise ValueError("attention 'cudnn' needs a GPU; use 'auto', 'xla' or 'blockwise'")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention 'cudnn' needs bfloat16/float16 inputs, got {q.dtype}; "
                      "set model.dtype=bfloat16 or use attention 'xla'/'blockwise'")
-  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-  out = jax.nn.dot_product_attention(q, k, v, mask=same[:, None], is_causal=True,
+  if index_order:
+    mask = (meta.seg_q[:, :, None] == meta.seg_k[:, None, :]) & (meta.seg_q[:, :, None] > 0)
+  else:
+    mask = visible(meta)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=index_order,
                                      implementation="cudnn")
-  return jnp.where((seg > 0)[:, :, None, None], out, 0).astype(q.dtype)
+  return jnp.where((meta.seg_q > 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
 def resolve_implementation(implementation: str, L: int, dtype, block: int) -> str:
-  """The backend `auto` picks for this length, dtype and platform."""
+  """The backend `auto` picks for keys of length L, this dtype and platform."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention {implementation!r}; choose from {IMPLEMENTATIONS}")
   if implementation != "auto":
@@ -68,17 +73,34 @@ def resolve_implementation(implementation: str, L: int, dtype, block: int) -> st
   return "xla" if L <= block else "blockwise"
 
 
-def attend(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array,
-           segment_ids_BxL: jax.Array, *, implementation: str = "auto",
-           block: int = 128) -> jax.Array:
-  """Causal segment-masked attention; returns [B, L, H, Dh] in q's dtype."""
-  H, K = q_BxLxHxD.shape[2], k_BxLxKxD.shape[2]
+def attend_meta(q_BxLqxHxD: jax.Array, k_BxLkxKxD: jax.Array, v_BxLkxKxD: jax.Array, meta: Meta,
+                *, implementation: str = "auto", block: int = 128,
+                index_order: bool = False) -> jax.Array:
+  """Attention of queries and keys with their own segment ids and orders; `index_order` says the
+  orders are the array index of a self-attention (lets blockwise stop at the diagonal)."""
+  H, K = q_BxLqxHxD.shape[2], k_BxLkxKxD.shape[2]
   if H % K:
     raise ValueError(f"num_heads {H} must be a multiple of num_kv_heads {K}")
-  seg = segment_ids_BxL.astype(jnp.int32)
-  impl = resolve_implementation(implementation, q_BxLxHxD.shape[1], q_BxLxHxD.dtype, block)
+  impl = resolve_implementation(implementation, k_BxLkxKxD.shape[1], q_BxLqxHxD.dtype, block)
   if impl == "blockwise":
-    return blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, seg, block)
+    if index_order:
+      return blockwise_attention(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta.seg_q, block)
+    return blockwise_cross(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta, block)
   if impl == "xla":
-    return _xla(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, seg)
-  return _cudnn(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, seg)
+    return _xla(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta)
+  return _cudnn(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta, index_order)
+
+
+def attend(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array,
+           segment_ids_BxL: jax.Array, *, order_BxL: jax.Array | None = None,
+           implementation: str = "auto", block: int = 128) -> jax.Array:
+  """Causal segment-masked self-attention; returns [B, L, H, Dh] in q's dtype. `order_BxL`:
+  the 1-D order of the positions (None = the array index)."""
+  seg = segment_ids_BxL.astype(jnp.int32)
+  if order_BxL is None:
+    meta = index_meta(seg)
+  else:
+    order = order_BxL.astype(jnp.int32)
+    meta = Meta(seg, seg, order, order)
+  return attend_meta(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, meta, implementation=implementation,
+                     block=block, index_order=order_BxL is None)

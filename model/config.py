@@ -66,6 +66,10 @@ class ModelConfig:
   scan_layers: bool = False       # MoE blocks' parameters stacked on a leading `layers` axis and run
                                   # by one lax.scan (compile time no longer grows with num_layers);
                                   # dense first blocks stay unrolled in front; see model/decoder.py
+  context_parallel: str = "all_gather"  # attention over a `context` mesh axis: all_gather (every
+                                  # device gathers the row's keys/values) | ring (K/V blocks passed
+                                  # around with ppermute; memory per device ~ L / context); see
+                                  # model/context_parallel.py
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
   @property
@@ -76,6 +80,7 @@ class ModelConfig:
 
 DTYPES = ("float32", "bfloat16")   # model.dtype and model.param_dtype
 REMAT = ("none", "full", "dots")   # model.remat (the jax checkpoint policies: model/decoder.py)
+CONTEXT_PARALLEL = ("all_gather", "ring")   # model.context_parallel (model/context_parallel.py)
 
 
 def need(ok: bool, key: str, what: str) -> None:
@@ -103,6 +108,7 @@ def check(cfg: ModelConfig) -> None:
   check_rope(cfg.head_dim, cfg.rope_sections)
   check_dense_layers(cfg.num_dense_layers, cfg.num_layers)
   one_of("model.remat", cfg.remat, REMAT)
+  one_of("model.context_parallel", cfg.context_parallel, CONTEXT_PARALLEL)
   check_moe(cfg.moe)
 
 

@@ -1,8 +1,8 @@
 """The decoder: multimodal embedding, pre-norm blocks of attention + MoE, final norm, output head.
 
 `Decoder(cfg, vocab_size=V, feature_dim=F, rngs=...)(batch, router) -> (logits_BxLxV float32, aux)`.
-The batch is the data contract (tokens, features, modality, segment_ids, positions; targets and
-loss_weights are ignored). `router` is the router controller state kept by the trainer
+The batch is the data contract (tokens, features, modality, segment_ids, positions, and `order`
+when rows were reordered (train/context_batch.py); targets and loss_weights are ignored). `router` is the router controller state kept by the trainer
 (`init_router_state`; None = its initial value): {"threshold": float32 [M]} for the
 dynamic router, {"bias": float32 [M, 3, E]} for the auxiliary-loss-free balance. aux: load_balance_loss and router_z_loss (scalars, mean over MoE layers); per MoE
 layer (M = num_layers - num_dense_layers; `moe_layers` [M] holds their block indices):
@@ -76,10 +76,11 @@ class Block(nnx.Module):
       self.moe_norm = RMSNorm(cfg.d_model, names=("embed",), **kw)
       self.moe = MoE(cfg.d_model, cfg.moe, platform=platform, **kw)
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP, threshold=None,
-               bias_MxE=None):
+  def __call__(self, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP, order_BxL=None,
+               threshold=None, bias_MxE=None):
     with jax.named_scope("attention"):
-      x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, angles_BxLxP)
+      x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, angles_BxLxP,
+                                    order_BxL)
     if self.dense:
       with jax.named_scope("mlp"):
         return constrain(x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), ACT), None
@@ -166,7 +167,9 @@ class Decoder(nnx.Module):
     x_BxLxD = constrain(x_BxLxD, ACT)
     auxes, run_block = [], _block_runner(cfg.remat)
     per_layer_router = (router["threshold"], router.get("bias"))
-    rest = (segment_ids_BxL, modality_BxL, angles_BxLxP)
+    order_BxL = batch.get("order")                   # 1-D order of reordered rows (None: index)
+    rest = (segment_ids_BxL, modality_BxL, angles_BxLxP,
+            None if order_BxL is None else jnp.asarray(order_BxL, jnp.int32))
     for i, block in enumerate(self.blocks):
       moe_index = i - cfg.num_dense_layers            # router state is kept per MoE layer
       per_layer = (None, None) if block.dense else jax.tree.map(lambda a: a[moe_index],

@@ -34,7 +34,8 @@ Modes (`model.moe.dispatch`):
               from where the model is built) with an expert axis, ragged_all_to_all; else
               all_gather.
 
-Inside shard_map the tokens are split over the batch axes that divide them (data, fsdp, expert);
+Inside shard_map the tokens are split over the batch axes that divide them (data, fsdp, expert),
+and over `context` when it divides their length (context parallelism);
 when the `expert` axis does not split them, each expert device takes a 1/G slice for the
 exchange and the results are gathered back. Expert weights enter split over `expert` (experts) and
 `tensor` (hidden width, then one psum over `tensor`); their other axes (fsdp) are gathered on entry
@@ -53,13 +54,13 @@ from jax.sharding import PartitionSpec as P
 from omnimoe.model import grouped_matmul as gmm
 from omnimoe.model import ragged_exchange as rx
 from omnimoe.model.sharding import fit_spec
+from omnimoe.model.token_layout import TOKEN_AXES
 
 if TYPE_CHECKING:
   from omnimoe.model.config import MoEConfig
 
 DISPATCH_MODES = ("auto", "local", "all_gather", "all_to_all", "ragged_all_to_all")
 PLATFORMS = ("cpu", "gpu", "tpu")
-TOKEN_AXES = ("data", "fsdp", "expert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +177,17 @@ class Exchange:
     return jax.lax.psum(y_SxD, self.tensor_axis) if self.tensor_axis else y_SxD
 
 
-def plan_exchange(mesh, cfg, shape_ExDxH, batch_size: int, platform: Platform):
-  """(the Exchange of one layer on `mesh`, the shard_map in_specs of (Tokens, weights))."""
+def plan_exchange(mesh, cfg, shape_ExDxH, batch_size: int, platform: Platform, length: int = 1):
+  """(the Exchange of one layer on `mesh`, the shard_map in_specs of (Tokens, weights)).
+
+  The B-major tokens (batch_size rows of `length`) are split over the batch axes that divide the
+  rows, then over `context` when it divides the length (context parallelism shards positions)."""
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   E, _, H = shape_ExDxH
   tok = fit_spec(P(TOKEN_AXES), (batch_size,), sizes)[0]
   tok_axes = () if tok is None else (tok,) if isinstance(tok, str) else tuple(tok)
+  if sizes.get("context", 1) > 1 and length % sizes["context"] == 0:
+    tok_axes += ("context",)
   ep_axis = fit_spec(P("expert"), (E,), sizes)[0]          # None when G does not divide E
   tp_axis = fit_spec(P("tensor"), (H,), sizes)[0]
   ex = Exchange(expert_groups(mesh, E), E, tok_axes, tp_axis, cfg, platform.emulate_ragged)
@@ -199,7 +205,8 @@ def routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T, w_gate_ExDx
     y = swiglu_experts(x_TxD, expert_TxK, used_TxK, weight_TxK, *weights, backend=cfg.backend,
                        block_rows=cfg.block_rows)
     return y, jnp.zeros((), jnp.int32)
-  ex, in_specs = plan_exchange(mesh, cfg, w_gate_ExDxH.shape, batch_size, platform)
+  ex, in_specs = plan_exchange(mesh, cfg, w_gate_ExDxH.shape, batch_size, platform,
+                               length=x_TxD.shape[0] // batch_size)
   fn = jax.shard_map(functools.partial(_BODIES[mode], ex), mesh=mesh, in_specs=in_specs,
                      out_specs=(P(ex.token_axes), P()), check_vma=False)
   return fn(Tokens(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T), weights)

@@ -1,6 +1,7 @@
 """Mixture-of-Experts feed-forward layer with SwiGLU experts (dropless unless all_to_all).
 
-Tokens are flattened (T = B*L). The router picks each token's experts into a static [T, K] layout
+Tokens are flattened (T = B*L; B-major, or device by device under context parallelism:
+model/expert_parallel.py `flatten_tokens`). The router picks each token's experts into a static [T, K] layout
 (K = top_k for router "topk"; K = k_max for router "dynamic", whose unused slots have weight 0 and
 take no row); with `max_groups` a token's experts come from at most that many of `num_groups`
 expert groups. The routing and its statistics are computed over the whole (global) batch; the
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnimoe.model.expert_parallel import Platform, resolve_dispatch, routed_experts
+from omnimoe.model.token_layout import flatten_tokens, token_layout, unflatten_tokens
 from omnimoe.model.config import MoEConfig, check_moe_layer, one_of
 from omnimoe.model.mlp import SwiGLU
 from omnimoe.model.router import balance_stats, dynamic_routing, top_k_routing
@@ -81,18 +83,19 @@ class MoE(nnx.Module):
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     T = B * L
-    x_TxD = x_BxLxD.reshape(T, D).astype(self.dtype)
-    valid_T = segment_ids_BxL.reshape(T) > 0
+    layout = token_layout(B, L)        # T's order: each device's tokens contiguous
+    x_TxD = flatten_tokens(x_BxLxD, layout).astype(self.dtype)
+    valid_T = flatten_tokens(segment_ids_BxL, layout) > 0
+    modality_T = None if modality_BxL is None else flatten_tokens(modality_BxL, layout)
 
     with jax.named_scope("router"):
       bias_TxE = None
       if bias_MxE is not None:   # per modality; padding (0) uses the text row, and is not counted
-        m_T = jnp.clip(modality_BxL.reshape(T) - 1, 0, bias_MxE.shape[0] - 1)
+        m_T = jnp.clip(modality_T - 1, 0, bias_MxE.shape[0] - 1)
         bias_TxE = jnp.take(bias_MxE, m_T, axis=0)
       probs_TxE, logits_TxE, expert_TxK, weight_TxK, used_TxK = self.route(x_TxD, threshold,
                                                                             bias_TxE)
-      aux = balance_stats(logits_TxE, probs_TxE, expert_TxK, valid_T,
-                          None if modality_BxL is None else modality_BxL.reshape(T), used_TxK)
+      aux = balance_stats(logits_TxE, probs_TxE, expert_TxK, valid_T, modality_T, used_TxK)
     with jax.named_scope("experts"):   # model/expert_parallel.py: local or over the mesh
       used_TxK = jnp.ones(expert_TxK.shape, bool) if used_TxK is None else used_TxK
       y_TxD, dropped = routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T,
@@ -103,4 +106,4 @@ class MoE(nnx.Module):
     if self.cfg.num_shared_experts > 0:
       with jax.named_scope("shared_experts"):
         y_TxD = y_TxD + self.shared(x_TxD)
-    return y_TxD.reshape(B, L, D).astype(self.dtype), aux
+    return unflatten_tokens(y_TxD, B, L, layout).astype(self.dtype), aux

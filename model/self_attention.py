@@ -1,10 +1,11 @@
-"""Self-attention block: GQA projections, optional QK-norm, M-RoPE, then `attend`."""
+"""Self-attention block: GQA projections, optional QK-norm, M-RoPE, then attention (over the
+`context` mesh axis when the mesh has one: model/context_parallel.py)."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnimoe.model.attention import attend
 from omnimoe.model.config import ModelConfig, check_heads
+from omnimoe.model.context_parallel import attend_over_context
 from omnimoe.model.norm import RMSNorm
 from omnimoe.model.rope import apply_rope
 from omnimoe.model.sharding import constrain, param
@@ -31,7 +32,7 @@ class SelfAttention(nnx.Module):
       self.k_norm = RMSNorm(Dh, dtype=cfg.dtype, param_dtype=pd, names=("kv",), rngs=rngs)
 
   def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
-               angles_BxLxP: jax.Array) -> jax.Array:
+               angles_BxLxP: jax.Array, order_BxL: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     dt = self.dtype
     x = x_BxLxD.astype(dt)
@@ -50,6 +51,7 @@ class SelfAttention(nnx.Module):
       q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, angles_BxLxP), HEADS)
       k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, angles_BxLxP), HEADS)
     with jax.named_scope("attend"):
-      o_BxLxHxD = attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL,
-                         implementation=cfg.attention, block=cfg.attention_block)
+      o_BxLxHxD = attend_over_context(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL,
+                                      order_BxL, strategy=cfg.context_parallel,
+                                      implementation=cfg.attention, block=cfg.attention_block)
     return jnp.einsum("blhk,hkd->bld", o_BxLxHxD, self.wo_HxDhxD[...].astype(dt))

@@ -30,7 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # activations
     ("batch", ("data", "fsdp", "expert")),  # batch rows (expert devices split them too, outside
                                             # the experts: attention is not repeated over `expert`)
-    ("length", None),               # sequence positions (context parallelism not wired yet)
+    ("length", "context"),          # sequence positions (context parallelism: model/context_parallel.py)
     ("act_embed", None),            # residual width of activations
     ("act_heads", "tensor"),        # heads of q/k/v activations
     ("act_vocab", "tensor"),        # vocabulary axis of logits

@@ -78,7 +78,8 @@ def test_explicit_mesh_is_refused_with_a_clear_error():
 
 
 def test_rules_and_fitting():
-  assert logical_to_mesh_spec(("batch", "length", "act_embed")) == P(("data", "fsdp", "expert"), None, None)
+  assert logical_to_mesh_spec(("batch", "length", "act_embed")) == P(("data", "fsdp", "expert"), "context",
+                                                                    None)
   assert logical_to_mesh_spec(("exp", "embed", "mlp")) == P("expert", "fsdp", "tensor")
   with pytest.raises(KeyError, match="no rule"):
     logical_to_mesh_spec(("embedding",))

@@ -19,7 +19,7 @@ from omnimoe.model.config import ModelConfig, need, one_of, positive
 from omnimoe.model.expert_parallel import DISPATCH_MODES
 from omnimoe.model.grouped_matmul import BACKENDS
 from omnimoe.model.moe import ROUTERS
-from omnimoe.train import config_files
+from omnimoe.train import config_files, context_batch
 from omnimoe.train.mesh_config import MeshConfig
 
 
@@ -43,6 +43,8 @@ class TrainConfig:
   loss_chunk: int = 0             # cross entropy over chunks of this many positions, each chunk's
                                   # logits recomputed in the backward, so [B, L, V] never exists
                                   # (a last partial chunk is padded); 0 = whole logits at once
+  context_balance: bool = True    # with mesh.within_rack.context = c > 1: rows cut into 2c chunks,
+                                  # device i holding chunks i and 2c-1-i (train/context_batch.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +273,7 @@ def _check_run(cfg: Config) -> None:
     positive(f"train.{name}", getattr(t, name))
   need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
   need(t.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0 (0 = off), got {t.loss_chunk}")
+  context_batch.check_length(cfg.data.seq_len, cfg.mesh.within_rack.context, t.context_balance)
   need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
   positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
   positive("checkpoint.keep", cfg.checkpoint.keep)

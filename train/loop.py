@@ -18,6 +18,7 @@ import numpy as np
 
 from omnimoe import data
 from omnimoe.train import config as config_lib
+from omnimoe.train import context_batch
 from omnimoe.train.checkpoint import Checkpoints
 from omnimoe.train.config import Config
 from omnimoe.train.evaluate import Evaluator
@@ -222,6 +223,8 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
     (workdir / "config.yaml").write_text(config_lib.dump(cfg))
   mesh = make_mesh(cfg.mesh)
   check_batch(mesh, cfg.train.batch_size)
+  with _data_errors():   # a context axis filled by -1 is known only now
+    context_batch.check_length(cfg.data.seq_len, mesh.shape["context"], cfg.train.context_balance)
   with _data_errors():
     info = data.dataset_info(cfg.data, cfg.train.seed)
     batches = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -267,7 +270,8 @@ def _due(step: int, every: int, total: int) -> bool:
 
 def _steps(cfg: Config, run: _Run, writer: MetricsWriter, bar: Progress):
   """Runs the steps after the run's state: -> (state, last train loss, last eval metrics)."""
-  train_step = make_train_step(cfg, run.setup, batch_sharding(run.mesh))
+  train_step = make_train_step(cfg, run.setup, batch_sharding(run.mesh, cfg.data.seq_len))
+  context = run.mesh.shape["context"]
   evaluator = Evaluator(cfg, run.setup, run.info.vocab)
   for note in evaluator.notes:
     bar.message(note)
@@ -277,7 +281,8 @@ def _steps(cfg: Config, run: _Run, writer: MetricsWriter, bar: Progress):
   metrics = _StepMetrics(cfg, start, writer, bar, run.ckpts)
   with _StopFlag() as stop:
     for step in range(start + 1, total + 1):
-      state, raw = train_step(state, global_batch(next(run.batches), run.mesh))
+      batch = context_batch.prepare(next(run.batches), context, cfg.train.context_balance)
+      state, raw = train_step(state, global_batch(batch, run.mesh))
       metrics.hold(step, raw)        # logs the step before: the host never waits on this one
       stopping = stop.requested      # read once, so that a stop is always saved first
       if _due(step, cfg.checkpoint.every_steps, total) or stopping:

@@ -60,9 +60,9 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
   if cfg.within_rack.expert > rack_size:
     raise ConfigError(f"config key 'mesh.within_rack.expert'={cfg.within_rack.expert} would span "
                       f"racks: a rack holds {rack_size} devices (mesh.rack_size)")
-  if cfg.within_rack.context != 1:
-    raise ConfigError("config key 'mesh.within_rack.context': context parallelism is not built yet; "
-                      "keep it 1")
+  if cfg.within_rack.context > rack_size:
+    raise ConfigError(f"config key 'mesh.within_rack.context'={cfg.within_rack.context} would span "
+                      f"racks: a rack holds {rack_size} devices (mesh.rack_size)")
   across = _resolve("across_racks", vars(cfg.across_racks), len(racks), "racks")
   within = _resolve("within_rack", vars(cfg.within_rack), rack_size, "devices of a rack")
   across_shape = (across["data"], across["fsdp"], 1, 1, 1)
@@ -80,8 +80,12 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
   return Mesh(grid, AXES)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Rows of every batch array are split over the data-parallel axes."""
+def batch_sharding(mesh: Mesh, seq_len: int = 0) -> NamedSharding:
+  """Rows of every batch array are split over the data-parallel axes, and their `seq_len`
+  positions over `context` when it divides them (0: rows only)."""
+  c = mesh.shape["context"]
+  if c > 1 and seq_len and seq_len % c == 0:
+    return NamedSharding(mesh, P(BATCH_AXES, "context"))
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
@@ -93,6 +97,7 @@ def check_batch(mesh: Mesh, batch_size: int, key: str = "train.batch_size") -> N
 
 
 def global_batch(host_batch: dict, mesh: Mesh) -> dict:
-  """This host's rows -> one global jax.Array per key, sharded over the batch axes."""
-  sharding = batch_sharding(mesh)
+  """This host's rows -> one global jax.Array per key, sharded over the batch axes (and the
+  length over `context`, when it divides it)."""
+  sharding = batch_sharding(mesh, host_batch["tokens"].shape[1])
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}

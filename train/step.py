@@ -85,13 +85,10 @@ def make_train_step(cfg: Config, setup: Setup, batch_sharding):
         metrics["router_threshold"] = state["router"]["threshold"]
     return new_state, metrics
 
-  batch_shardings = jax.tree.map(lambda _: batch_sharding, _BATCH_KEYS)
-  return jax.jit(train_step, in_shardings=(setup.shardings, batch_shardings),
+  # One sharding for every array of the batch (the contract's keys, and `order` when rows were
+  # reordered for context parallelism: train/context_batch.py).
+  return jax.jit(train_step, in_shardings=(setup.shardings, batch_sharding),
                  out_shardings=(setup.shardings, None), donate_argnums=(0,))
-
-
-_BATCH_KEYS = {k: None for k in
-               ("tokens", "features", "modality", "segment_ids", "positions", "targets", "loss_weights")}
 
 
 def make_eval_step(cfg: Config, setup: Setup, modality_of):
