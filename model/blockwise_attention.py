@@ -80,7 +80,11 @@ def _visit_row(i, q_side, k_side_n, diagonal, pair_fn, carry):
     def compute(c):
       return c[0].at[1].add(1), pair_fn(j, mask, c[1])
     return jax.lax.cond(jnp.any(mask), compute, lambda c: c, (c[0].at[0].add(1), c[1]))
-  return jax.lax.fori_loop(0, i + 1 if diagonal else seg_k_n.shape[0], body, carry)
+  # A traced bound keeps this a while loop, never a scan: inside an outer scan that is being
+  # differentiated (scanned layers), JAX's partial evaluation would otherwise stack every pair's
+  # intermediates as residuals ([steps, pairs, ..., block, block]): quadratic memory.
+  upper = i + 1 if diagonal else i * 0 + seg_k_n.shape[0]
+  return jax.lax.fori_loop(0, upper, body, carry)
 
 
 def _q_blocks(x_BxLxHxD, K, nb, block):

@@ -107,6 +107,12 @@ def _shift(tree, c):
   return jax.tree.map(lambda a: jax.lax.ppermute(a, AXIS, perm), tree)
 
 
+def _traced(n: int):
+  """n as a traced bound: the ring stays a while loop, never a scan whose steps an outer
+  differentiated scan (scanned layers) would stack as residuals (see blockwise_attention.py)."""
+  return jax.lax.axis_index(AXIS) * 0 + n
+
+
 def _merge(out, lse, out_s, lse_s):
   """Two normalised partial attentions -> the attention over both key sets (float32)."""
   new = jnp.logaddexp(lse, lse_s)
@@ -125,7 +131,7 @@ def _ring_forward(q, k, v, meta: Meta, c, block):
     return (*_merge(out, lse, *piece(kv)), kv)
 
   kv = (k, v, meta.seg_k, meta.order_k)
-  out, lse, _ = jax.lax.fori_loop(1, c, step, (*piece(kv), kv))
+  out, lse, _ = jax.lax.fori_loop(1, _traced(c), step, (*piece(kv), kv))
   return out, lse
 
 
@@ -155,7 +161,7 @@ def _ring_bwd(c, block, res, dout):
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dq, _, (dk, dv) = jax.lax.fori_loop(
-      0, c, step, (jnp.zeros(q.shape, jnp.float32), (k, v, meta.seg_k, meta.order_k),
+      0, _traced(c), step, (jnp.zeros(q.shape, jnp.float32), (k, v, meta.seg_k, meta.order_k),
                    (zeros, zeros)))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 

@@ -32,3 +32,28 @@ def byte_pieces(doc: bytes, max_bytes: int) -> list[tuple[bytes, bool]]:
   """A document cut into pieces of at most `max_bytes` bytes: (piece, ends the document)."""
   starts = list(range(0, len(doc), max_bytes))
   return [(doc[s:s + max_bytes], s == starts[-1]) for s in starts]
+
+
+def attention_oracle(q, k, v, seg, order, r):
+  """Float64 causal segment-masked GQA attention by dense numpy: query i sees key j iff
+  order[j] <= order[i] and seg[i] == seg[j] > 0. Returns out and d(sum(out * r))/d(q, k, v)."""
+  q, k, v, r = (np.asarray(a, np.float64) for a in (q, k, v, r))
+  seg, order = np.asarray(seg), np.asarray(order)
+  h, kv, d = q.shape[2], k.shape[2], q.shape[3]
+  out, dq = np.zeros(q.shape), np.zeros(q.shape)
+  dk, dv = np.zeros(k.shape), np.zeros(v.shape)
+  for b in range(q.shape[0]):
+    vis = ((order[b][None, :] <= order[b][:, None]) & (seg[b][None, :] == seg[b][:, None])
+           & (seg[b][:, None] > 0))
+    for hh in range(h):
+      kh = hh // (h // kv)
+      s = np.where(vis, q[b, :, hh] @ k[b, :, kh].T / np.sqrt(d), -np.inf)
+      e = np.where(vis, np.exp(s - np.where(vis.any(1), s.max(1), 0.0)[:, None]), 0.0)
+      p = e / np.maximum(e.sum(1, keepdims=True), 1e-300)
+      out[b, :, hh] = p @ v[b, :, kh]
+      dp = r[b, :, hh] @ v[b, :, kh].T
+      ds = p * (dp - (p * dp).sum(1, keepdims=True)) / np.sqrt(d)
+      dq[b, :, hh] = ds @ k[b, :, kh]
+      dk[b, :, kh] += ds.T @ q[b, :, hh]
+      dv[b, :, kh] += p.T @ r[b, :, hh]
+  return out, (dq, dk, dv)

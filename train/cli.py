@@ -4,7 +4,7 @@ else lives here.
   omnimoe train   [CONFIG] [--workdir DIR] [key=value ...]
   omnimoe eval    [CONFIG] --workdir DIR [--effort low,medium,high] [key=value ...]
   omnimoe prepare MANIFEST.jsonl --out DIR [--skip-bad] [CONFIG] [key=value ...]
-  omnimoe plan    [CONFIG] [--devices N] [--platform cpu|gpu|tpu] [key=value ...]
+  omnimoe plan    [CONFIG] [--devices N] [--platform cpu|gpu|tpu] [--lengths L,...] [key=value ...]
   omnimoe config  [CONFIG] [key=value ...]
   omnimoe report  --workdir DIR [--out DIR] [--last N]
 
@@ -60,6 +60,9 @@ def _add_options(s: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default="cpu",
                    help="plan the choices made on this platform (model.moe.dispatch=auto is "
                         "ragged_all_to_all on gpu/tpu with an expert axis; default cpu)")
+    s.add_argument("--lengths", metavar="L1,L2,...",
+                   help="also tabulate memory per device at these sequence lengths under both "
+                        "model.context_parallel strategies (one compile each)")
   if name in ("train", "eval"):
     s.add_argument("--workdir", help="run directory (default: runs/<config name>)")
     s.add_argument("--coordinator-address", metavar="HOST:PORT",
@@ -135,7 +138,13 @@ def _plan(ns: argparse.Namespace, cfg) -> int:
     return _fail(EXIT_USAGE, "model.moe.dispatch=ragged_all_to_all runs on GPU or TPU only; plan it "
                              "for one with --platform gpu (or tpu)")
   try:
+    lengths = [int(x) for x in ns.lengths.split(",")] if ns.lengths else []
+  except ValueError:
+    return _fail(EXIT_USAGE, f"--lengths takes comma-separated integers, got {ns.lengths!r}")
+  try:
     print(plan.describe(plan.plan(cfg, ns.platform)))
+    if lengths:
+      print(plan.describe_lengths(plan.length_table(cfg, lengths, ns.platform)))
   except config_lib.ConfigError as e:
     return _fail(EXIT_USAGE, str(e))
   return EXIT_OK

@@ -9,7 +9,11 @@ for the mesh, then XLA's own analyses are read back:
   so this undercounts the experts; the model's own count is printed beside it:
   6 x (matmul parameters a token uses, embedding excluded) + 6 x layers x heads x head_dim x seq_len (causal
   attention, forward + backward), with a token using top_k (or target_active_fraction x E) experts;
-- collective bytes per device per step, by kind, summed from the compiled program's collectives.
+- collective bytes per device per step, by kind, summed from the compiled program's collectives;
+- with a `context` axis, the all-gathers whose result spans a whole row (`whole_row_gathers`):
+  model.context_parallel=all_gather gathers K/V so, ring never does (K/V move by
+  collective-permute). `length_table` (`omnimoe plan --lengths`) repeats the plan at several
+  sequence lengths under both strategies.
 The compile is for the CPU backend, so figures are those of XLA:CPU's partitioning and buffer
 assignment; on GPU/TPU the same partitioning holds while fusion and memory reuse differ.
 
@@ -22,12 +26,15 @@ bytes the worst case (every token sends a row to every expert device); the bytes
 moves are estimated as that x r / G (G expert devices; r the expert devices a token reaches on
 average when its experts are drawn uniformly, `expected_rows_per_token`).
 """
+import dataclasses
 import math
 import re
 
 import jax
 import numpy as np
 
+from omnimoe.model.config import CONTEXT_PARALLEL as CONTEXT_STRATEGIES
+from omnimoe.train import config as config_lib
 from omnimoe.train.config import Config
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -47,6 +54,19 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
       out[kind] += n * _DTYPE_BYTES.get(dtype, 4)
   return out
+
+
+_GATHER = re.compile(r"=\s*(\(.*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+all-gather(?:-start)?\(")
+
+
+def whole_row_gathers(hlo_text: str, seq_len: int) -> int:
+  """All-gathers whose result has a dimension of `seq_len`: a device gathering a whole row's
+  positions (what context parallelism's all_gather does to K/V, and ring never does)."""
+  count = 0
+  for shape in _GATHER.findall(hlo_text):
+    dims = [d for _, ds in _SHAPE.findall(shape) for d in ds.split(",") if d]
+    count += any(int(d) == seq_len for d in dims)
+  return count
 
 
 def _bytes_per_device(tree, shardings) -> int:
@@ -114,11 +134,49 @@ def plan(cfg: Config, platform: str = "cpu") -> dict:
       "model_flops_per_token": model_flops_per_token(cfg, params),
       "tokens_per_step": b * l,
       "collective_bytes_per_device_per_step": collectives,
+      "context_parallel": cfg.model.context_parallel,
+      "whole_row_gathers": whole_row_gathers(compiled.as_text(), l) if mesh.shape["context"] > 1
+                           else 0,
   }
   if dispatch == "ragged_all_to_all":
     share = expected_rows_per_token(moe, G) / G
     out["ragged_all_to_all_expected_bytes"] = int(collectives["all-to-all"] * share)
   return out
+
+
+def length_table(cfg: Config, lengths, platform: str = "cpu") -> list[dict]:
+  """`plan` of `cfg` at each sequence length under each context-parallel strategy: rows of
+  (seq_len, strategy, per-device bytes, collective-permute bytes, whole-row gathers)."""
+  rows = []
+  for seq_len in lengths:
+    for strategy in CONTEXT_STRATEGIES:
+      variant = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len),
+                                    model=dataclasses.replace(cfg.model, context_parallel=strategy))
+      config_lib.validate(variant)
+      p = plan(variant, platform)
+      rows.append({"seq_len": seq_len, "context_parallel": strategy,
+                   "activation_bytes_per_device": p["activation_bytes_per_device"],
+                   "total_bytes_per_device": _total(p),
+                   "collective_permute_bytes": p["collective_bytes_per_device_per_step"][
+                       "collective-permute"],
+                   "whole_row_gathers": p["whole_row_gathers"]})
+  return rows
+
+
+def describe_lengths(rows: list[dict]) -> str:
+  lines = ["| tokens | context_parallel | activations / device | params + optimizer + activations "
+           "| collective-permute / step | all-gathers of whole rows |",
+           "|---:|:---|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['seq_len']:,} | {r['context_parallel']} | "
+                 f"{_gib(r['activation_bytes_per_device'])} | {_gib(r['total_bytes_per_device'])} | "
+                 f"{_gib(r['collective_permute_bytes'])} | {r['whole_row_gathers']} |")
+  return "\n".join(lines)
+
+
+def _total(p: dict) -> int:
+  return (p["param_bytes_per_device"] + p["optimizer_bytes_per_device"]
+          + p["activation_bytes_per_device"])
 
 
 def _compile(cfg: Config, target):
@@ -133,13 +191,15 @@ def _compile(cfg: Config, target):
   check_batch(mesh, cfg.train.batch_size)
   info = data.dataset_info(cfg.data, cfg.train.seed)
   setup = make_setup(cfg, mesh, info, target)
-  step = make_train_step(cfg, setup, batch_sharding(mesh))
+  step = make_train_step(cfg, setup, batch_sharding(mesh, cfg.data.seq_len))
   b, l, f = cfg.train.batch_size, cfg.data.seq_len, info.feature_dim
-  batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in {
-      "tokens": ((b, l), np.int32), "features": ((b, l, f), np.float32),
-      "modality": ((b, l), np.int8), "segment_ids": ((b, l), np.int32),
-      "positions": ((b, l, 3), np.int32), "targets": ((b, l), np.int32),
-      "loss_weights": ((b, l), np.float32)}.items()}
+  shapes = {"tokens": ((b, l), np.int32), "features": ((b, l, f), np.float32),
+            "modality": ((b, l), np.int8), "segment_ids": ((b, l), np.int32),
+            "positions": ((b, l, 3), np.int32), "targets": ((b, l), np.int32),
+            "loss_weights": ((b, l), np.float32)}
+  if mesh.shape["context"] > 1 and cfg.train.context_balance:   # train/context_batch.py
+    shapes["order"] = ((b, l), np.int32)
+  batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        setup.abstract_state, setup.shardings)
   return mesh, setup, step.lower(state, batch).compile()
@@ -163,10 +223,18 @@ def describe(p: dict) -> str:
            f"FLOPs per token:           {p['model_flops_per_token'] / 1e9:.3f} GFLOP (model count, "
            f"forward + backward); XLA's count {p['flops_per_token'] / 1e9:.3f} GFLOP",
            f"tokens per step:           {p['tokens_per_step']}",
+           f"total per device:          {_gib(_total(p))} (params + optimizer + activations)",
            "collectives per device per step:"]
   for k, v in p["collective_bytes_per_device_per_step"].items():
     note = "  (emulated ragged exchange: the worst case)" if ragged and k == "all-to-all" else ""
     lines.append(f"  {k:<20s} {_gib(v)}{note}")
+  if p["mesh"].get("context", 1) > 1:
+    lines.append(f"context parallelism:       {p['context_parallel']}: "
+                 f"{p['whole_row_gathers']} all-gathers of whole rows (a row's K/V on every "
+                 f"context device)"
+                 if p["whole_row_gathers"] else
+                 f"context parallelism:       {p['context_parallel']}: no all-gather of a whole row; "
+                 f"K/V move by collective-permute")
   if ragged:
     lines.append(f"  ragged_all_to_all    {_gib(p['ragged_all_to_all_expected_bytes'])} (expected "
                  "under balanced routing: the all-to-all x devices a token reaches / expert devices)")
