@@ -14,15 +14,23 @@ SMALL = ["model.num_layers=1", "model.num_dense_layers=0", "model.d_model=32", "
          "model.attention_block=64"]
 
 
-@pytest.mark.slow     # four compiles of the train step: about 25 s on the 2-core machine
+@pytest.mark.slow     # eight compiles of the train step: about 60 s on the 2-core machine
 def test_long_context_bench_rows_ratios_and_table(tmp_path, capsys):
   out = tmp_path / "lc.json"
   result = long_context.main(["--lengths", "128", "256", "--remat", "none", "full",
                               "--loss-chunk", "64", "--json", str(out), *SMALL])
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-  rows = result["rows"]
+  rows = [r for r in result["rows"] if r["devices"] == 1]
   assert [(r["tokens"], r["remat"]) for r in rows] == [
-      (128, "none"), (128, "full"), (256, "none"), (256, "full")]
+      (128, "none"), (256, "none"), (128, "full"), (256, "full")]
+  context = [r for r in result["rows"] if r["devices"] > 1]
+  assert [(r["tokens"], r["devices"], r["exchange"], r["remat"]) for r in context] == [
+      (128, 8, "all_gather", "none"), (256, 8, "all_gather", "none"),
+      (128, 8, "ring", "none"), (256, 8, "ring", "none")]
+  for r in context:          # the same step on 8 devices: the same loss as on one
+    one = [o for o in rows if (o["tokens"], o["remat"]) == (r["tokens"], "none")][0]
+    assert r["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert r["temp_bytes"] > 0 and r["step_s"] > 0
   for r in rows:
     assert r["devices"] == 1 and r["batch_size"] == 1 and r["loss_chunk"] == 64
     assert r["doc_len"] == 0 and r["documents"] == 1     # by default one document fills the row
@@ -39,8 +47,10 @@ def test_long_context_bench_rows_ratios_and_table(tmp_path, capsys):
     assert arg[256, remat] - arg[128, remat] == 128 * per_token
   assert arg[128, "none"] == arg[128, "full"]
   growth = result["ratios"]
-  assert [(g["remat"], g["from"], g["to"]) for g in growth] == [
-      ("none", 128, 256), ("full", 128, 256)]
+  assert [(g["remat"], g["exchange"], g["from"], g["to"]) for g in growth] == [
+      ("none", "none", 128, 256), ("full", "none", 128, 256),
+      ("none", "all_gather", 128, 256), ("none", "ring", 128, 256)]
+  growth = [g for g in growth if g["exchange"] == "none"]
   by = {(r["tokens"], r["remat"]): r for r in rows}
   for g in growth:
     assert g["attention_flops_ratio"] == 4.0 and g["memory_goal"] == 2.25
@@ -48,14 +58,18 @@ def test_long_context_bench_rows_ratios_and_table(tmp_path, capsys):
     assert g["memory_ratio"] == long["peak_bytes"] / short["peak_bytes"]
     assert g["time_ratio"] == long["step_s"] / short["step_s"]
   printed = capsys.readouterr().out
-  assert "| tokens | remat | loss_chunk | compile s | step s | peak MiB (temp+arg+out) |" in printed
-  assert printed.count("| 256 | full | 64 |") == 1
-  assert "remat none, 128 -> 256 tokens: peak memory" in printed
+  assert ("| tokens | devices | exchange | remat | loss_chunk | compile s | step s | peak MiB "
+          "(temp+arg+out) |") in printed
+  assert printed.count("| 256 | 1 | none | full | 64 |") == 1
+  assert printed.count("| 256 | 8 | ring | none | 64 |") == 1
+  assert "1 device, remat none, 128 -> 256 tokens: peak memory" in printed
+  assert "8 devices, ring, remat none, 128 -> 256 tokens: peak memory" in printed
   assert "causal attention FLOPs 4x" in printed
 
 
 @pytest.mark.parametrize("flag, value, message", [("--repeats", "0", "--repeats must be >= 1"),
-                                                  ("--doc-len", "-1", "--doc-len must be >= 0")])
+                                                  ("--doc-len", "-1", "--doc-len must be >= 0"),
+                                                  ("--context", "9", "--context must be 0 or")])
 def test_long_context_bench_refuses_bad_flags_in_one_line(capsys, flag, value, message):
   with pytest.raises(SystemExit):
     long_context.main([flag, value])
