@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnimoe.model.expert_parallel import Platform, resolve_dispatch, routed_experts
-from omnimoe.model.token_layout import flatten_tokens, token_layout, unflatten_tokens
+from omnimoe.model.token_layout import (constrain_tokens, flatten_tokens, token_layout,
+                                        unflatten_tokens)
 from omnimoe.model.config import MoEConfig, check_moe_layer, one_of
 from omnimoe.model.mlp import SwiGLU
 from omnimoe.model.router import balance_stats, dynamic_routing, top_k_routing
@@ -84,7 +85,7 @@ class MoE(nnx.Module):
     B, L, D = x_BxLxD.shape
     T = B * L
     layout = token_layout(B, L)        # T's order: each device's tokens contiguous
-    x_TxD = flatten_tokens(x_BxLxD, layout).astype(self.dtype)
+    x_TxD = constrain_tokens(flatten_tokens(x_BxLxD, layout).astype(self.dtype), B, L)
     valid_T = flatten_tokens(segment_ids_BxL, layout) > 0
     modality_T = None if modality_BxL is None else flatten_tokens(modality_BxL, layout)
 

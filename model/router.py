@@ -14,14 +14,25 @@ import jax.numpy as jnp
 from omnimoe.model.modality import CODES, NAMES as MODALITIES
 
 
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """jax.lax.top_k's values and indices (ties: the lower index first) from a stable sort along the
+  last axis. GSPMD partitions a sort along its other axes, while XLA's TopK call gathers a sharded
+  token axis whole onto every device (a [T, E] all-gather per layer, found by `omnimoe plan`)."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  _, index = jax.lax.sort((-jax.lax.stop_gradient(x), iota), dimension=x.ndim - 1, num_keys=1,
+                          is_stable=True)
+  index = index[..., :k]
+  return jnp.take_along_axis(x, index, axis=-1), index
+
+
 def group_limit(scores_TxE: jax.Array, num_groups: int, max_groups: int) -> jax.Array:
   """Experts in reach [T, E] bool: those of the `max_groups` best of `num_groups` groups of
   consecutive experts, a group scored by the sum of its two highest scores (DeepSeek-V3's
   node-limited routing; one score when a group holds one expert). Per token, so causal."""
   T, E = scores_TxE.shape
   per_group = E // num_groups
-  top_TxGxJ, _ = jax.lax.top_k(scores_TxE.reshape(T, num_groups, per_group), min(2, per_group))
-  _, best_TxM = jax.lax.top_k(jnp.sum(top_TxGxJ, axis=-1), max_groups)
+  top_TxGxJ, _ = top_k(scores_TxE.reshape(T, num_groups, per_group), min(2, per_group))
+  _, best_TxM = top_k(jnp.sum(top_TxGxJ, axis=-1), max_groups)
   chosen_TxG = jnp.any(best_TxM[:, :, None] == jnp.arange(num_groups), axis=1)
   return jnp.repeat(chosen_TxG, per_group, axis=1)
 
@@ -38,9 +49,9 @@ def _ranked(probs_TxE: jax.Array, k: int, bias_TxE: jax.Array | None, groups: tu
     scores_TxE = jnp.where(allowed_TxE, scores_TxE, -jnp.inf)
     reach_Tx1 = jnp.sum(jnp.where(allowed_TxE, probs_TxE, 0.0), axis=-1, keepdims=True)
   if bias_TxE is None and not max_groups:
-    top_p_TxK, expert_TxK = jax.lax.top_k(probs_TxE, k)
+    top_p_TxK, expert_TxK = top_k(probs_TxE, k)
   else:
-    _, expert_TxK = jax.lax.top_k(scores_TxE, k)
+    _, expert_TxK = top_k(scores_TxE, k)
     top_p_TxK = jnp.take_along_axis(probs_TxE, expert_TxK, axis=-1)
   return top_p_TxK, expert_TxK.astype(jnp.int32), reach_Tx1
 

@@ -15,17 +15,35 @@ from omnimoe.model.sharding import fit_spec
 TOKEN_AXES = ("data", "fsdp", "expert")   # the mesh axes that split the rows of tokens
 
 
+def _axes(B: int, L: int) -> tuple[tuple[str, ...], dict[str, int]]:
+  """(the mesh axes splitting the flat tokens, major first; the mesh's Auto axis sizes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return (), {}
+  sizes = {n: s for n, s, t in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+           if t == jax.sharding.AxisType.Auto}
+  tok = fit_spec(P(TOKEN_AXES), (B,), sizes)[0]
+  axes = () if tok is None else (tok,) if isinstance(tok, str) else tuple(tok)
+  if sizes.get("context", 1) > 1 and L % sizes["context"] == 0:
+    axes += ("context",)
+  return axes, sizes
+
+
 def token_layout(B: int, L: int) -> tuple[int, int]:
   """(batch shards, context shards) of [B, L] tokens on the current mesh, as plan_exchange splits
   them; (1, 1) without a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1, 1
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  tok = fit_spec(P(TOKEN_AXES), (B,), sizes)[0]
-  axes = () if tok is None else (tok,) if isinstance(tok, str) else tuple(tok)
-  c = sizes.get("context", 1)
-  return math.prod(sizes[a] for a in axes), c if c > 1 and L % c == 0 else 1
+  axes, sizes = _axes(B, L)
+  c = sizes["context"] if "context" in axes else 1
+  return math.prod(sizes[a] for a in axes) // c, c
+
+
+def constrain_tokens(a_T, B: int, L: int):
+  """a_T ([T, ...], flattened by flatten_tokens) constrained to lie split as the devices hold it,
+  so that GSPMD keeps per-token work (the router's top-k) local instead of gathering T."""
+  axes, _ = _axes(B, L)
+  if not axes:
+    return a_T
+  return jax.lax.with_sharding_constraint(a_T, P(axes if len(axes) > 1 else axes[0]))
 
 
 def flatten_tokens(a_BxL, layout: tuple[int, int]):

@@ -6,6 +6,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from omnimoe.train import config as config_lib
@@ -74,3 +75,36 @@ def test_plan_for_a_gpu_chooses_ragged_all_to_all_and_estimates_its_bytes():
   assert on_gpu["dispatch"] == "ragged_all_to_all" and on_gpu["platform"] == "gpu"
   a2a = on_gpu["collective_bytes_per_device_per_step"]["all-to-all"]
   assert a2a > 0 and on_gpu["ragged_all_to_all_expected_bytes"] == int(a2a * (52 / 28) / 4)
+
+
+def test_length_table_ring_gathers_no_whole_row():
+  """all_gather gathers whole rows of K/V; ring moves them only by collective-permute."""
+  from omnimoe.train.plan import describe_lengths, length_table
+  cfg = config_lib.load(None, ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
+                               "model.num_kv_heads=1", "model.head_dim=16",
+                               "model.rope_sections=[4,2,2]", "model.moe.num_experts=4",
+                               "model.moe.expert_hidden=32", "train.batch_size=1",
+                               "model.attention=blockwise", "model.attention_block=16",
+                               "mesh.within_rack.data=1", "mesh.within_rack.context=8"])
+  rows = length_table(cfg, [256, 512])
+  assert [(r["seq_len"], r["context_parallel"]) for r in rows] == [
+      (256, "all_gather"), (256, "ring"), (512, "all_gather"), (512, "ring")]
+  for r in rows:
+    ring = r["context_parallel"] == "ring"
+    assert (r["whole_row_gathers"] == 0) == ring
+    assert (r["collective_permute_bytes"] > 0) == ring
+    assert r["total_bytes_per_device"] > r["activation_bytes_per_device"] > 0
+  assert "| 512 | ring |" in describe_lengths(rows)
+
+
+@pytest.mark.slow   # one compile of a 1M-token step on 64 simulated devices: about 40-60 s
+def test_long_1m_plan_fits_80_gib_per_device_with_a_ring():
+  out = subprocess.run([sys.executable, "-m", "omnimoe.train.cli", "plan", "long_1m",
+                        "--platform", "gpu"], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "mesh: expert 4 x context 16 (64 devices)" in out.stdout
+  assert "tokens per step:           4194304" in out.stdout
+  total = [line for line in out.stdout.splitlines() if line.startswith("total per device:")][0]
+  value, unit = total.split()[3:5]
+  assert unit == "GiB" and float(value) < 80, total
+  assert "ring: no all-gather of a whole row; K/V move by collective-permute" in out.stdout
