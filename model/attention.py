@@ -14,7 +14,8 @@ Backends:
   cudnn      jax.nn.dot_product_attention(implementation="cudnn"): GPU, bf16/fp16 only; causal via
              is_causal in array order (else an explicit mask), segments via an explicit boolean
              mask (cuDNN adds it as a bias)
-  auto       cudnn on GPU with bfloat16; otherwise xla when Lk <= block, else blockwise
+  auto       cudnn on GPU with bfloat16 in array order; otherwise xla when Lk <= block, else
+             blockwise
 """
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,9 @@ def attend_meta(q_BxLqxHxD: jax.Array, k_BxLkxKxD: jax.Array, v_BxLkxKxD: jax.Ar
   if H % K:
     raise ValueError(f"num_heads {H} must be a multiple of num_kv_heads {K}")
   impl = resolve_implementation(implementation, k_BxLkxKxD.shape[1], q_BxLqxHxD.dtype, block)
+  if implementation == "auto" and impl == "cudnn" and not index_order:
+    # cuDNN would need an explicit [B, Lq, Lk] mask for orders other than the array index.
+    impl = "xla" if k_BxLkxKxD.shape[1] <= block else "blockwise"
   if impl == "blockwise":
     if index_order:
       return blockwise_attention(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta.seg_q, block)
