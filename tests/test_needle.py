@@ -16,7 +16,7 @@ from omnimoe.train.cli import main
 VOCAB = Vocab.from_config(DataConfig())
 HELDOUT = needle.filler_documents(0.2, heldout=True)
 FACT_RE = re.compile(rb" the code of ([a-z]+) is ([0-9]+)\. ")
-QUESTION_RE = re.compile(rb"\nwhat is the code of ([a-z]+)\? ([0-9]+)\.")
+QUESTION_RE = re.compile(rb"\nwhat is the code of ([a-z]+)\? the code of \1 is ([0-9]+)\.")
 # A needle config small enough for seconds: rows of 512 holding two documents of 256.
 SMALL = ["data.task=needle", "data.seq_len=512", "data.needle_lengths=[256]", "data.needle_facts=[2]",
          "data.needle_questions=[2]", "data.needle_eval_lengths=[320]", "data.needle_eval_docs=4",
@@ -65,7 +65,8 @@ def test_each_answer_is_its_facts_value_by_parsing_the_text():
     assert len({k for k, _ in asked}) == 3, "questions ask about distinct facts"
     for key, value in asked:
       assert facts[key] == value
-    assert tail == b"".join(b"\nwhat is the code of %s? %s." % kv for kv in asked)
+    assert tail == b"".join(b"\nwhat is the code of %s? the code of %s is %s." % (k, k, v)
+                            for k, v in asked)
 
 
 def test_keys_are_distinct_in_a_row_and_fresh_across_rows():
@@ -223,12 +224,19 @@ def test_two_steps_of_a_tiny_needle_run_end_to_end(tmp_path):
   assert "eval/text_bits_per_byte" not in keys
 
 
+CHANCE_LOSS = 2.01   # nats per answer token knowing the format but not the value (4-5 digits)
+
+
 @pytest.mark.slow
-def test_a_short_needle_run_learns_to_retrieve(tmp_path):
+def test_a_short_needle_run_learns_to_copy_the_value(tmp_path):
+  """The shipped model on one-fact haystacks of 256 tokens: the held-out loss on the answers falls
+  well under what a model that only knows the format can reach (the value must come from the
+  haystack)."""
   from omnimoe.train import loop
 
   cfg = config_lib.load("needle", [
-      *SMALL, "train.steps=150", "train.batch_size=8", "eval.batch_size=8", "eval.every_steps=0",
-      "data.needle_phase_steps=[]", "data.needle_eval_docs=20"])
+      *SMALL, "data.needle_facts=[1]", "data.needle_questions=[1]", "data.needle_phase_steps=[]",
+      "data.needle_eval_docs=20", "train.steps=250", "train.batch_size=8", "train.warmup_steps=30",
+      "eval.batch_size=8", "eval.every_steps=0", "eval.num_batches=2", "checkpoint.every_steps=250"])
   summary = loop.train(cfg, tmp_path, progress=False)
-  assert summary.eval["eval/retrieval_accuracy"] > 0.2   # chance: ~1e-5 (5-6 exact tokens)
+  assert summary.eval["eval/loss"] < CHANCE_LOSS - 0.4

@@ -9,8 +9,10 @@ A document (one segment, never packed from short pieces) is
   held-out split (`data.heldout_fraction`, the same split as the default dataset's text);
 - a fact: " the code of <key> is <value>. " with a fresh key (4-6 random lowercase letters, the
   keys of a document distinct) and a fresh value (4-5 random digits): nothing to memorise;
-- a question about one of the facts: "\\nwhat is the code of <key>? " then its answer "<value>.";
-  the answers are the only tokens with loss (`answer_N`), the questions ask about distinct facts.
+- a question about one of the facts, then the start of the answer in the fact's own words (the
+  template of RULER's needle tasks): "\\nwhat is the code of <key>? the code of <key> is ", then
+  the answer "<value>."; the answers are the only tokens with loss (`answer_N`), and the questions
+  of a document ask about distinct facts.
 
 A fact's depth is its first position divided by H (BOS is position 0), its decile
 floor(10 * depth). H counts BOS, filler and facts; `haystack_len` fixes H (held-out documents) and
@@ -28,7 +30,7 @@ from omnimoe.data.builtin import text_corpus
 KEY_LETTERS = (4, 6)        # a key is 4..6 random lowercase letters
 VALUE_DIGITS = (4, 5)       # a value is 4..5 random digits
 FACT = " the code of {key} is {value}. "
-QUESTION = "\nwhat is the code of {key}? "
+QUESTION = "\nwhat is the code of {key}? the code of {key} is "
 ANSWER = "{value}."
 FILLER_JOIN = b"\n\n"
 # Bytes of the longest question + answer; a token covers at least one byte (bytes, or
