@@ -118,9 +118,9 @@ def test_attention_over_context_meets_the_float64_oracle(strategy, balanced, sha
                                err_msg=f"d{name}")
 
 
-TINY = ["model.num_layers=2", "model.num_dense_layers=1", "model.d_model=32", "model.num_heads=2",
+TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
         "model.num_kv_heads=1", "model.head_dim=16", "model.rope_sections=[4,2,2]",
-        "model.dense_hidden=32", "model.moe.num_experts=4", "model.moe.expert_hidden=32",
+        "model.moe.num_experts=4", "model.moe.expert_hidden=32",
         "data.seq_len=64", "train.batch_size=4", "model.attention=blockwise",
         "model.attention_block=8"]
 
