@@ -294,6 +294,9 @@ def _check_data(d: DataConfig) -> None:
          f"must be a number >= 0, got {source.weight}")
   need(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources",
        "needs a source with a positive weight (or [] for the default dataset)")
+  if d.task != "mixture":   # the retrieval task's own keys (data/pipeline/needle.py)
+    from omnimoe.data.pipeline.needle import check as check_needle
+    check_needle(d)
 
 
 def to_dict(cfg) -> dict:
