@@ -15,8 +15,8 @@ from omnimoe.train.cli import main
 
 VOCAB = Vocab.from_config(DataConfig())
 HELDOUT = needle.filler_documents(0.2, heldout=True)
-FACT_RE = re.compile(rb" the code of ([a-z]+) is ([0-9]+)\. ")
-QUESTION_RE = re.compile(rb"\nwhat is the code of ([a-z]+)\? the code of \1 is ([0-9]+)\.")
+FACT_RE = re.compile(rb" ([a-z]{4,6}):([0-9]{4,5})\. ")
+QUESTION_RE = re.compile(rb"\n([a-z]{4,6}):([0-9]{4,5})\.")
 # A needle config small enough for seconds: rows of 512 holding two documents of 256.
 SMALL = ["data.task=needle", "data.seq_len=512", "data.needle_lengths=[256]", "data.needle_facts=[2]",
          "data.needle_questions=[2]", "data.needle_eval_lengths=[320]", "data.needle_eval_docs=4",
@@ -65,8 +65,7 @@ def test_each_answer_is_its_facts_value_by_parsing_the_text():
     assert len({k for k, _ in asked}) == 3, "questions ask about distinct facts"
     for key, value in asked:
       assert facts[key] == value
-    assert tail == b"".join(b"\nwhat is the code of %s? the code of %s is %s." % (k, k, v)
-                            for k, v in asked)
+    assert tail == b"".join(b"\n%s:%s." % (k, v) for k, v in asked)
 
 
 def test_keys_are_distinct_in_a_row_and_fresh_across_rows():
@@ -140,7 +139,7 @@ def test_held_out_sets_have_equal_questions_per_decile_and_held_out_filler():
     ("data.needle_lengths=[300]", "data.needle_lengths"),
     ("data.needle_phase_steps=[5]", "data.needle_phase_steps"),
     ("data.needle_questions=[3]", "data.needle_questions"),
-    ("data.needle_eval_lengths=[200]", "data.needle_eval_lengths"),
+    ("data.needle_eval_lengths=[100]", "data.needle_eval_lengths"),
 ])
 def test_impossible_settings_are_one_line_errors_naming_the_key(override, key):
   with pytest.raises(ValueError, match=re.escape(key)) as e:

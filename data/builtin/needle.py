@@ -7,12 +7,12 @@ A document (one segment, never packed from short pieces) is
 - filler: the text corpus's documents (data/builtin/text_corpus.py) in a random order, from a random
   offset, joined by blank lines; training documents use its training split, held-out documents its
   held-out split (`data.heldout_fraction`, the same split as the default dataset's text);
-- a fact: " the code of <key> is <value>. " with a fresh key (4-6 random lowercase letters, the
-  keys of a document distinct) and a fresh value (4-5 random digits): nothing to memorise;
-- a question about one of the facts, then the start of the answer in the fact's own words (the
-  template of RULER's needle tasks): "\\nwhat is the code of <key>? the code of <key> is ", then
-  the answer "<value>."; the answers are the only tokens with loss (`answer_N`), and the questions
-  of a document ask about distinct facts.
+- a fact: " <key>:<value>. " with a fresh key (4-6 random lowercase letters, the keys of a
+  document distinct) and a fresh value (4-5 random digits): nothing to memorise;
+- a question about one of the facts: a new line and the fact's own start, "\\n<key>:", then the
+  answer "<value>."; the answers are the only tokens with loss (`answer_N`), and the questions of a
+  document ask about distinct facts. Short facts and questions keep a short document dense in
+  answers, which is what lets a small model learn the task in minutes (docs/needle.md).
 
 A fact's depth is its first position divided by H (BOS is position 0), its decile
 floor(10 * depth). H counts BOS, filler and facts; `haystack_len` fixes H (held-out documents) and
@@ -29,8 +29,8 @@ from omnimoe.data.builtin import text_corpus
 
 KEY_LETTERS = (4, 6)        # a key is 4..6 random lowercase letters
 VALUE_DIGITS = (4, 5)       # a value is 4..5 random digits
-FACT = " the code of {key} is {value}. "
-QUESTION = "\nwhat is the code of {key}? the code of {key} is "
+FACT = " {key}:{value}. "
+QUESTION = "\n{key}:"
 ANSWER = "{value}."
 FILLER_JOIN = b"\n\n"
 # Bytes of the longest question + answer; a token covers at least one byte (bytes, or

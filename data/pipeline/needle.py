@@ -26,7 +26,7 @@ from omnimoe.data.vocab import Vocab
 
 TRAIN_STREAM, HELDOUT_STREAM, LOSS_STREAM = 11, 12, 13   # rng = default_rng([stream, seed, ...])
 ROW_MULTIPLE = 128           # held-out rows are padded to a multiple of this
-MIN_FILLER = 64              # filler tokens a training document keeps at least
+MIN_FILLER = 16              # filler tokens a training document keeps at least
 
 
 def check(cfg: DataConfig) -> None:
