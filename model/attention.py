@@ -1,6 +1,7 @@
 """Causal, segment-masked GQA attention behind one function, `attend` (one device's arrays).
 
-Query i sees key j iff order[j] <= order[i] and segment_ids[i] == segment_ids[j] != 0, where
+Query i sees key j iff order[j] <= order[i] and segment_ids[i] == segment_ids[j] != 0 (and
+order[i] - order[j] < window in a sliding-window layer: `window`, default NO_WINDOW = none), where
 order is the 1-D position of a token in its row: the array index unless the batch carries an
 `order` (rows reordered for context parallelism, model/context_parallel.py). Rows of padding
 (segment 0) see nothing and return exactly 0 (never NaN). H query heads share K key/value heads
@@ -20,7 +21,8 @@ Backends:
 import jax
 import jax.numpy as jnp
 
-from omnimoe.model.blockwise_attention import Meta, blockwise_attention, blockwise_cross, index_meta
+from omnimoe.model.blockwise_attention import (NO_WINDOW, Meta, blockwise_attention, blockwise_cross,
+                                               index_meta, is_global)
 
 IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn")
 
@@ -28,7 +30,8 @@ IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn")
 def visible(meta: Meta) -> jax.Array:
   """Boolean [B, Lq, Lk]: query i may see key j."""
   same = (meta.seg_q[:, :, None] == meta.seg_k[:, None, :]) & (meta.seg_q[:, :, None] > 0)
-  return same & (meta.order_k[:, None, :] <= meta.order_q[:, :, None])
+  back = meta.order_q[:, :, None] - meta.order_k[:, None, :]
+  return same & (back >= 0) & (back < meta.window)
 
 
 def _xla(q, k, v, meta: Meta):
@@ -54,11 +57,12 @@ def _cudnn(q, k, v, meta: Meta, index_order: bool):
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention 'cudnn' needs bfloat16/float16 inputs, got {q.dtype}; "
                      "set model.dtype=bfloat16 or use attention 'xla'/'blockwise'")
-  if index_order:
+  if index_order and is_global(meta.window):
     mask = (meta.seg_q[:, :, None] == meta.seg_k[:, None, :]) & (meta.seg_q[:, :, None] > 0)
   else:
     mask = visible(meta)
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=index_order,
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
+                                     is_causal=index_order and is_global(meta.window),
                                      implementation="cudnn")
   return jnp.where((meta.seg_q > 0)[:, :, None, None], out, 0).astype(q.dtype)
 
@@ -88,7 +92,8 @@ def attend_meta(q_BxLqxHxD: jax.Array, k_BxLkxKxD: jax.Array, v_BxLkxKxD: jax.Ar
     impl = "xla" if k_BxLkxKxD.shape[1] <= block else "blockwise"
   if impl == "blockwise":
     if index_order:
-      return blockwise_attention(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta.seg_q, block)
+      return blockwise_attention(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta.seg_q, block,
+                                 meta.window)
     return blockwise_cross(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta, block)
   if impl == "xla":
     return _xla(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta)
@@ -97,14 +102,16 @@ def attend_meta(q_BxLqxHxD: jax.Array, k_BxLkxKxD: jax.Array, v_BxLkxKxD: jax.Ar
 
 def attend(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array,
            segment_ids_BxL: jax.Array, *, order_BxL: jax.Array | None = None,
-           implementation: str = "auto", block: int = 128) -> jax.Array:
+           implementation: str = "auto", block: int = 128,
+           window: jax.Array | int = NO_WINDOW) -> jax.Array:
   """Causal segment-masked self-attention; returns [B, L, H, Dh] in q's dtype. `order_BxL`:
-  the 1-D order of the positions (None = the array index)."""
+  the 1-D order of the positions (None = the array index); `window`: a sliding window (keys less
+  than `window` positions back), NO_WINDOW for global attention."""
   seg = segment_ids_BxL.astype(jnp.int32)
   if order_BxL is None:
-    meta = index_meta(seg)
+    meta = index_meta(seg, window)
   else:
     order = order_BxL.astype(jnp.int32)
-    meta = Meta(seg, seg, order, order)
+    meta = Meta(seg, seg, order, order, window)
   return attend_meta(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, meta, implementation=implementation,
                      block=block, index_order=order_BxL is None)

@@ -1,13 +1,15 @@
 """Blockwise (flash-style) causal, segment-masked GQA attention in pure JAX, with block skipping.
 
 Queries and keys are both cut into blocks of `block` rows. Query i sees key j iff order[j] <=
-order[i] and their segment ids are equal and nonzero; padding rows (segment 0) return 0. `order`
+order[i] and their segment ids are equal and nonzero, and, in a sliding-window (local) layer,
+order[i] - order[j] < window; padding rows (segment 0) return 0. `order`
 is the 1-D position of a token within its row: the array index by default (`blockwise_attention`),
 or what the batch carries once a row has been reordered or cut over devices (`blockwise_cross`,
 whose keys may also be a different, longer array than the queries: context parallelism).
 
-For query block i a `lax.fori_loop` visits key blocks j: j = 0..i only when the order is the array
-index (the causal diagonal bounds the loop), every key block otherwise; a `lax.cond` skips a pair
+For query block i a `lax.fori_loop` visits key blocks j: j <= i only when the order is the array
+index (the causal diagonal bounds the loop, and a window its start), every key block otherwise; a
+`lax.cond` skips a pair
 (i, j) whose mask is all false (no query in i shares a nonzero segment with an earlier key in j), so
 hidden pairs cost no matmul. Forward: online softmax (running max m, running sum l, accumulator) per
 query block, an outer `lax.scan` over query blocks. Backward (custom VJP): the same pair loop
@@ -29,21 +31,30 @@ import jax.numpy as jnp
 
 NEG = -1e30  # finite "minus infinity": keeps fully masked rows free of NaN; the lse of a row with
              # no visible key
+NO_WINDOW = 1 << 30  # Meta.window of global attention: every earlier key of the segment
 
 
 class Meta(NamedTuple):
-  """Segment ids and 1-D order of the queries ([B, Lq]) and of the keys ([B, Lk]), int32."""
+  """Segment ids and 1-D order of the queries ([B, Lq]) and of the keys ([B, Lk]), int32, and the
+  sliding window: a query sees only keys less than `window` positions before it (an int or an
+  int32 scalar, which may be traced: scanned layers each carry their own; NO_WINDOW = global)."""
   seg_q: jax.Array
   seg_k: jax.Array
   order_q: jax.Array
   order_k: jax.Array
+  window: jax.Array | int = NO_WINDOW
 
 
-def index_meta(segment_ids_BxL: jax.Array) -> Meta:
+def is_global(window) -> bool:
+  """True when `window` is known at trace time to hide nothing (NO_WINDOW or more)."""
+  return isinstance(window, int) and window >= NO_WINDOW
+
+
+def index_meta(segment_ids_BxL: jax.Array, window: jax.Array | int = NO_WINDOW) -> Meta:
   """Self-attention in array order: the order of a token is its index in the row."""
   seg = segment_ids_BxL.astype(jnp.int32)
   order = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
-  return Meta(seg, seg, order, order)
+  return Meta(seg, seg, order, order, window)
 
 
 def _blocks(x, nb, block):
@@ -59,23 +70,26 @@ def _unblock(x_n, L):
   return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :L]
 
 
-def _mask(seg_q_Bxb, ord_q_Bxb, seg_k_Bxb, ord_k_Bxb):
-  """[B, 1, 1, bq, bk] boolean: causal by order, same nonzero segment."""
+def _mask(seg_q_Bxb, ord_q_Bxb, seg_k_Bxb, ord_k_Bxb, window):
+  """[B, 1, 1, bq, bk] boolean: causal by order within the window, same nonzero segment."""
   same = (seg_q_Bxb[:, :, None] == seg_k_Bxb[:, None, :]) & (seg_q_Bxb[:, :, None] > 0)
-  return (same & (ord_k_Bxb[:, None, :] <= ord_q_Bxb[:, :, None]))[:, None, None]
+  back = ord_q_Bxb[:, :, None] - ord_k_Bxb[:, None, :]          # how far before the query
+  return (same & (back >= 0) & (back < window))[:, None, None]
 
 
-def _visit_row(i, q_side, k_side_n, diagonal, pair_fn, carry):
+def _visit_row(i, q_side, k_side_n, diagonal, pair_fn, carry, window):
   """Fold pair_fn(j, mask, carry) over the key blocks j whose mask with query block i is not all
-  false (j <= i when `diagonal`, else every key block).
+  false (when `diagonal`, only j from the first block the window reaches up to i; else every key
+  block).
 
   carry is (count, user carry); count is int32 [visited, computed]: one per loop step, one per pair
   computed.
   """
   seg_k_n, ord_k_n = k_side_n
+  block = seg_k_n.shape[-1]
 
   def body(j, c):
-    mask = _mask(*q_side, seg_k_n[j], ord_k_n[j])
+    mask = _mask(*q_side, seg_k_n[j], ord_k_n[j], window)
 
     def compute(c):
       return c[0].at[1].add(1), pair_fn(j, mask, c[1])
@@ -83,8 +97,10 @@ def _visit_row(i, q_side, k_side_n, diagonal, pair_fn, carry):
   # A traced bound keeps this a while loop, never a scan: inside an outer scan that is being
   # differentiated (scanned layers), JAX's partial evaluation would otherwise stack every pair's
   # intermediates as residuals ([steps, pairs, ..., block, block]): quadratic memory.
-  upper = i + 1 if diagonal else i * 0 + seg_k_n.shape[0]
-  return jax.lax.fori_loop(0, upper, body, carry)
+  if diagonal:   # rows i*block.. see keys from i*block - window + 1 on
+    lower = jnp.maximum(0, i - (jnp.asarray(window, jnp.int32) + block - 2) // block)
+    return jax.lax.fori_loop(lower, i + 1, body, carry)
+  return jax.lax.fori_loop(0, i * 0 + seg_k_n.shape[0], body, carry)
 
 
 def _q_blocks(x_BxLxHxD, K, nb, block):
@@ -138,7 +154,8 @@ def _forward(q, k, v, meta: Meta, block, diagonal):
 
     init = (jnp.full(shape, NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(shape + (D,), jnp.float32))
-    count, (m, l, acc) = _visit_row(i, (seg_q, ord_q), k_side_n, diagonal, pair, (count, init))
+    count, (m, l, acc) = _visit_row(i, (seg_q, ord_q), k_side_n, diagonal, pair, (count, init),
+                                    meta.window)
     has_keys = l > 0
     out_b = acc / jnp.where(has_keys, l, 1.0)[..., None]
     lse_b = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), NEG)
@@ -179,7 +196,7 @@ def _backward(q, k, v, meta: Meta, out, lse_n, dout, block, diagonal):
     count, dk_n, dv_n = carry
     init = (jnp.zeros(q_b.shape, jnp.float32), dk_n, dv_n)
     count, (dq_b, dk_n, dv_n) = _visit_row(i, (seg_q, ord_q), k_side_n, diagonal, pair,
-                                           (count, init))
+                                           (count, init), meta.window)
     return (count, dk_n, dv_n), dq_b
 
   zeros = jnp.zeros(k_n.shape, jnp.float32)
@@ -224,9 +241,11 @@ def _custom_fwd(q, k, v, meta, block, diagonal):
 _custom.defvjp(_custom_fwd, _grads)
 
 
-def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, block: int):
+def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, block: int,
+                        window: jax.Array | int = NO_WINDOW):
   """Causal segment-masked self-attention in array order, memory-linear in L (module docstring)."""
-  return _custom(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, index_meta(segment_ids_BxL), block, True)
+  return _custom(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, index_meta(segment_ids_BxL, window), block,
+                 True)
 
 
 def blockwise_cross(q_BxLqxHxD, k_BxLkxKxD, v_BxLkxKxD, meta: Meta, block: int):
@@ -247,9 +266,10 @@ def piece_backward(q, k, v, meta: Meta, out, lse_BxLxH, dout, block: int):
   return _backward(q, k, v, meta, out, lse_n, dout, block, False)[:3]
 
 
-def blocks_computed(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, block: int):
+def blocks_computed(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, block: int,
+                    window: jax.Array | int = NO_WINDOW):
   """Forward and backward int32 [visited, computed] counts of (query block, key block) pairs."""
-  args = (q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, index_meta(segment_ids_BxL))
+  args = (q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, index_meta(segment_ids_BxL, window))
   out_n, lse, forward = _forward(*args, block, True)
   out = _q_unblock(out_n, q_BxLxHxD.shape[1])
   return forward, _backward(*args, out, lse, jnp.ones_like(out), block, True)[3]

@@ -11,6 +11,8 @@ and reports a ConfigError; a layer calls the part it relies on (`check_moe`, `ch
 """
 import dataclasses
 
+from omnimoe.model.blockwise_attention import NO_WINDOW
+
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
@@ -56,6 +58,10 @@ class ModelConfig:
   qk_norm: bool = True            # RMSNorm on queries and keys
   attention: str = "auto"         # auto | blockwise | xla | cudnn
   attention_block: int = 128      # key/query block of the blockwise attention
+  local_layers: tuple[int, ...] = ()  # indices of sliding-window (local) attention layers; the
+                                  # others attend to the whole causal past (global)
+  attention_window: int = 0       # a local layer's query sees the keys less than this many
+                                  # positions back (itself included); set iff local_layers is
   dtype: str = "float32"          # compute dtype: float32 | bfloat16
   param_dtype: str = "float32"    # parameter dtype
   num_dense_layers: int = 0       # the first N blocks use a dense SwiGLU instead of the MoE layer
@@ -107,9 +113,29 @@ def check(cfg: ModelConfig) -> None:
   check_heads(cfg.num_heads, cfg.num_kv_heads)
   check_rope(cfg.head_dim, cfg.rope_sections)
   check_dense_layers(cfg.num_dense_layers, cfg.num_layers)
+  check_windows(cfg)
   one_of("model.remat", cfg.remat, REMAT)
   one_of("model.context_parallel", cfg.context_parallel, CONTEXT_PARALLEL)
   check_moe(cfg.moe)
+
+
+def check_windows(cfg: ModelConfig) -> None:
+  bad = [i for i in cfg.local_layers if not 0 <= i < cfg.num_layers]
+  need(not bad, "model.local_layers",
+       f"layer indices must lie in 0..{cfg.num_layers - 1} (model.num_layers); got {bad}")
+  need(len(set(cfg.local_layers)) == len(cfg.local_layers), "model.local_layers",
+       f"has a layer twice: {list(cfg.local_layers)}")
+  if cfg.local_layers:
+    positive("model.attention_window", cfg.attention_window)
+  else:
+    need(cfg.attention_window == 0, "model.attention_window",
+         f"is {cfg.attention_window} but model.local_layers is empty; name the local layers")
+
+
+def layer_windows(cfg: ModelConfig) -> list[int]:
+  """Each layer's attention window: model.attention_window for the local layers, else NO_WINDOW."""
+  return [cfg.attention_window if i in cfg.local_layers else NO_WINDOW
+          for i in range(cfg.num_layers)]
 
 
 def check_heads(num_heads: int, num_kv_heads: int) -> None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from omnimoe.model.attention import attend, attend_meta
-from omnimoe.model.blockwise_attention import Meta, piece_backward, piece_forward
+from omnimoe.model.blockwise_attention import NO_WINDOW, Meta, piece_backward, piece_forward
 from omnimoe.model.sharding import fit_spec, logical_to_mesh_spec
 
 AXIS = "context"
@@ -50,14 +50,14 @@ def context_size(L: int) -> int:
 
 def attend_over_context(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, order_BxL=None, *,
                         strategy: str = "all_gather", implementation: str = "auto",
-                        block: int = 128):
+                        block: int = 128, window: jax.Array | int = NO_WINDOW):
   """Causal segment-masked self-attention of whole rows whose length may be split over `context`;
   the same function as model/attention.py `attend` (see the module docstring)."""
   L = q_BxLxHxD.shape[1]
   c = context_size(L)
   if c == 1:
     return attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, order_BxL=order_BxL,
-                  implementation=implementation, block=block)
+                  implementation=implementation, block=block, window=window)
   mesh = jax.sharding.get_abstract_mesh()
   sizes = _auto_sizes(mesh)
   spec_q = fit_spec(logical_to_mesh_spec(HEADS), q_BxLxHxD.shape, sizes)
@@ -66,7 +66,7 @@ def attend_over_context(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, order_
   rows = P(spec_q[0], AXIS)
   act = P(spec_q[0], AXIS, heads, None)
   seg = segment_ids_BxL.astype(jnp.int32)
-  args = (q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, seg)
+  args = (q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, seg, jnp.asarray(window, jnp.int32))
   if order_BxL is not None:
     args += (order_BxL.astype(jnp.int32),)
   if strategy == "all_gather":
@@ -76,29 +76,29 @@ def attend_over_context(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, order_
   else:
     raise ValueError(f"config key 'model.context_parallel' must be all_gather or ring; "
                      f"got '{strategy}'")
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(act, act, act) + (rows,) * (len(args) - 3),
-                     out_specs=act, check_vma=False)
+  specs = (act, act, act, rows, P()) + (rows,) * (len(args) - 5)   # window: replicated
+  fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=act, check_vma=False)
   return fn(*args)
 
 
-def _local_meta(seg_BxLc, order_BxLc):
+def _local_meta(seg_BxLc, window, order_BxLc):
   """The local block's segment ids and orders (from the device index when the batch has none)."""
   if order_BxLc is None:
     Lc = seg_BxLc.shape[1]
     start = jax.lax.axis_index(AXIS) * Lc
     order_BxLc = jnp.broadcast_to(start + jnp.arange(Lc, dtype=jnp.int32), seg_BxLc.shape)
-  return Meta(seg_BxLc, seg_BxLc, order_BxLc, order_BxLc)
+  return Meta(seg_BxLc, seg_BxLc, order_BxLc, order_BxLc, window)
 
 
-def _gather_body(q, k, v, seg, order=None, *, implementation, block):
-  local = _local_meta(seg, order)
+def _gather_body(q, k, v, seg, window, order=None, *, implementation, block):
+  local = _local_meta(seg, window, order)
   gather = lambda a: jax.lax.all_gather(a, AXIS, axis=1, tiled=True)
-  meta = Meta(local.seg_q, gather(local.seg_k), local.order_q, gather(local.order_k))
+  meta = local._replace(seg_k=gather(local.seg_k), order_k=gather(local.order_k))
   return attend_meta(q, gather(k), gather(v), meta, implementation=implementation, block=block)
 
 
-def _ring_body(q, k, v, seg, order=None, *, c, block):
-  return ring_attention(q, k, v, _local_meta(seg, order), c, min(block, q.shape[1]))
+def _ring_body(q, k, v, seg, window, order=None, *, c, block):
+  return ring_attention(q, k, v, _local_meta(seg, window, order), c, min(block, q.shape[1]))
 
 
 def _shift(tree, c):
@@ -123,7 +123,7 @@ def _ring_forward(q, k, v, meta: Meta, c, block):
   """(out float32 [B, Lc, H, D], lse float32 [B, Lc, H]) over the whole ring."""
   def piece(kv):
     k_b, v_b, seg_k, order_k = kv
-    return piece_forward(q, k_b, v_b, Meta(meta.seg_q, seg_k, meta.order_q, order_k), block)
+    return piece_forward(q, k_b, v_b, meta._replace(seg_k=seg_k, order_k=order_k), block)
 
   def step(_, carry):
     out, lse, kv = carry
@@ -154,7 +154,7 @@ def _ring_bwd(c, block, res, dout):
   def step(_, carry):
     dq, kv, dkv = carry
     k_b, v_b, seg_k, order_k = kv
-    piece = Meta(meta.seg_q, seg_k, meta.order_q, order_k)
+    piece = meta._replace(seg_k=seg_k, order_k=order_k)
     dq_s, dk_s, dv_s = piece_backward(q, k_b, v_b, piece, out, lse, dout, block)
     dkv = (dkv[0] + dk_s, dkv[1] + dv_s)
     return dq + dq_s, _shift(kv, c), _shift(dkv, c)      # c shifts bring each dk/dv home

@@ -13,6 +13,8 @@ The first `num_dense_layers` blocks use a dense SwiGLU and return no aux.
 trace under it, so activation constraints and the experts' shard_map see it (train.state sets it).
 `platform` (model/expert_parallel.py `Platform`, default: this process's backend) is what the MoE
 layers' experts are built for (`omnimoe plan --platform gpu` builds a GPU's program on CPUs).
+The layers in `model.local_layers` attend within a sliding window of `model.attention_window`
+positions (Gemma-style local layers; the others see the whole causal past).
 Blocks run in a Python loop (compile time grows with num_layers), each under `model.remat`'s
 jax checkpoint policy (REMAT_POLICIES; `none` = no checkpoint). With `model.scan_layers` the dense
 blocks stay in `blocks` (unrolled, in front) and the M MoE blocks are one Block, `moe_stack`, whose
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnimoe.model.config import REMAT, ModelConfig, check_dense_layers, one_of
+from omnimoe.model.blockwise_attention import NO_WINDOW
+from omnimoe.model.config import REMAT, ModelConfig, check_dense_layers, layer_windows, one_of
 from omnimoe.model.embed import MultimodalEmbed
 from omnimoe.model.expert_parallel import Platform
 from omnimoe.model.mlp import SwiGLU
@@ -77,10 +80,10 @@ class Block(nnx.Module):
       self.moe = MoE(cfg.d_model, cfg.moe, platform=platform, **kw)
 
   def __call__(self, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP, order_BxL=None,
-               threshold=None, bias_MxE=None):
+               threshold=None, bias_MxE=None, window=NO_WINDOW):
     with jax.named_scope("attention"):
       x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, angles_BxLxP,
-                                    order_BxL)
+                                    order_BxL, window)
     if self.dense:
       with jax.named_scope("mlp"):
         return constrain(x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), ACT), None
@@ -101,17 +104,18 @@ def stack_blocks(blocks: list[Block]) -> Block:
   return blocks[0]
 
 
-def scan_blocks(stack: Block, run_block, x_BxLxD, rest: tuple, per_layer_router: tuple):
+def scan_blocks(stack: Block, run_block, x_BxLxD, rest: tuple, per_layer: tuple):
   """(x after every layer of `stack` in turn, their aux stacked [M, ...]): one lax.scan whose xs
-  are the layers' Variables and router state (threshold [M], bias [M, 3, E] or None)."""
+  are the layers' Variables and per-layer inputs (threshold [M], bias [M, 3, E] or None, and the
+  attention windows int32 [M] when some layer is local)."""
   graphdef, state = nnx.split(stack)
 
   def body(x_BxLxD, layer):
-    layer_state, threshold, bias = layer
-    return run_block(nnx.merge(graphdef, layer_state), x_BxLxD, *rest, threshold, bias)
+    layer_state, *inputs = layer
+    return run_block(nnx.merge(graphdef, layer_state), x_BxLxD, *rest, *inputs)
 
   with jax.named_scope("scanned_blocks"):
-    return jax.lax.scan(body, x_BxLxD, (state, *per_layer_router))
+    return jax.lax.scan(body, x_BxLxD, (state, *per_layer))
 
 
 class Decoder(nnx.Module):
@@ -170,15 +174,21 @@ class Decoder(nnx.Module):
     order_BxL = batch.get("order")                   # 1-D order of reordered rows (None: index)
     rest = (segment_ids_BxL, modality_BxL, angles_BxLxP,
             None if order_BxL is None else jnp.asarray(order_BxL, jnp.int32))
+    windows = layer_windows(cfg)                      # a global layer keeps the Python default
     for i, block in enumerate(self.blocks):
       moe_index = i - cfg.num_dense_layers            # router state is kept per MoE layer
       per_layer = (None, None) if block.dense else jax.tree.map(lambda a: a[moe_index],
                                                                  per_layer_router)
-      x_BxLxD, aux = run_block(block, x_BxLxD, *rest, *per_layer)
+      local = () if windows[i] == NO_WINDOW else (windows[i],)
+      x_BxLxD, aux = run_block(block, x_BxLxD, *rest, *per_layer, *local)
       if aux is not None:
         auxes.append(aux)
     if cfg.scan_layers:
-      x_BxLxD, stacked = scan_blocks(self.moe_stack, run_block, x_BxLxD, rest, per_layer_router)
+      scanned = windows[cfg.num_dense_layers:]
+      local = (() if all(w == NO_WINDOW for w in scanned)
+               else (jnp.asarray(scanned, jnp.int32),))
+      x_BxLxD, stacked = scan_blocks(self.moe_stack, run_block, x_BxLxD, rest,
+                                     (*per_layer_router, *local))
     else:
       stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}
     with jax.named_scope("final_norm"):

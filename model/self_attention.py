@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnimoe.model.config import ModelConfig, check_heads
+from omnimoe.model.blockwise_attention import NO_WINDOW
 from omnimoe.model.context_parallel import attend_over_context
 from omnimoe.model.norm import RMSNorm
 from omnimoe.model.rope import apply_rope
@@ -32,7 +33,8 @@ class SelfAttention(nnx.Module):
       self.k_norm = RMSNorm(Dh, dtype=cfg.dtype, param_dtype=pd, names=("kv",), rngs=rngs)
 
   def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
-               angles_BxLxP: jax.Array, order_BxL: jax.Array | None = None) -> jax.Array:
+               angles_BxLxP: jax.Array, order_BxL: jax.Array | None = None,
+               window: jax.Array | int = NO_WINDOW) -> jax.Array:
     cfg = self.cfg
     dt = self.dtype
     x = x_BxLxD.astype(dt)
@@ -53,5 +55,6 @@ class SelfAttention(nnx.Module):
     with jax.named_scope("attend"):
       o_BxLxHxD = attend_over_context(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL,
                                       order_BxL, strategy=cfg.context_parallel,
-                                      implementation=cfg.attention, block=cfg.attention_block)
+                                      implementation=cfg.attention, block=cfg.attention_block,
+                                      window=window)
     return jnp.einsum("blhk,hkd->bld", o_BxLxHxD, self.wo_HxDhxD[...].astype(dt))

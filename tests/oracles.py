@@ -34,9 +34,10 @@ def byte_pieces(doc: bytes, max_bytes: int) -> list[tuple[bytes, bool]]:
   return [(doc[s:s + max_bytes], s == starts[-1]) for s in starts]
 
 
-def attention_oracle(q, k, v, seg, order, r):
+def attention_oracle(q, k, v, seg, order, r, window=None):
   """Float64 causal segment-masked GQA attention by dense numpy: query i sees key j iff
-  order[j] <= order[i] and seg[i] == seg[j] > 0. Returns out and d(sum(out * r))/d(q, k, v)."""
+  order[j] <= order[i] and seg[i] == seg[j] > 0 (and order[i] - order[j] < window, if given).
+  Returns out and d(sum(out * r))/d(q, k, v)."""
   q, k, v, r = (np.asarray(a, np.float64) for a in (q, k, v, r))
   seg, order = np.asarray(seg), np.asarray(order)
   h, kv, d = q.shape[2], k.shape[2], q.shape[3]
@@ -45,6 +46,8 @@ def attention_oracle(q, k, v, seg, order, r):
   for b in range(q.shape[0]):
     vis = ((order[b][None, :] <= order[b][:, None]) & (seg[b][None, :] == seg[b][:, None])
            & (seg[b][:, None] > 0))
+    if window is not None:
+      vis &= order[b][:, None] - order[b][None, :] < window
     for hh in range(h):
       kh = hh // (h // kv)
       s = np.where(vis, q[b, :, hh] @ k[b, :, kh].T / np.sqrt(d), -np.inf)
