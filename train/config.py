@@ -43,6 +43,9 @@ class TrainConfig:
   loss_chunk: int = 0             # cross entropy over chunks of this many positions, each chunk's
                                   # logits recomputed in the backward, so [B, L, V] never exists
                                   # (a last partial chunk is padded); 0 = whole logits at once
+  microbatches: int = 1           # gradient accumulation: the global batch is run as this many
+                                  # microbatches (rows r, r + M, ...) one after another, their
+                                  # gradients summed before one optimizer step (train/step.py)
   context_balance: bool = True    # with mesh.within_rack.context = c > 1: rows cut into 2c chunks,
                                   # device i holding chunks i and 2c-1-i (train/context_batch.py)
 
@@ -273,6 +276,9 @@ def _check_run(cfg: Config) -> None:
     positive(f"train.{name}", getattr(t, name))
   need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
   need(t.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0 (0 = off), got {t.loss_chunk}")
+  positive("train.microbatches", t.microbatches)
+  need(t.batch_size % t.microbatches == 0, "train.microbatches",
+       f"must divide train.batch_size={t.batch_size}, got {t.microbatches}")
   context_batch.check_length(cfg.data.seq_len, cfg.mesh.within_rack.context, t.context_balance)
   need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
   positive("checkpoint.every_steps", cfg.checkpoint.every_steps)

@@ -222,7 +222,7 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
   if jax.process_index() == 0:
     (workdir / "config.yaml").write_text(config_lib.dump(cfg))
   mesh = make_mesh(cfg.mesh)
-  check_batch(mesh, cfg.train.batch_size)
+  check_batch(mesh, cfg.train.batch_size, microbatches=cfg.train.microbatches)
   with _data_errors():   # a context axis filled by -1 is known only now
     context_batch.check_length(cfg.data.seq_len, mesh.shape["context"], cfg.train.context_balance)
   with _data_errors():

@@ -89,11 +89,16 @@ def batch_sharding(mesh: Mesh, seq_len: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def check_batch(mesh: Mesh, batch_size: int, key: str = "train.batch_size") -> None:
+def check_batch(mesh: Mesh, batch_size: int, key: str = "train.batch_size",
+                microbatches: int = 1) -> None:
   replicas = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % replicas:
     raise ConfigError(f"config key '{key}'={batch_size} must be divisible by the {replicas} "
                       f"data-parallel replicas (mesh data x fsdp)")
+  if (batch_size // microbatches) % replicas:
+    raise ConfigError(f"config key 'train.microbatches'={microbatches} leaves "
+                      f"{batch_size // microbatches} rows per microbatch, not divisible by the "
+                      f"{replicas} data-parallel replicas (mesh data x fsdp)")
 
 
 def global_batch(host_batch: dict, mesh: Mesh) -> dict:

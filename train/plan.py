@@ -188,7 +188,7 @@ def _compile(cfg: Config, target):
   from omnimoe.train.step import make_train_step
 
   mesh = make_mesh(cfg.mesh)
-  check_batch(mesh, cfg.train.batch_size)
+  check_batch(mesh, cfg.train.batch_size, microbatches=cfg.train.microbatches)
   info = data.dataset_info(cfg.data, cfg.train.seed)
   setup = make_setup(cfg, mesh, info, target)
   step = make_train_step(cfg, setup, batch_sharding(mesh, cfg.data.seq_len))

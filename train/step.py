@@ -1,5 +1,13 @@
 """The pure train and eval steps: `(state, batch) -> (state, metrics)`, jitted once each.
 
+With `train.microbatches=M > 1` the train step accumulates gradients: microbatch m holds rows m,
+m + M, m + 2M, ... of the global batch (so each stays spread over the data-parallel devices), a
+`lax.scan` runs them one after another and sums their gradients, then the optimizer steps once.
+Each microbatch's cross entropy is divided by the weight of the whole global batch, so the summed
+cross entropy and its gradient are the one-shot step's; the MoE balance and z losses and the
+statistics the router controller reads are each microbatch's own, averaged (balance over fewer
+tokens is a different, noisier statistic than over the global batch).
+
 With `train.loss_chunk=C` both steps take the cross entropy C positions at a time
 (`chunked_cross_entropy_BxL`): the logits of one [B, C] chunk are made, reduced to per-token losses
 and dropped, and remade in the backward pass, so no [B, L, V] array exists."""
@@ -47,17 +55,21 @@ def token_cross_entropy(model: Decoder, batch, router, chunk: int):
   return ce_BxL, aux
 
 
-def loss_fn(params, batch, router=None, *, setup: Setup, cfg: Config):
+def loss_fn(params, batch, router=None, *, setup: Setup, cfg: Config, weight_total=None,
+            aux_scale: float = 1.0):
   """Weighted next-token cross entropy plus the MoE auxiliary losses.
 
-  `router`: the router controller state (None: its initial value). Returns (loss, aux); aux holds
-  the losses and the per-layer MoE statistics the controller and the metrics need."""
+  `router`: the router controller state (None: its initial value). `weight_total`: the divisor of
+  the weighted cross entropy (None: this batch's total weight; a microbatch passes the global
+  batch's); `aux_scale` multiplies the auxiliary losses (1 / microbatches). Returns (loss, aux);
+  aux holds the losses and the per-layer MoE statistics the controller and the metrics need."""
   ce_BxL, aux = token_cross_entropy(merge(setup, params), batch, router, cfg.train.loss_chunk)
   weights_BxL = batch["loss_weights"]
   ce = jnp.sum(ce_BxL * weights_BxL)
-  ce = ce / jnp.maximum(jnp.sum(weights_BxL), 1e-9)
+  ce = ce / jnp.maximum(jnp.sum(weights_BxL) if weight_total is None else weight_total, 1e-9)
   moe = cfg.model.moe
-  total = ce + moe.load_balance_coef * aux["load_balance_loss"] + moe.z_loss_coef * aux["router_z_loss"]
+  total = ce + aux_scale * (moe.load_balance_coef * aux["load_balance_loss"]
+                            + moe.z_loss_coef * aux["router_z_loss"])
   return total, {"ce_loss": ce, "load_balance_loss": aux["load_balance_loss"],
                  "router_z_loss": aux["router_z_loss"], **{k: aux[k] for k in MOE_STATS}}
 
@@ -67,12 +79,44 @@ MOE_STATS = ("expert_load", "expert_load_by_modality", "active_fraction",
              "dropped_fraction", "moe_layers")   # per-layer statistics passed on to the metrics
 
 
+def microbatches(batch: dict, M: int) -> dict:
+  """[B, ...] arrays -> [M, B / M, ...]: microbatch m holds rows m, m + M, m + 2M, ..."""
+  return jax.tree.map(lambda a: a.reshape(a.shape[0] // M, M, *a.shape[1:]).swapaxes(0, 1), batch)
+
+
+def accumulated_grads(params, batch, router, *, setup: Setup, cfg: Config):
+  """((loss, aux), grads) of the global batch, `train.microbatches` rows-slices at a time (module
+  docstring): cross entropy and its gradient summed, the rest averaged over the microbatches."""
+  M = cfg.train.microbatches
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if M == 1:
+    return grad_fn(params, batch, router, setup=setup, cfg=cfg)
+  weight_total = jnp.sum(batch["loss_weights"])
+
+  def one(carry, micro):
+    (loss, aux), grads = grad_fn(params, micro, router, setup=setup, cfg=cfg,
+                                 weight_total=weight_total, aux_scale=1.0 / M)
+    return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+  zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                      jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda a: a[0],
+                                                     microbatches(batch, M)), router,
+                                                     setup=setup, cfg=cfg)))
+  (loss, aux), grads = zero
+  (loss, aux, grads), _ = jax.lax.scan(one, (loss, aux, grads), microbatches(batch, M))
+  # Summed: the loss (its cross entropy is the global batch's) and ce_loss; averaged: the rest
+  # (moe_layers, the same int32 indices in every microbatch, comes back exactly).
+  aux = {k: v if k == "ce_loss" else v // M if v.dtype == jnp.int32 else v / M
+         for k, v in aux.items()}
+  return (loss, aux), grads
+
+
 def make_train_step(cfg: Config, setup: Setup, batch_sharding):
   schedule = learning_rate_schedule(cfg)
 
   def train_step(state, batch):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state["params"], batch, state.get("router"), setup=setup, cfg=cfg)
+    (loss, aux), grads = accumulated_grads(state["params"], batch, state.get("router"),
+                                           setup=setup, cfg=cfg)
     updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
