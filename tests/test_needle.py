@@ -230,3 +230,13 @@ def test_two_steps_of_a_tiny_needle_run_end_to_end(tmp_path):
   assert keys["eval/retrieval_accuracy"] == pytest.approx(overall, abs=1e-12)
   assert keys["eval/retrieval_accuracy/len_320"] == pytest.approx(overall, abs=1e-12)
   assert "eval/text_bits_per_byte" not in keys
+  line = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+          if '"ce_loss"' in x][-1]
+  from omnimoe.train.plan import model_flops_per_token
+  from omnimoe.train.state import make_setup
+  assert 0 < line["real_tokens_per_s"] <= line["tokens_per_s"]
+  params = make_setup(cfg, loop.make_mesh(cfg.mesh), data.dataset_info(cfg.data, 0)
+                      ).abstract_state["params"]
+  assert line["tflops_per_device"] == pytest.approx(
+      model_flops_per_token(cfg, params) * line["real_tokens_per_s"] / 8 / 1e12, rel=1e-9)
+  assert 0 < line["mfu"] < 1

@@ -159,18 +159,24 @@ def test_step_metrics_are_fetched_one_step_late_and_stop_on_a_non_finite_loss(mo
   clock = iter([100, 110, 130, 160, 200, 250])       # what time.time() returns, call by call
   monkeypatch.setattr(loop.time, "time", lambda: next(clock))
   out = Recorder()
-  metrics = loop._StepMetrics(cfg, 0, out, Recorder(), out)   # the window opens at t = 100
+  # 2 GFLOP per token, 8 devices, a peak of 0.5 TFLOP/s per device
+  metrics = loop._StepMetrics(cfg, 0, out, Recorder(), out, (2e9, 8, 0.5))  # opens at t = 100
   for step in (1, 2):
-    metrics.hold(step, raw_metrics(loss=float(step)))
+    metrics.hold(step, dict(raw_metrics(loss=float(step)), real_tokens=400 + step))
   assert out.lines == [], "step 2 stays on device until the next step is dispatched"
   metrics.hold(3, raw_metrics(loss=3.0))     # fetches step 2: logged at t = 110, window reopens
   assert [s for s, _ in out.lines] == [2] and metrics.last_loss == 2.0
   assert out.lines[0][1]["tokens_per_s"] == 2 * 8 * 64 / (110 - 100)
+  assert out.lines[0][1]["real_tokens_per_s"] == (401 + 402) / (110 - 100)   # no padding counted
+  assert out.lines[0][1]["tflops_per_device"] == pytest.approx(2e9 * 80.3 / 8 / 1e12)
+  assert out.lines[0][1]["mfu"] == pytest.approx(2e9 * 80.3 / 8 / 1e12 / 0.5)
+  assert "real_tokens" not in out.lines[0][1]
   metrics.restart_window(3)                  # a checkpoint at step 3 ends at t = 160
   metrics.hold(4, raw_metrics(loss=4.0))     # step 3 is fetched, not logged (log_every = 2)
   metrics.fetch()                            # step 4 logged at t = 200
   assert [s for s, _ in out.lines] == [2, 4]
   assert out.lines[1][1]["tokens_per_s"] == 1 * 8 * 64 / (200 - 160)
+  assert out.lines[1][1]["real_tokens_per_s"] == 0, "steps 3-4 carried no real_tokens count"
   metrics.hold(5, raw_metrics(loss=float("nan")))
   with pytest.raises(loop.NonFiniteLoss, match="non-finite loss at step 5; stopped. Last good "
                                                "checkpoint: step 6"):

@@ -23,7 +23,9 @@ from omnimoe.train.checkpoint import Checkpoints
 from omnimoe.train.config import Config
 from omnimoe.train.evaluate import Evaluator
 from omnimoe.train.mesh import batch_sharding, check_batch, global_batch, make_mesh
+from omnimoe.train import mfu
 from omnimoe.train.metrics import MetricsWriter, Progress
+from omnimoe.train.plan import model_flops_per_token
 from omnimoe.train.state import Setup, init_state, make_setup
 from omnimoe.model.modality import NAMES as MODALITIES
 from omnimoe.train.step import MOE_STATS, make_train_step
@@ -140,10 +142,13 @@ def _moe_metrics(raw: dict) -> dict:
   return out
 
 
-def _metrics_line(raw: dict, *, tokens: int, seconds: float) -> dict:
-  out = {k: float(np.asarray(v)) for k, v in raw.items() if k not in (*MOE_STATS, "router_threshold")}
+def _metrics_line(raw: dict, *, tokens: int, seconds: float, real_tokens: float = 0.0,
+                  flops_per_token: float = 0.0, devices: int = 1, peak: float | None = None) -> dict:
+  out = {k: float(np.asarray(v)) for k, v in raw.items()
+         if k not in (*MOE_STATS, "router_threshold", "real_tokens")}
   out.update(_moe_metrics(raw))
   out["tokens_per_s"] = tokens / max(seconds, 1e-9)
+  out.update(mfu.utilisation(real_tokens, seconds, flops_per_token, devices, peak))
   return out
 
 
@@ -153,9 +158,12 @@ class _StepMetrics:
   written line and after each checkpoint or evaluation, whose time is not training time."""
 
   def __init__(self, cfg: Config, start: int, writer: MetricsWriter, bar: Progress,
-               ckpts: Checkpoints):
+               ckpts: Checkpoints, flops: tuple = (0.0, 1, None)):
     self.log_every, self.total = cfg.train.log_every, cfg.train.steps
     self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    # (model FLOPs per token, devices, peak TFLOP/s per device or None): train/mfu.py
+    self.flops_per_token, self.devices, self.peak = flops
+    self.real_tokens = 0.0                 # non-padding tokens of the window's fetched steps
     self.writer, self.bar, self.ckpts = writer, bar, ckpts
     self.pending = None                    # (step, metrics still on device)
     self.window = (start, time.time())     # (first step, start time) of the tokens/s window
@@ -173,6 +181,7 @@ class _StepMetrics:
       return
     (step, raw), self.pending = self.pending, None
     raw = jax.device_get(raw)
+    self.real_tokens += float(raw.get("real_tokens", 0))
     loss = float(raw["loss"])
     if not (math.isfinite(loss) and math.isfinite(float(raw["grad_norm"]))):
       self.ckpts.wait()
@@ -181,13 +190,16 @@ class _StepMetrics:
     if step % self.log_every == 0 or step == self.total:
       first, since = self.window
       line = _metrics_line(raw, tokens=self.tokens_per_step * (step - first),
-                           seconds=time.time() - since)
+                           seconds=time.time() - since, real_tokens=self.real_tokens,
+                           flops_per_token=self.flops_per_token, devices=self.devices,
+                           peak=self.peak)
       self.writer.write(step, line)
       self.bar.update(step, line)
       self.restart_window(step)
 
   def restart_window(self, step: int) -> None:
     self.window = (step, time.time())
+    self.real_tokens = 0.0
 
 
 @dataclasses.dataclass
@@ -278,7 +290,11 @@ def _steps(cfg: Config, run: _Run, writer: MetricsWriter, bar: Progress):
   if run.resumed_from is not None:
     bar.message(f"resumed from {run.workdir / 'checkpoints' / str(run.resumed_from)}")
   state, start, total, last_eval = run.state, int(run.state["step"]), cfg.train.steps, {}
-  metrics = _StepMetrics(cfg, start, writer, bar, run.ckpts)
+  flops = model_flops_per_token(cfg, run.setup.abstract_state["params"])
+  peak, source = mfu.peak_tflops()
+  bar.message(f"mfu: {flops / 1e9:.4f} GFLOP per token (model count); peak "
+              + (f"{peak:.3g} TFLOP/s per device, " if peak else "") + source)
+  metrics = _StepMetrics(cfg, start, writer, bar, run.ckpts, (flops, jax.device_count(), peak))
   with _StopFlag() as stop:
     for step in range(start + 1, total + 1):
       batch = context_batch.prepare(next(run.batches), context, cfg.train.context_balance)

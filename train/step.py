@@ -122,7 +122,8 @@ def make_train_step(cfg: Config, setup: Setup, batch_sharding):
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": jax.random.fold_in(state["rng"], state["step"])}
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state["step"]), **aux}
+               "learning_rate": schedule(state["step"]), **aux,
+               "real_tokens": jnp.sum(batch["segment_ids"] > 0)}    # not padding (train/mfu.py)
     if "router" in state:   # the controller sees this step's global-batch statistics
       new_state["router"] = update_router_state(state["router"], aux, cfg.model.moe)
       if cfg.model.moe.router == "dynamic":
