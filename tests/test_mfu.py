@@ -10,6 +10,7 @@ from omnimoe.train import mfu
 @pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("TPU v5 lite", 197.0),
                                        ("TPU v6 lite", 918.0), ("TPU v4", 275.0),
+                                       ("NVIDIA H100 PCIe", 756.0), ("NVIDIA L40S", None),
                                        ("Some New Chip", None)])
 def test_datasheet_peaks_by_device_kind(kind, peak):
   assert mfu.datasheet_peak_tflops(kind) == peak

@@ -18,9 +18,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-# device_kind substring -> dense bf16 TFLOP/s per chip (NVIDIA and Google Cloud datasheets)
-PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0,
-               "L4": 121.0, "TPU v6": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
+# device_kind substring -> dense bf16 TFLOP/s per chip (NVIDIA and Google Cloud datasheets); the
+# longest matching key wins, so the PCIe H100 (a lower clock) is not read as the SXM part
+PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H800": 989.0,
+               "A100": 312.0, "TPU v6": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
                "TPU v5e": 197.0, "TPU v4": 275.0}
 
 
