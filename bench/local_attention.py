@@ -2,7 +2,7 @@
 window) against both layers global, side by side in one process (forward + backward, one document
 per row).
 
-    python bench/local_attention.py --seq 2048 --batch 4 --json local_attention.json
+    python -m bench.local_attention --seq 2048 --batch 4 --json local_attention.json
 
 Prints a table (median of --steps timed steps after a compile) and the ratio global / local.
 Run on an otherwise idle machine."""
