@@ -27,6 +27,10 @@ class MoEConfig:
   z_loss_coef: float = 1e-3       # router z-loss coefficient
   router: str = "topk"            # topk: top_k experts per token | dynamic: experts by descending
                                   # probability until their mass reaches a per-layer threshold
+  lone_expert: str = "probability"  # a token that takes one expert (top_k 1, or the dynamic
+                                  # router's simplest tokens) is weighted by its router probability
+                                  # (Switch) so the loss trains the router | one: weight 1, as
+                                  # renormalised top-k gives (Qwen3-MoE at top_k 1)
   target_active_fraction: float = 0.125  # dynamic: the controller holds mean(experts taken)/E here
   k_min: int = 1                  # dynamic: fewest experts a token takes
   k_max: int = 4                  # dynamic: most experts a token takes (static buffer T*k_max rows)

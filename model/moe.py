@@ -22,7 +22,7 @@ from omnimoe.model.token_layout import (constrain_tokens, flatten_tokens, token_
                                         unflatten_tokens)
 from omnimoe.model.config import MoEConfig, check_moe_layer, one_of
 from omnimoe.model.mlp import SwiGLU
-from omnimoe.model.router import balance_stats, dynamic_routing, top_k_routing
+from omnimoe.model.router import LONE_EXPERT, balance_stats, dynamic_routing, top_k_routing
 from omnimoe.model.sharding import param
 
 ROUTERS = ("topk", "dynamic")
@@ -46,6 +46,7 @@ class MoE(nnx.Module):
                rngs: nnx.Rngs, platform: Platform = Platform()):
     E, D, H = cfg.num_experts, d_model, cfg.expert_hidden
     one_of("model.moe.router", cfg.router, ROUTERS)
+    one_of("model.moe.lone_expert", cfg.lone_expert, LONE_EXPERT)
     check_moe_layer(cfg)                                  # one place for the MoE numbers
     resolve_dispatch(cfg.dispatch, None, E, platform)   # a bad mode fails when it is built
     self.cfg = cfg
@@ -72,9 +73,11 @@ class MoE(nnx.Module):
     if cfg.router == "dynamic":
       threshold = cfg.threshold_init if threshold is None else threshold
       probs_TxE, expert_TxK, weight_TxK, used_TxK = dynamic_routing(
-          logits_TxE, jnp.asarray(threshold, jnp.float32), cfg.k_min, cfg.k_max, bias_TxE, groups)
+          logits_TxE, jnp.asarray(threshold, jnp.float32), cfg.k_min, cfg.k_max, bias_TxE, groups,
+          cfg.lone_expert)
     else:
-      probs_TxE, expert_TxK, weight_TxK = top_k_routing(logits_TxE, cfg.top_k, bias_TxE, groups)
+      probs_TxE, expert_TxK, weight_TxK = top_k_routing(logits_TxE, cfg.top_k, bias_TxE, groups,
+                                                         cfg.lone_expert)
       used_TxK = None
     return probs_TxE, logits_TxE, expert_TxK, weight_TxK, used_TxK
 

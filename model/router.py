@@ -56,23 +56,42 @@ def _ranked(probs_TxE: jax.Array, k: int, bias_TxE: jax.Array | None, groups: tu
   return top_p_TxK, expert_TxK.astype(jnp.int32), reach_Tx1
 
 
+LONE_EXPERT = ("probability", "one")
+
+
+def combine_weights(kept_TxK: jax.Array, used_TxK: jax.Array, lone_expert: str) -> jax.Array:
+  """The weights a token's experts get: their probabilities renormalised to sum 1 (Qwen3-MoE's
+  top-k), except for a token that takes one expert. Renormalised, that expert's weight is exactly 1
+  whatever the router says, so no gradient of the language-model loss reaches the router;
+  `lone_expert="probability"` weights it by its router probability instead (Switch Transformer),
+  and "one" keeps the constant 1. `kept_TxK` is 0 off `used_TxK`."""
+  renormalised_TxK = kept_TxK / jnp.sum(kept_TxK, axis=-1, keepdims=True)
+  if lone_expert == "one":
+    return renormalised_TxK
+  alone_Tx1 = jnp.sum(used_TxK, axis=-1, keepdims=True) == 1
+  return jnp.where(alone_Tx1, kept_TxK, renormalised_TxK)
+
+
 def top_k_routing(logits_TxE: jax.Array, k: int, bias_TxE: jax.Array | None = None,
-                  groups: tuple[int, int] = (1, 0)) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  groups: tuple[int, int] = (1, 0), lone_expert: str = "probability"
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Softmax over experts, top-k (ranked by probability + bias), weights = the chosen experts'
-  probabilities renormalised to sum 1.
+  probabilities renormalised to sum 1 (at k = 1: see `combine_weights`).
 
   Returns (probs_TxE, expert_TxK, weight_TxK)."""
   probs_TxE = jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1)
   top_p_TxK, expert_TxK, _ = _ranked(probs_TxE, k, bias_TxE, groups)
-  weight_TxK = top_p_TxK / jnp.sum(top_p_TxK, axis=-1, keepdims=True)
+  weight_TxK = combine_weights(top_p_TxK, jnp.ones(top_p_TxK.shape, bool), lone_expert)
   return probs_TxE, expert_TxK, weight_TxK
 
 
 def dynamic_routing(logits_TxE: jax.Array, threshold: jax.Array, k_min: int, k_max: int,
-                    bias_TxE: jax.Array | None = None, groups: tuple[int, int] = (1, 0)
+                    bias_TxE: jax.Array | None = None, groups: tuple[int, int] = (1, 0),
+                    lone_expert: str = "probability"
                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Each token takes experts by descending probability until their mass reaches `threshold`,
-  at least k_min and at most k_max of them; weights renormalised over the experts taken.
+  at least k_min and at most k_max of them; weights renormalised over the experts taken (a token
+  that takes one expert: see `combine_weights`).
 
   Slot j (0-based, descending probability) is taken when j < k_min or the mass of slots 0..j-1 is
   below the threshold, so the mass taken is >= threshold unless k_max binds. With `bias_TxE` the
@@ -85,7 +104,7 @@ def dynamic_routing(logits_TxE: jax.Array, threshold: jax.Array, k_min: int, k_m
   mass_before_TxK = (jnp.cumsum(top_p_TxK, axis=-1) - top_p_TxK) / reach_Tx1
   used_TxK = (jnp.arange(k_max) < k_min) | (jax.lax.stop_gradient(mass_before_TxK) < threshold)
   kept_TxK = jnp.where(used_TxK, top_p_TxK, 0.0)
-  weight_TxK = kept_TxK / jnp.sum(kept_TxK, axis=-1, keepdims=True)
+  weight_TxK = combine_weights(kept_TxK, used_TxK, lone_expert)
   return probs_TxE, expert_TxK, weight_TxK, used_TxK
 
 

@@ -71,7 +71,8 @@ THRESHOLD, K_MIN, K_MAX = 0.7, 1, 3
 
 def _dynamic_reference(params, x_BxLxD):
   """Every expert on every token; per token, experts picked in numpy (descending probability
-  until the mass reaches THRESHOLD, within K_MIN..K_MAX), weights renormalised over them."""
+  until the mass reaches THRESHOLD, within K_MIN..K_MAX), weights renormalised over them, except
+  a token with one expert, weighted by that expert's probability (model.moe.lone_expert)."""
   x = x_BxLxD.reshape(-1, D)
   probs = jax.nn.softmax(x @ params["router_DxE"], axis=-1)
   p = np.asarray(jax.lax.stop_gradient(probs))
@@ -83,6 +84,9 @@ def _dynamic_reference(params, x_BxLxD):
         break
       mask[t, e], mass = 1.0, mass + p[t, e]
   weights = probs * mask / jnp.sum(probs * mask, axis=-1, keepdims=True)
+  lone = mask.sum(-1, keepdims=True) == 1
+  assert 0 < lone.mean() < 1, "both kinds of token, or the test does not test both weightings"
+  weights = jnp.where(lone, probs * mask, weights)
   y = jnp.zeros_like(x)
   for e in range(E):
     y_e = (jax.nn.silu(x @ params["w_gate_ExDxH"][e]) * (x @ params["w_up_ExDxH"][e])) @ \
@@ -131,7 +135,9 @@ def test_load_balance_and_z_loss_golden():
   valid = jnp.asarray([True, True, True, False])
   probs, expert, weight = top_k_routing(logits, 1)
   np.testing.assert_array_equal(expert[:, 0], [0, 1, 0, 0])
-  np.testing.assert_allclose(weight, 1.0)
+  # A lone expert is weighted by its probability (model.moe.lone_expert="probability").
+  np.testing.assert_allclose(weight[:, 0], [0.75, 0.75, 0.75, 1 / (1 + math.exp(-10.0))], rtol=1e-6)
+  np.testing.assert_allclose(top_k_routing(logits, 1, lone_expert="one")[2], 1.0)
   aux = balance_stats(logits, probs, expert, valid, jnp.asarray([1, 2, 2, 0]))
   np.testing.assert_allclose(aux["load_balance_loss"], 19.0 / 18.0, rtol=1e-6)
   np.testing.assert_allclose(aux["router_z_loss"], math.log(4.0) ** 2, rtol=1e-6)

@@ -32,7 +32,9 @@ def test_dynamic_k_within_bounds_and_mass_reaches_threshold(threshold, k_min, k_
   # Minimal: one expert fewer would not have reached the threshold (or breaks k_min).
   mass_without_last = mass_T - taken_p[np.arange(len(k_T)), k_T - 1]
   assert np.all((mass_without_last < threshold) | (k_T == k_min))
-  np.testing.assert_allclose(weight.sum(-1), 1.0, rtol=1e-6)
+  lone = k_T == 1     # one expert: weighted by its probability (model.moe.lone_expert)
+  np.testing.assert_allclose(weight[~lone].sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(weight[lone, 0], taken_p[lone, 0], rtol=1e-6)
   assert np.all(weight[~used] == 0)
   if 0.3 <= threshold <= 0.9 and k_min < k_max:
     assert len(set(k_T.tolist())) > 1, "k must depend on the token (the test can fail)"

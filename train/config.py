@@ -19,6 +19,7 @@ from omnimoe.model.config import ModelConfig, need, one_of, positive
 from omnimoe.model.expert_parallel import DISPATCH_MODES
 from omnimoe.model.grouped_matmul import BACKENDS
 from omnimoe.model.moe import ROUTERS
+from omnimoe.model.router import LONE_EXPERT
 from omnimoe.train import config_files, context_batch
 from omnimoe.train.mesh_config import MeshConfig
 
@@ -265,6 +266,7 @@ def _check_choices(m: ModelConfig) -> None:
   one_of("model.moe.backend", m.moe.backend, BACKENDS)
   one_of("model.moe.dispatch", m.moe.dispatch, DISPATCH_MODES)
   one_of("model.moe.router", m.moe.router, ROUTERS)
+  one_of("model.moe.lone_expert", m.moe.lone_expert, LONE_EXPERT)
   one_of("model.dtype", m.dtype, model_config.DTYPES)
   one_of("model.param_dtype", m.param_dtype, model_config.DTYPES)
 
