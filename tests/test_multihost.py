@@ -2,9 +2,11 @@
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,3 +69,54 @@ def test_two_processes_match_one_process(tmp_path):
   assert len(a) == len(b) == 3
   assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
   assert (two / "checkpoints" / "3").is_dir()
+
+
+def _two_processes(workdir, *extra, on_start=None, timeout=300):
+  """Runs `train` as 2 processes x 4 devices; `on_start(procs)` is called once process 0 has
+  logged a step. -> the two (returncode, stderr)."""
+  port = free_port()
+  procs = [subprocess.Popen(train_cmd(workdir, *extra, "--coordinator-address", f"127.0.0.1:{port}",
+                                      "--num-processes", "2", "--process-id", str(i)),
+                            cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+           for i in range(2)]
+  try:
+    if on_start is not None:
+      deadline = time.time() + timeout
+      while not ((workdir / "metrics.jsonl").is_file() and losses(workdir)):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+            "no step logged in time"
+        time.sleep(0.05)
+      on_start(procs)
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_matches(tmp_path):
+  """Preemption across hosts: SIGTERM reaches only process 1; both processes stop after the same
+  step, save it and exit 0; rerunning both finishes the run with the losses of an uninterrupted one.
+  A constant learning rate (no warmup, no decay) makes the schedule independent of train.steps."""
+  constant = ["train.warmup_steps=0", "train.min_lr_ratio=1.0", "checkpoint.every_steps=1000",
+              "eval.every_steps=0"]
+  wd = tmp_path / "two"
+  stopped = _two_processes(wd, *constant, "train.steps=100000",
+                           on_start=lambda procs: procs[1].send_signal(signal.SIGTERM))
+  for code, err in stopped:
+    assert code == 0, err[-2000:]
+  steps = [int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1                  # one save: the step both processes stopped after
+  stop = steps[0]
+  logged = [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert logged == list(range(1, stop + 1)) and stop < 100000
+  for code, err in _two_processes(wd, *constant, f"train.steps={stop + 2}"):
+    assert code == 0, err[-2000:]
+  one = subprocess.run(train_cmd(tmp_path / "one", *constant, f"train.steps={stop + 2}"), cwd=ROOT,
+                       env=env(8), capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-2000:]
+  a, b = losses(tmp_path / "one"), losses(wd)
+  assert len(a) == len(b) == stop + 2
+  assert a == pytest.approx(b, rel=1e-5, abs=1e-6)

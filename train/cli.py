@@ -69,6 +69,10 @@ def _add_options(s: argparse.ArgumentParser, name: str) -> None:
                    help="multi-host: address of process 0 (all processes pass the same)")
     s.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     s.add_argument("--process-id", type=int, help="multi-host: this process's index")
+  if name == "train":
+    s.add_argument("--profile-steps", metavar="A:B",
+                   help="write a jax.profiler trace of steps A..B (inclusive) into "
+                        "<workdir>/profile, for TensorBoard's profiler or ui.perfetto.dev")
   if name == "eval":
     s.add_argument("--effort", metavar="LIST",
                    help="evaluate at several active fractions without retraining: comma-separated "
@@ -201,7 +205,8 @@ def _train_or_eval(ns: argparse.Namespace, cfg, workdir: str) -> int:
     return _fail(EXIT_USAGE, str(e))
   try:
     if ns.command == "train":
-      print(loop.train(cfg, workdir).describe())
+      profile = loop.parse_profile_steps(ns.profile_steps, cfg.train.steps)
+      print(loop.train(cfg, workdir, profile=profile).describe())
     elif ns.effort:
       from omnimoe.train import effort
       labels = effort.parse_efforts(ns.effort)
