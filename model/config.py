@@ -67,7 +67,8 @@ class ModelConfig:
   attention_window: int = 0       # a local layer's query sees the keys less than this many
                                   # positions back (itself included); set iff local_layers is
   dtype: str = "float32"          # compute dtype: float32 | bfloat16
-  param_dtype: str = "float32"    # parameter dtype
+  param_dtype: str = "float32"    # parameters and AdamW state: float32 only (master weights;
+                                  # model.dtype is the compute dtype)
   num_dense_layers: int = 0       # the first N blocks use a dense SwiGLU instead of the MoE layer
   dense_hidden: int = 512         # hidden width of those dense blocks' SwiGLU
   remat: str = "none"             # recompute each block in the backward pass: none | full (keep only

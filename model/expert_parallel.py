@@ -286,7 +286,7 @@ def _combine_back(ex: Exchange, back_NxD, rows: Rows, T0: int):
   """The rows come back and each token's are summed; the expert devices' shares are gathered."""
   S, K = rows.slot_SxK.shape
   y = gmm.move_rows(back_NxD, rows.slot_SxK.reshape(-1), rows.assign_N[:, None])
-  y = y.reshape(S, K, -1).sum(1)
+  y = y.reshape(S, K, -1).astype(jnp.float32).sum(1).astype(back_NxD.dtype)   # float32 sum
   return jax.lax.all_gather(y, "expert", axis=0, tiled=True)[:T0] if ex.split_here else y
 
 

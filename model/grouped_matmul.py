@@ -150,12 +150,17 @@ def _update_rows(buf_RxD, s, mask_Bx1, new_BxD):
 
 @jax.custom_vjp
 def _blocked_matmul(x_RxK, w_ExKxN, tiles: "Tiles"):
-  """y[r] = x[r] @ w[expert of r] for the rows covered by the tiles in use, 0 elsewhere."""
+  """y[r] = x[r] @ w[expert of r] for the rows covered by the tiles in use, 0 elsewhere.
+
+  Mixed precision: w stays in its own dtype (the float32 masters) and each tile's expert matrix is
+  cast to x's dtype where it is used; the backward adds every tile's x^T dy into a weight gradient
+  kept in w's dtype, with float32 products, so a bfloat16 run does not accumulate its weight
+  gradients in bfloat16."""
   R, br = x_RxK.shape[0], tiles.block_rows
 
   def body(t, y_RxN):
     e, s, m = _tile(tiles, t, R)
-    y_BxN = jax.lax.dynamic_slice_in_dim(x_RxK, s, br) @ _expert(w_ExKxN, e)
+    y_BxN = jax.lax.dynamic_slice_in_dim(x_RxK, s, br) @ _expert(w_ExKxN, e).astype(x_RxK.dtype)
     return _update_rows(y_RxN, s, m, y_BxN)
 
   y0 = _zeros((R, w_ExKxN.shape[2]), x_RxK.dtype, w_ExKxN)
@@ -173,20 +178,22 @@ def _blocked_matmul_bwd(res, dy_RxN):
   def body(t, carry):
     dx_RxK, dw_ExKxN = carry
     e, s, m = _tile(tiles, t, R)
-    w_KxN = _expert(w_ExKxN, e)
+    w_KxN = _expert(w_ExKxN, e).astype(dy_RxN.dtype)
     # Rows outside the tile's group are zeroed in both factors: they add nothing to dw[e]
     # (and a non-finite value in another group's row cannot leak in as 0 * inf).
     x_BxK = jnp.where(m, jax.lax.dynamic_slice_in_dim(x_RxK, s, br), 0)
     dy_BxN = jnp.where(m, jax.lax.dynamic_slice_in_dim(dy_RxN, s, br), 0)
     dx_BxK = jax.lax.dot_general(dy_BxN, w_KxN, (((1,), (1,)), ((), ())))
-    dw_KxN = jax.lax.dot_general(x_BxK, dy_BxN, (((0,), (0,)), ((), ())))
-    dw_ExKxN = jax.lax.dynamic_update_index_in_dim(dw_ExKxN, _expert(dw_ExKxN, e) + dw_KxN, e, 0)
+    dw_KxN = jax.lax.dot_general(x_BxK, dy_BxN, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    dw_ExKxN = jax.lax.dynamic_update_index_in_dim(
+        dw_ExKxN, _expert(dw_ExKxN, e) + dw_KxN.astype(dw_ExKxN.dtype), e, 0)
     return _update_rows(dx_RxK, s, m, dx_BxK), dw_ExKxN
 
   zeros = (_zeros(x_RxK.shape, x_RxK.dtype, dy_RxN),
-           _zeros(w_ExKxN.shape, dy_RxN.dtype, w_ExKxN))
+           _zeros(w_ExKxN.shape, w_ExKxN.dtype, w_ExKxN))
   dx, dw = jax.lax.fori_loop(0, tiles.used, body, zeros)
-  return dx, dw.astype(w_ExKxN.dtype), None
+  return dx, dw, None
 
 
 _blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
@@ -244,10 +251,9 @@ class BlockedDispatch(Dispatch):
   tiles: Tiles
 
   def matmul(self, x_RxK: jax.Array, w_ExKxN: jax.Array) -> jax.Array:
-    w = w_ExKxN.astype(x_RxK.dtype)
     if x_RxK.shape[0] == 0:
-      return jnp.zeros((0, w.shape[2]), x_RxK.dtype)
-    return _blocked_matmul(x_RxK, w, self.tiles)
+      return jnp.zeros((0, w_ExKxN.shape[2]), x_RxK.dtype)
+    return _blocked_matmul(x_RxK, w_ExKxN, self.tiles)   # casts w per tile (float32 dw)
 
 
 PAD_FRACTION = 4    # tiles shrink until the expected padding E * br / 2 is at most A / (2 * 4)
@@ -327,10 +333,11 @@ def gather_assignments(plan: Dispatch, y_RxD: jax.Array) -> jax.Array:
 
 
 def combine(plan: Dispatch, y_RxD: jax.Array, weights_SxK: jax.Array) -> jax.Array:
-  """Weighted sum of each source row's K expert outputs: [S, D]."""
+  """Weighted sum of each source row's K expert outputs: [S, D], summed in float32 (y's dtype out)."""
   S, K = weights_SxK.shape
   y_SxKxD = gather_assignments(plan, y_RxD).reshape(S, K, -1)
-  return jnp.einsum("skd,sk->sd", y_SxKxD, weights_SxK.astype(y_RxD.dtype))
+  return jnp.einsum("skd,sk->sd", y_SxKxD.astype(jnp.float32),
+                    weights_SxK.astype(jnp.float32)).astype(y_RxD.dtype)
 
 
 def grouped_matmul(x_MxK: jax.Array, w_ExKxN: jax.Array, group_sizes_E: jax.Array, *,
