@@ -60,3 +60,74 @@ def attention_oracle(q, k, v, seg, order, r, window=None):
       dk[b, :, kh] += ds.T @ q[b, :, hh]
       dv[b, :, kh] += p.T @ r[b, :, hh]
   return out, (dq, dk, dv)
+
+
+def dynamic_experts_taken(x_TxD, router_DxE, threshold: float, k_min: int, k_max: int) -> np.ndarray:
+  """How many experts each token takes under the dynamic router (DESIGN.md), by a float64 loop:
+  softmax of x @ router, then experts by descending probability until the mass taken reaches
+  `threshold`, at least k_min and at most k_max of them. int [T]."""
+  logits = np.asarray(x_TxD, np.float64) @ np.asarray(router_DxE, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  taken = []
+  for row in probs:
+    mass, n = 0.0, 0
+    for p in sorted(row, reverse=True):
+      if n == k_max or (n >= k_min and mass >= threshold):
+        break
+      mass, n = mass + p, n + 1
+    taken.append(n)
+  return np.asarray(taken)
+
+
+def active_fractions(taken_T, num_experts: int, segment_ids_T, modality_T):
+  """(mean experts taken / E over the valid tokens (segment id > 0), the same per modality code
+  1, 2, 3 (text, image, audio; 0 where a modality has no valid token)) by plain numpy."""
+  taken_T, seg_T, mod_T = (np.asarray(a).reshape(-1) for a in (taken_T, segment_ids_T, modality_T))
+  frac_T = taken_T / num_experts
+  valid = seg_T > 0
+  by_modality = [frac_T[valid & (mod_T == code)].mean() if np.any(valid & (mod_T == code)) else 0.0
+                 for code in (1, 2, 3)]
+  return frac_T[valid].mean(), np.asarray(by_modality)
+
+
+def moe_inputs(graphdef, params, batch, router=None) -> list:
+  """What each MoE layer receives when the model (`nnx.merge(graphdef, params)`) runs `batch`:
+  [(x_BxLxD, segment_ids_BxL, modality_BxL, threshold)] as numpy, one per MoE layer in order.
+  MoE.__call__ is wrapped for one jitted trace that returns its arguments (nothing else changes)."""
+  from unittest import mock
+
+  import jax
+  from flax import nnx
+  from omnimoe.model.moe import MoE
+
+  original, seen = MoE.__call__, []
+
+  def spy(self, x, segment_ids, modality=None, *, threshold=None, bias_MxE=None):
+    seen.append((x, segment_ids, modality, threshold))
+    return original(self, x, segment_ids, modality, threshold=threshold, bias_MxE=bias_MxE)
+
+  def run(params, batch, router):
+    seen.clear()
+    nnx.merge(graphdef, params)(batch, router)
+    return list(seen)
+
+  with mock.patch.object(MoE, "__call__", spy):
+    return jax.tree.map(np.asarray, jax.jit(run)(params, batch, router))
+
+
+def recount_active_fractions(cfg, setup, state, batch):
+  """Per MoE layer of a dynamic-router model (train state `state`, built by `setup`), the active
+  fraction [M] and its split by modality [M, 3], recounted from what each layer receives on
+  `batch` with `dynamic_experts_taken`, at the state's router thresholds."""
+  moe = cfg.model.moe
+  inputs = moe_inputs(setup.graphdef, state["params"], batch, state["router"])
+  fracs, by_modality = [], []
+  for m, (x, segment_ids, modality, threshold) in enumerate(inputs):
+    block = state["params"]["blocks"][cfg.model.num_dense_layers + m]
+    taken = dynamic_experts_taken(x.reshape(-1, x.shape[-1]), np.asarray(block["moe"]["router_DxE"]),
+                                  float(threshold), moe.k_min, moe.k_max)
+    frac, per_modality = active_fractions(taken, moe.num_experts, segment_ids, modality)
+    fracs.append(frac)
+    by_modality.append(per_modality)
+  return np.asarray(fracs), np.asarray(by_modality)
