@@ -10,7 +10,13 @@ import time
 import numpy as np
 import pytest
 
+from omnimoe import data
+from omnimoe.train import config as config_lib
+from omnimoe.train.checkpoint import Checkpoints
 from omnimoe.train.cli import main
+from omnimoe.train.mesh import global_batch, make_mesh
+from omnimoe.train.state import make_setup
+from oracles import recount_active_fractions
 
 ROOT = pathlib.Path(__file__).parent.parent
 # A model small enough that a few steps take seconds on 2 cores.
@@ -28,6 +34,24 @@ def run_cli(*args, **kw):
 
 def metrics(workdir):
   return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_eval_is_the_runs(result, workdir):
+  """`omnimoe eval`'s figures for the latest checkpoint equal those the run logged at that step
+  (every run evaluates at its last step), the loss lies between its per-modality parts (a mean
+  weighted by target counts), and each cross-modal accuracy counts whole prompts (16 of each in
+  SMALL: eval.image_limit, eval.audio_limit)."""
+  logged = [r for r in metrics(workdir) if "eval/loss" in r and r["step"] == result["step"]]
+  assert len(logged) == 1, logged
+  keys = {k for k in result if k.startswith("eval/")}
+  assert keys == {k for k in logged[0] if k.startswith("eval/")}
+  for k in keys:
+    assert result[k] == pytest.approx(logged[0][k], rel=1e-6), k
+  parts = [result[f"eval/loss/{m}"] for m in ("text", "image", "audio")]
+  assert min(parts) <= result["eval/loss"] <= max(parts)
+  for m in ("image", "audio"):
+    correct = result[f"eval/{m}_to_text_accuracy"] * 16
+    assert correct == round(correct), (m, correct)
 
 
 def final_params(workdir):
@@ -66,10 +90,11 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
                "--workdir", str(wd)]) == 0
   assert [r["step"] for r in metrics(wd) if "loss" in r] == [1, 2, 3, 4, 5, 6]
   assert "finished 6 steps" in capsys.readouterr().out
-  # eval of the latest checkpoint uses the run's own saved config.
+  # eval of the latest checkpoint uses the run's own saved config: it gives what the run logged.
   assert main(["eval", "--workdir", str(wd)]) == 0
   result = json.loads(capsys.readouterr().out)
-  assert result["step"] == 6 and 0 <= result["eval/image_to_text_accuracy"] <= 1
+  assert result["step"] == 6
+  assert_eval_is_the_runs(result, wd)
 
 
 @pytest.mark.slow
@@ -237,7 +262,6 @@ def test_dynamic_router_run_logs_moe_telemetry_and_resumes(tmp_path, capsys):
   for r in rows:
     for modality in ("text", "image", "audio"):
       if f"moe/active_fraction/{modality}" in r:
-        assert 1 / 8 <= r[f"moe/active_fraction/{modality}"] <= 3 / 8
         load = r[f"moe/expert_load/{modality}/layer_0"]
         assert len(load) == 8 and abs(sum(load) - 1) < 1e-5
     assert {"moe/active_fraction", "moe/active_fraction/layer_0", "moe/router_entropy/layer_0",
@@ -249,5 +273,26 @@ def test_dynamic_router_run_logs_moe_telemetry_and_resumes(tmp_path, capsys):
   f = [r["moe/active_fraction/layer_0"] for r in rows]
   for i in (0, 1):
     np.testing.assert_allclose(t[i + 1], t[i] * np.exp(0.2 * (0.125 - f[i]) / 0.125), rtol=1e-5)
+  # Step 3 (the first after the resume) logged the active fractions a recount gives from
+  # checkpoint 2 (parameters and thresholds) on the run's third batch.
+  cfg = config_lib.load(wd / "config.yaml")
+  mesh = make_mesh(cfg.mesh)
+  setup = make_setup(cfg, mesh, data.dataset_info(cfg.data, cfg.train.seed))
+  ckpts = Checkpoints(wd / "checkpoints", keep=cfg.checkpoint.keep, async_save=False)
+  state, _ = ckpts.restore(2, setup)
+  ckpts.close()
+  np.testing.assert_allclose(state["router"]["threshold"], t[2], rtol=1e-6)
+  it = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+  batch = [next(it) for _ in range(3)][-1]
+  it.close()
+  frac, by_modality = recount_active_fractions(cfg, setup, state, global_batch(batch, mesh))
+  assert rows[2]["moe/active_fraction/layer_0"] == pytest.approx(frac[0], rel=1e-6)
+  for m, modality in enumerate(("text", "image", "audio")):
+    present = np.any((batch["modality"] == m + 1) & (batch["segment_ids"] > 0))
+    assert (f"moe/active_fraction/{modality}" in rows[2]) == present, modality
+    if present:
+      assert rows[2][f"moe/active_fraction/{modality}"] == pytest.approx(by_modality[0, m], rel=1e-6)
   assert main(["eval", "--workdir", str(wd)]) == 0
-  assert 0 <= json.loads(capsys.readouterr().out)["eval/image_to_text_accuracy"] <= 1
+  result = json.loads(capsys.readouterr().out)
+  assert result["step"] == 3
+  assert_eval_is_the_runs(result, wd)       # eval restores the thresholds as the run kept them
