@@ -1,5 +1,7 @@
 """The benchmark scripts run end to end on tiny shapes and write what they promise."""
 import json
+import math
+import re
 
 import pytest
 
@@ -21,8 +23,38 @@ def test_moe_bench_writes_one_row_per_experts_and_backend(tmp_path, capsys):
   # ragged_dot at 8 experts needs ~2.1e-4 GB by the estimate, over the budget: kept, marked.
   skipped = written[-1]
   assert skipped["ms"] is None and "needs" in skipped["skipped"]
+  for r in written:
+    assert (r["tokens"], r["top_k"], r["d_model"], r["expert_hidden"]) == (64, 2, 8, 8)
+  for r in ran:
+    assert r["repeats"] == 1 and math.isfinite(r["ms"]) and math.isfinite(r["cpu_ms"])
+    assert r["cpu_ms"] >= 0
+  # Both printed tables (wall ms, process CPU ms) hold the rows' figures, and each backend's
+  # growth 4->8 is the quotient of its two times.
   printed = capsys.readouterr().out
-  assert "| growth 4->8 |" in printed and "onehot ms" in printed and "skipped" in printed
+  for key, unit in (("ms", "ms"), ("cpu_ms", "CPU ms")):
+    table = markdown_table(printed, f"| experts | blocked {unit} | onehot {unit} | ragged_dot {unit} |")
+    assert [row[0] for row in table] == ["4", "8", "growth 4->8"]
+    for cells, E in zip(table, (4, 8)):
+      for cell, backend in zip(cells[1:], ("blocked", "onehot", "ragged_dot")):
+        r = next(r for r in written if (r["experts"], r["backend"]) == (E, backend))
+        assert cell == ("skipped" if r["ms"] is None else f"{r[key]:.1f}"), (key, E, backend)
+    by = {(r["experts"], r["backend"]): r[key] for r in ran}
+    growth = table[2][1:]
+    assert growth[2] == "-"                          # ragged_dot has no 8-expert time
+    for cell, backend in zip(growth[:2], ("blocked", "onehot")):
+      assert cell == f"{by[8, backend] / by[4, backend]:.2f}x", (key, backend)
+
+
+def markdown_table(text: str, header: str) -> list[list[str]]:
+  """The body rows (cells stripped) of the markdown table under `header` in `text`."""
+  lines = text.splitlines()
+  start = lines.index(header) + 2                    # past the header and the |---:| line
+  rows = []
+  for line in lines[start:]:
+    if not line.startswith("|"):
+      break
+    rows.append([c.strip() for c in line.strip("|").split("|")])
+  return rows
 
 
 def test_onehot_baseline_equals_the_moe_layer():
@@ -40,10 +72,27 @@ def test_onehot_baseline_equals_the_moe_layer():
   np.testing.assert_allclose(bench_moe.onehot_moe(params, x[0], 2), y[0], rtol=1e-5, atol=1e-5)
 
 
+STEP_LINE = re.compile(r"^(\S+)\s+loss (\S+)  compile\s+(\S+)s  step median\s+(\S+) ms"
+                       r"  min\s+(\S+) ms\s+(\S+) tokens/s$")
+
+
 @pytest.mark.slow
-def test_step_bench_runs(capsys):
-  bench_step.main(["blocked:8", "--batch", "2", "--seq", "16", "--steps", "1"])
-  assert "tokens/s" in capsys.readouterr().out
+def test_step_bench_prints_a_consistent_line_per_variant(capsys):
+  """One line per variant, in order; the blocked grouped matmul and the dense oracle give the same
+  loss (same model and batch), and tokens/s is the batch's 2 x 16 tokens over the median time
+  (up to the printed rounding: ms to 1, tokens/s to 1)."""
+  bench_step.main(["blocked:8", "dense", "--batch", "2", "--seq", "16", "--steps", "3"])
+  lines = [STEP_LINE.match(l) for l in capsys.readouterr().out.splitlines()]
+  assert all(lines) and [m[1] for m in lines] == ["blocked:8", "dense"], lines
+  losses = []
+  for m in lines:
+    loss, compile_s, median, fastest, tokens_per_s = (float(x) for x in m.groups()[1:])
+    assert all(math.isfinite(x) for x in (loss, compile_s, median, fastest, tokens_per_s))
+    assert compile_s > 0 and median >= fastest > 0, m[0]
+    lo, hi = 32e3 / (median + 0.5), 32e3 / max(median - 0.5, 1e-9)
+    assert lo - 0.5 <= tokens_per_s <= hi + 0.5, m[0]
+    losses.append(loss)
+  assert losses[0] == pytest.approx(losses[1], abs=1e-4)      # printed to 4 decimals
 
 
 def test_attention_bench_times_before_and_after_on_the_same_inputs(tmp_path, capsys):
