@@ -93,27 +93,35 @@ def active_fractions(taken_T, num_experts: int, segment_ids_T, modality_T):
 
 def moe_inputs(graphdef, params, batch, router=None) -> list:
   """What each MoE layer receives when the model (`nnx.merge(graphdef, params)`) runs `batch`:
-  [(x_BxLxD, segment_ids_BxL, modality_BxL, threshold)] as numpy, one per MoE layer in order.
-  MoE.__call__ is wrapped for one jitted trace that returns its arguments (nothing else changes)."""
+  [(x_BxLxD, segment_ids_BxL, modality_BxL, threshold)] as numpy, one per MoE layer in order."""
+  import jax
+  return jax.tree.map(np.asarray, _moe_inputs_fn(graphdef)(params, batch, router))
+
+
+@functools.cache
+def _moe_inputs_fn(graphdef):
+  """The jitted model run returning its MoE layers' arguments: while it is traced, MoE.__call__ is
+  wrapped to record them (nothing else changes)."""
   from unittest import mock
 
   import jax
   from flax import nnx
   from omnimoe.model.moe import MoE
 
-  original, seen = MoE.__call__, []
-
-  def spy(self, x, segment_ids, modality=None, *, threshold=None, bias_MxE=None):
-    seen.append((x, segment_ids, modality, threshold))
-    return original(self, x, segment_ids, modality, threshold=threshold, bias_MxE=bias_MxE)
+  original = MoE.__call__
 
   def run(params, batch, router):
-    seen.clear()
-    nnx.merge(graphdef, params)(batch, router)
-    return list(seen)
+    seen = []
 
-  with mock.patch.object(MoE, "__call__", spy):
-    return jax.tree.map(np.asarray, jax.jit(run)(params, batch, router))
+    def spy(self, x, segment_ids, modality=None, *, threshold=None, bias_MxE=None):
+      seen.append((x, segment_ids, modality, threshold))
+      return original(self, x, segment_ids, modality, threshold=threshold, bias_MxE=bias_MxE)
+
+    with mock.patch.object(MoE, "__call__", spy):
+      nnx.merge(graphdef, params)(batch, router)
+    return seen
+
+  return jax.jit(run)
 
 
 def recount_active_fractions(cfg, setup, state, batch):
