@@ -139,3 +139,30 @@ def recount_active_fractions(cfg, setup, state, batch):
     fracs.append(frac)
     by_modality.append(per_modality)
   return np.asarray(fracs), np.asarray(by_modality)
+
+
+def wav_samples(path) -> tuple[np.ndarray, int]:
+  """(float64 mono samples, sample rate) of a 16-bit PCM WAV file, read by hand (RIFF chunks,
+  little-endian int16 / 32768, channels averaged), not through the `wave` module."""
+  import struct
+  raw = open(path, "rb").read()
+  assert raw[:4] == b"RIFF" and raw[8:12] == b"WAVE", path
+  at, fmt, samples = 12, None, None
+  while at + 8 <= len(raw):
+    kind, size = raw[at:at + 4], struct.unpack("<I", raw[at + 4:at + 8])[0]
+    body = raw[at + 8:at + 8 + size]
+    if kind == b"fmt ":
+      fmt = struct.unpack("<HHIIHH", body[:16])   # format, channels, rate, byte rate, align, bits
+    elif kind == b"data":
+      samples = np.frombuffer(body, "<i2").astype(np.float64) / 32768
+    at += 8 + size + size % 2
+  pcm, channels, rate, _, _, bits = fmt
+  assert pcm == 1 and bits == 16, fmt
+  return samples.reshape(-1, channels).mean(axis=1), rate
+
+
+def mel_band_of(hz: float, sample_rate: int, n_mels: int) -> int:
+  """The HTK-mel band (of n_mels spaced evenly in mel from 0 to Nyquist) centred nearest `hz`."""
+  mel = lambda f: 2595 * np.log10(1 + np.asarray(f) / 700)
+  centres_mel = np.linspace(0, mel(sample_rate / 2), n_mels + 2)[1:-1]
+  return int(np.abs(centres_mel - mel(hz)).argmin())

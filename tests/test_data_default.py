@@ -29,8 +29,11 @@ def image_segments(batch):
 def test_dataset_info():
   info = data.dataset_info(CFG, seed=0)
   assert info.feature_dim == max(CFG.image_patch ** 2, CFG.n_mels) == 24
-  assert info.vocab.size % 128 == 0
-  assert info.vocab == Vocab.from_config(CFG)
+  # [4 specials | 256 bytes | 64 image codes | 64 audio codes], rounded up to a multiple of 128.
+  assert (CFG.image_codebook, CFG.audio_codebook) == (64, 64)
+  v = info.vocab
+  assert (v.text_offset, v.image_offset, v.audio_offset, v.used_size) == (4, 260, 324, 388)
+  assert v.size == 512 and v.tokenizer == ""
   assert data.dataset_info(CFG, seed=0) is info   # cached
 
 

@@ -5,10 +5,11 @@ import json
 import grain
 import numpy as np
 import pytest
+from oracles import mel_band_of, patchify_loop, wav_samples
+from PIL import Image
 
 from omnimoe.data import records
 from omnimoe.data.prepare import audio_io
-from omnimoe.data.prepare import image_io
 from omnimoe.data.prepare import write as prepare
 from omnimoe.data.config import DataConfig
 from omnimoe.data.builtin.demo_files import write_png, write_wav
@@ -20,14 +21,17 @@ PINNED = [f"data.{k}={getattr(CFG, k)}" for k in ("image_patch", "image_side", "
 
 
 def write_files(folder):
-  """Two gray PNGs, one RGB JPEG, a 16 kHz stereo WAV and an 8 kHz mono WAV."""
+  """Two gray PNGs, one RGB JPEG, a 16 kHz stereo WAV and an 8 kHz mono WAV; returns the PNGs'
+  pixels {name: uint8 [8, 8]}."""
   rng = np.random.default_rng(0)
-  write_png(folder / "a.png", rng.integers(0, 256, (8, 8)))
-  write_png(folder / "b.png", rng.integers(0, 256, (8, 8)))
+  pixels = {"a.png": rng.integers(0, 256, (8, 8)), "b.png": rng.integers(0, 256, (8, 8))}
+  for name, p in pixels.items():
+    write_png(folder / name, p)
   write_png(folder / "c.jpg", rng.integers(0, 256, (24, 16, 3)))
   t = np.arange(4000) / 16000
   write_wav(folder / "s.wav", np.stack([np.sin(2 * np.pi * 700 * t), 0.5 * np.sin(2 * np.pi * 1300 * t)], 1), 16000)
   write_wav(folder / "m.wav", 0.3 * np.sin(2 * np.pi * 440 * np.arange(2400) / 8000), 8000)
+  return pixels
 
 
 GOOD = [
@@ -52,15 +56,28 @@ def read_records(out):
 
 
 def test_prepared_folder_holds_exactly_the_decoded_files(tmp_path):
-  write_files(tmp_path)
+  pixels = write_files(tmp_path)
   card = prepare.prepare(write_manifest(tmp_path, GOOD), tmp_path / "out", CFG)
   card_on_disk, recs = read_records(tmp_path / "out")
   assert card == card_on_disk
   assert [r.line for r in recs] == [1, 2, 3, 4, 5]
   assert recs[0].parts[0].grid == (4, 4)
-  np.testing.assert_array_equal(recs[0].parts[0].patches_MxD, image_io.load_patches(tmp_path / "a.png", CFG))
+  # Images against decoders of their own: the PNGs' known pixels patchified by loops; the JPEG
+  # through Pillow directly (gray, bicubic to 8 x 8).
+  for rec, name in ((recs[0], "a.png"), (recs[3], "b.png")):
+    image, = [p for p in rec.parts if isinstance(p, records.ImagePart)]
+    np.testing.assert_array_equal(image.patches_MxD, patchify_loop(pixels[name] / np.float32(255), 2))
+  with Image.open(tmp_path / "c.jpg") as jpeg:
+    gray = np.asarray(jpeg.convert("L").resize((8, 8), Image.Resampling.BICUBIC), np.float32)
+  np.testing.assert_array_equal(recs[4].parts[0].patches_MxD, patchify_loop(gray / 255, 2))
   assert recs[0].parts[1] == b"first image"
-  np.testing.assert_array_equal(recs[1].parts[0].frames_MxD, audio_io.load_frames(tmp_path / "s.wav", CFG))
+  # Audio: each WAV read by hand (oracles.wav_samples), then resampled and log-mel'd; and the
+  # tones it holds are the loudest mel bands (700 and 1300 Hz; 440 Hz).
+  for frames, name, tones in ((recs[1].parts[0].frames_MxD, "s.wav", (700, 1300)),
+                              (recs[3].parts[3].frames_MxD, "m.wav", (440,))):
+    np.testing.assert_array_equal(frames, audio_io.frames(*wav_samples(tmp_path / name), CFG))
+    loudest = np.argsort(frames.mean(axis=0))[::-1][:len(tones)]
+    assert sorted(loudest) == [mel_band_of(f, CFG.sample_rate, CFG.n_mels) for f in tones], name
   assert recs[2].parts == (b"just text",)
   assert [type(p).__name__ for p in recs[3].parts] == ["bytes", "ImagePart", "bytes", "AudioPart"]
   assert recs[3].parts[2] == b" and listen: "
