@@ -1,4 +1,5 @@
 """The command line end to end: train, resume, exact resume after SIGKILL, eval, config, bad input."""
+import gzip
 import json
 import os
 import pathlib
@@ -85,11 +86,18 @@ def test_train_resume_eval_end_to_end(tmp_path, capsys):
   # The same command again: the run is finished, says so, exits 0.
   assert main(["train", *SMALL, "train.steps=4", "--workdir", str(wd)]) == 0
   assert "already finished at step 4" in capsys.readouterr().out
-  # More steps: resumes from step 4, not from scratch.
+  # More steps: resumes from step 4, not from scratch; with a profile of steps 5..6.
   assert main(["train", *SMALL, "train.steps=6", "checkpoint.every_steps=2", "eval.every_steps=0",
-               "--workdir", str(wd)]) == 0
+               "--workdir", str(wd), "--profile-steps", "5:6"]) == 0
   assert [r["step"] for r in metrics(wd) if "loss" in r] == [1, 2, 3, 4, 5, 6]
-  assert "finished 6 steps" in capsys.readouterr().out
+  out, err = capsys.readouterr()
+  assert "finished 6 steps" in out
+  assert f"profile of steps 5..6 in {wd / 'profile'}" in err
+  assert [p.stat().st_size > 0 for p in (wd / "profile").rglob("*.xplane.pb")] == [True]
+  [trace] = (wd / "profile").rglob("*.trace.json.gz")
+  names = [e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]]
+  # The train step's program ran once per traced step: twice (steps 5 and 6).
+  assert names.count("CommonPjRtLoadedExecutable::Execute (jit_train_step)") == 2
   # eval of the latest checkpoint uses the run's own saved config: it gives what the run logged.
   assert main(["eval", "--workdir", str(wd)]) == 0
   result = json.loads(capsys.readouterr().out)
