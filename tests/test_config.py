@@ -9,6 +9,7 @@ from omnimoe.model.config import MoEConfig
 from omnimoe.model.expert_parallel import DISPATCH_MODES
 from omnimoe.model.grouped_matmul import BACKENDS
 from omnimoe.model.moe import ROUTERS
+from omnimoe.model.router import LONE_EXPERT
 from omnimoe.train import config as config_lib
 from omnimoe.train import config_files
 from omnimoe.train.config import Config, ConfigError
@@ -153,7 +154,8 @@ def test_bad_data_sources_name_the_key(override, needle):
 @pytest.mark.parametrize("key, choices", [
     ("model.moe.backend", BACKENDS), ("model.moe.dispatch", DISPATCH_MODES),
     ("model.moe.router", ROUTERS), ("model.attention", IMPLEMENTATIONS),
-    ("model.dtype", ("float32", "bfloat16")), ("model.param_dtype", ("float32", "bfloat16"))])
+    ("model.dtype", ("float32", "bfloat16")), ("model.param_dtype", ("float32",)),
+    ("model.moe.lone_expert", LONE_EXPERT)])
 def test_every_choice_the_code_offers_is_accepted_and_others_are_listed(key, choices):
   """The lists live beside the code that runs them; the config accepts exactly those names."""
   for value in choices:

@@ -268,7 +268,6 @@ def _check_choices(m: ModelConfig) -> None:
   one_of("model.moe.router", m.moe.router, ROUTERS)
   one_of("model.moe.lone_expert", m.moe.lone_expert, LONE_EXPERT)
   one_of("model.dtype", m.dtype, model_config.DTYPES)
-  one_of("model.param_dtype", m.param_dtype, model_config.DTYPES)
   need(m.param_dtype == "float32", "model.param_dtype",
        f"must be float32 (got '{m.param_dtype}'): parameters and AdamW's moments stay float32 "
        "masters, so small updates are not rounded away; model.dtype=bfloat16 computes in bfloat16")
