@@ -89,7 +89,7 @@ class ModelConfig:
     return self.num_layers - self.num_dense_layers
 
 
-DTYPES = ("float32", "bfloat16")   # model.dtype and model.param_dtype
+DTYPES = ("float32", "bfloat16")   # model.dtype (parameters are always float32)
 REMAT = ("none", "full", "dots")   # model.remat (the jax checkpoint policies: model/decoder.py)
 CONTEXT_PARALLEL = ("all_gather", "ring")   # model.context_parallel (model/context_parallel.py)
 
