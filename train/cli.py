@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_or_eval(ns: argparse.Namespace, cfg, workdir: str) -> int:
-  from omnimoe.train import distributed, loop  # heavy imports (jax) only once the arguments are good
+  from omnimoe.train import distributed, loop, profiling  # heavy imports (jax) only once the arguments are good
   try:
     distributed.initialize(ns.coordinator_address, ns.num_processes, ns.process_id)
     from omnimoe.model.expert_parallel import resolve_dispatch
@@ -205,7 +205,7 @@ def _train_or_eval(ns: argparse.Namespace, cfg, workdir: str) -> int:
     return _fail(EXIT_USAGE, str(e))
   try:
     if ns.command == "train":
-      profile = loop.parse_profile_steps(ns.profile_steps, cfg.train.steps)
+      profile = profiling.parse_profile_steps(ns.profile_steps, cfg.train.steps)
       print(loop.train(cfg, workdir, profile=profile).describe())
     elif ns.effort:
       from omnimoe.train import effort

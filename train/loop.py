@@ -8,13 +8,11 @@ import dataclasses
 import math
 import os
 import pathlib
-import signal
 import socket
 import time
 import typing
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from omnimoe import data
@@ -25,6 +23,8 @@ from omnimoe.train.config import Config
 from omnimoe.train.evaluate import Evaluator
 from omnimoe.train.mesh import batch_sharding, check_batch, global_batch, make_mesh
 from omnimoe.train import mfu
+from omnimoe.train.preemption import StopFlag
+from omnimoe.train.profiling import Profile
 from omnimoe.train.metrics import MetricsWriter, Progress
 from omnimoe.train.plan import model_flops_per_token
 from omnimoe.train.state import Setup, init_state, make_setup
@@ -86,51 +86,6 @@ def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
   except OSError as e:
     raise WorkdirError(f"cannot write to workdir '{path}': {e.strerror or e}") from None
   return path
-
-
-class _StopFlag:
-  """Turns SIGTERM into a checkpoint and an exit at a step boundary.
-
-  One process: a Python handler sets a flag, read at the next step. Several processes (multi-host):
-  every process must stop at the same step, or the ones that did not see the signal wait in the
-  next step's collectives forever. JAX's preemption sync manager (started by
-  `jax.distributed.initialize`; its own SIGTERM handler tells the coordination service) agrees on
-  the step: the largest step any process has reached when the notice arrives, plus one. Where that
-  service is turned off (`jax_enable_preemption_service=False`) the processes all-gather their flags
-  every step instead, which costs a host round trip per step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._mode = "local"
-
-  def __enter__(self):
-    if jax.process_count() > 1:
-      from jax._src import distributed as jax_distributed
-      if jax_distributed.global_state.preemption_sync_manager is not None:
-        self._mode = "sync"   # its handler must stay the one SIGTERM reaches: install none
-        return self
-      self._mode = "gather"
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def at(self, step: int) -> bool:
-    """Whether to stop after `step`. Every process calls this at every step, with the same steps."""
-    if self._mode == "sync":
-      self.requested = multihost_utils.reached_preemption_sync_point(step)
-    elif self._mode == "gather":
-      self.requested = bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
-    return self.requested
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _moe_metrics(raw: dict) -> dict:
@@ -278,45 +233,6 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
   return _Run(workdir, mesh, info, setup, batches, ckpts, state, latest)
 
 
-def parse_profile_steps(text: str | None, total: int) -> tuple[int, int] | None:
-  """`--profile-steps A:B` -> (A, B): steps 1 <= A <= B <= train.steps (None: no trace)."""
-  if text is None:
-    return None
-  try:
-    first, last = (int(part) for part in text.split(":"))
-  except ValueError:
-    raise config_lib.ConfigError(f"--profile-steps must be A:B (two step numbers), got '{text}'") from None
-  if not 1 <= first <= last <= total:
-    raise config_lib.ConfigError(f"--profile-steps must satisfy 1 <= A <= B <= train.steps={total}, "
-                                 f"got '{text}'")
-  return first, last
-
-
-class _Profile:
-  """A jax.profiler trace of steps first..last into <workdir>/profile (TensorBoard's profile
-  plugin reads the .xplane.pb; ui.perfetto.dev opens the .trace.json.gz). The trace stops
-  after the last step's results are ready, so it holds the device work of every traced step."""
-
-  def __init__(self, steps: tuple[int, int] | None, workdir: pathlib.Path, bar: Progress):
-    self.steps, self.dir, self.bar, self.on = steps, workdir / "profile", bar, False
-
-  def before(self, step: int) -> None:
-    if self.steps and step == self.steps[0]:
-      jax.profiler.start_trace(str(self.dir))
-      self.on = True
-
-  def after(self, step: int, state) -> None:
-    if self.on and step == self.steps[1]:
-      self.stop(state)
-
-  def stop(self, state) -> None:
-    if self.on:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      self.on = False
-      self.bar.message(f"profile of steps {self.steps[0]}..{self.steps[1]} in {self.dir}")
-
-
 def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True,
           profile: tuple[int, int] | None = None) -> Summary:
   t_start = time.time()
@@ -360,8 +276,8 @@ def _steps(cfg: Config, run: _Run, writer: MetricsWriter, bar: Progress,
   bar.message(f"mfu: {flops / 1e9:.4f} GFLOP per token (model count); peak "
               + (f"{peak:.3g} TFLOP/s per device, " if peak else "") + source)
   metrics = _StepMetrics(cfg, start, writer, bar, run.ckpts, (flops, jax.device_count(), peak))
-  trace = _Profile(profile, run.workdir, bar)
-  with _StopFlag() as stop:
+  trace = Profile(profile, run.workdir, bar)
+  with StopFlag() as stop:
     for step in range(start + 1, total + 1):
       trace.before(step)
       batch = context_batch.prepare(next(run.batches), context, cfg.train.context_balance)
