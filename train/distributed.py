@@ -20,9 +20,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if all(v is None for v in explicit):
     if cluster_detected():
       jax.distributed.initialize()
+      check_preemption_service()
     return
   if any(v is None for v in explicit):
     raise ValueError("multi-host needs all of --coordinator-address, --num-processes and --process-id")
   # CPU devices of different processes talk through gloo; accelerators are unaffected.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  check_preemption_service()
+
+
+def check_preemption_service() -> None:
+  """Raises ValueError (one line) when several processes run without jax's preemption service:
+  a SIGTERM to one host could then not stop every host at the same step (train/preemption.py)."""
+  from omnimoe.train.preemption import sync_manager_running
+  if jax.process_count() > 1 and not sync_manager_running():
+    raise ValueError("a multi-host run needs jax's preemption service to stop every host at the "
+                     "same step on SIGTERM: leave jax_enable_preemption_service on (the default)")

@@ -2,8 +2,19 @@
 import signal
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+
+
+def sync_manager_running() -> bool:
+  """Whether `jax.distributed.initialize` started the preemption sync manager. jax exposes no
+  public query; its absence from jax's internals reads as not running (and a multi-host run is
+  then refused, never left to hang)."""
+  try:
+    from jax._src import distributed
+  except ImportError:
+    return False
+  return getattr(getattr(distributed, "global_state", None), "preemption_sync_manager",
+                 None) is not None
 
 
 class StopFlag:
@@ -13,9 +24,9 @@ class StopFlag:
   every process must stop at the same step, or the ones that did not see the signal wait in the
   next step's collectives forever. JAX's preemption sync manager (started by
   `jax.distributed.initialize`; its own SIGTERM handler tells the coordination service) agrees on
-  the step: the largest step any process has reached when the notice arrives, plus one. Where that
-  service is turned off (`jax_enable_preemption_service=False`) the processes all-gather their flags
-  every step instead, which costs a host round trip per step."""
+  the step: the largest step any process has reached when the notice arrives, plus one. A multi-host
+  run without that service (`jax_enable_preemption_service=False`) is refused in one line: it could
+  not stop cleanly."""
 
   def __init__(self):
     self.requested = False
@@ -24,11 +35,10 @@ class StopFlag:
 
   def __enter__(self):
     if jax.process_count() > 1:
-      from jax._src import distributed as jax_distributed
-      if jax_distributed.global_state.preemption_sync_manager is not None:
-        self._mode = "sync"   # its handler must stay the one SIGTERM reaches: install none
-        return self
-      self._mode = "gather"
+      from omnimoe.train.distributed import check_preemption_service
+      check_preemption_service()   # refused at start-up already; here for library callers
+      self._mode = "sync"   # its handler must stay the one SIGTERM reaches: install none
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
@@ -42,8 +52,6 @@ class StopFlag:
     """Whether to stop after `step`. Every process calls this at every step, with the same steps."""
     if self._mode == "sync":
       self.requested = multihost_utils.reached_preemption_sync_point(step)
-    elif self._mode == "gather":
-      self.requested = bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
     return self.requested
 
   def __exit__(self, *exc):
