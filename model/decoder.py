@@ -7,7 +7,8 @@ when rows were reordered (train/context_batch.py); targets and loss_weights are 
 dynamic router, {"bias": float32 [M, 3, E]} for the auxiliary-loss-free balance. aux: load_balance_loss and router_z_loss (scalars, mean over MoE layers); per MoE
 layer (M = num_layers - num_dense_layers; `moe_layers` [M] holds their block indices):
 expert_load [M, E], expert_load_by_modality [M, 3, E] (text, image, audio), active_fraction [M],
-active_fraction_by_modality [M, 3], router_entropy [M], router_entropy_by_modality [M, 3].
+active_fraction_by_modality [M, 3], router_entropy [M], router_entropy_by_modality [M, 3],
+coactivation_by_modality [M, 3, E, E] and expert_choice [M, B*L, K] (model/moe.py).
 The first `num_dense_layers` blocks use a dense SwiGLU and return no aux.
 `mesh` (a jax.sharding.AbstractMesh, None = none) is the mesh the model is laid out on: calls
 trace under it, so activation constraints and the experts' shard_map see it (train.state sets it).

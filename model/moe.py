@@ -33,8 +33,10 @@ class MoE(nnx.Module):
 
   aux: load_balance_loss, router_z_loss, expert_load [E], active_fraction (mean experts taken / E),
   dropped_fraction (valid assignments the all_to_all capacity dropped / all valid ones; 0 in the
-  dropless modes), and with modality expert_load_by_modality [3, E], active_fraction_by_modality
-  [3].
+  dropless modes), expert_choice int32 [T, K] (each token's experts in the flattened token order,
+  -1 in unused slots and for padding tokens), and with modality expert_load_by_modality [3, E],
+  active_fraction_by_modality [3] and coactivation_by_modality [3, E, E] (model/router.py
+  `balance_stats`).
   `threshold` (float32 scalar) is the dynamic router's mass threshold, an input kept by the
   trainer's controller (None: `cfg.threshold_init`); the top-k router ignores it. `bias_MxE`
   (float32 [3, E], needs modality) is the auxiliary-loss-free balance bias per modality: it ranks
@@ -100,6 +102,8 @@ class MoE(nnx.Module):
       probs_TxE, logits_TxE, expert_TxK, weight_TxK, used_TxK = self.route(x_TxD, threshold,
                                                                             bias_TxE)
       aux = balance_stats(logits_TxE, probs_TxE, expert_TxK, valid_T, modality_T, used_TxK)
+      taken_TxK = valid_T[:, None] if used_TxK is None else used_TxK & valid_T[:, None]
+      aux["expert_choice"] = jnp.where(taken_TxK, expert_TxK, -1)
     with jax.named_scope("experts"):   # model/expert_parallel.py: local or over the mesh
       used_TxK = jnp.ones(expert_TxK.shape, bool) if used_TxK is None else used_TxK
       y_TxD, dropped = routed_experts(x_TxD, expert_TxK, weight_TxK, used_TxK, valid_T,

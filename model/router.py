@@ -163,7 +163,9 @@ def balance_stats(logits_TxE: jax.Array, probs_TxE: jax.Array, expert_TxK: jax.A
   z-loss: mean logsumexp(logits)^2; `active_fraction`: mean over valid tokens of (experts taken) / E;
   `router_entropy`: mean entropy (nats) of the router's distribution over experts.
   With modality: `expert_load_by_modality` [3, E], the same share within text / image / audio tokens
-  (0 if none), `active_fraction_by_modality` [3] and `router_entropy_by_modality` [3] (0 if none).
+  (0 if none), `active_fraction_by_modality` [3] and `router_entropy_by_modality` [3] (0 if none),
+  and `coactivation_by_modality` [3, E, E]: [m, i, j] counts the valid tokens of modality m that
+  took both expert i and expert j (the diagonal: those that took i), sums that add up over batches.
   """
   T, E = probs_TxE.shape
   v_T = valid_T.astype(jnp.float32)
@@ -194,4 +196,7 @@ def balance_stats(logits_TxE: jax.Array, probs_TxE: jax.Array, expert_TxK: jax.A
     aux["active_fraction_by_modality"] = jnp.einsum("tm,t->m", mv_TxM, active_T) / n_M
     aux["router_entropy_by_modality"] = jax.lax.stop_gradient(
         jnp.einsum("tm,t->m", mv_TxM, entropy_T) / n_M)
+    taken_TxE = jax.lax.stop_gradient(onehot_TxE)
+    aux["coactivation_by_modality"] = jnp.einsum(
+        "tm,te,tf->mef", mv_TxM, taken_TxE, taken_TxE, preferred_element_type=jnp.float32)
   return aux

@@ -166,3 +166,40 @@ def mel_band_of(hz: float, sample_rate: int, n_mels: int) -> int:
   mel = lambda f: 2595 * np.log10(1 + np.asarray(f) / 700)
   centres_mel = np.linspace(0, mel(sample_rate / 2), n_mels + 2)[1:-1]
   return int(np.abs(centres_mel - mel(hz)).argmin())
+
+
+def routed_expert_sets(x_TxD, router_DxE, *, top_k: int | None = None, threshold: float = 0.0,
+                       k_min: int = 1, k_max: int = 0) -> list[set]:
+  """The experts each token takes, by a float64 loop over tokens: softmax of x @ router, then the
+  top_k most probable (router topk), or with `top_k` None experts by descending probability until
+  their mass reaches `threshold`, at least k_min and at most k_max (router dynamic)."""
+  logits = np.asarray(x_TxD, np.float64) @ np.asarray(router_DxE, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  sets = []
+  for row in probs:
+    order = sorted(range(len(row)), key=lambda e: -row[e])
+    if top_k is not None:
+      sets.append(set(order[:top_k]))
+      continue
+    mass, taken = 0.0, set()
+    for e in order:
+      if len(taken) == k_max or (len(taken) >= k_min and mass >= threshold):
+        break
+      mass += row[e]
+      taken.add(e)
+    sets.append(taken)
+  return sets
+
+
+def recount_coactivation(sets: list[set], segment_ids_T, modality_T, num_experts: int) -> np.ndarray:
+  """[3, E, E] by loops: [m, i, j] += 1 for every valid token (segment id > 0) of modality code
+  m + 1 and every ordered pair (i, j) of the experts it took (i == j included)."""
+  out = np.zeros((3, num_experts, num_experts))
+  for taken, seg, mod in zip(sets, np.asarray(segment_ids_T).reshape(-1),
+                             np.asarray(modality_T).reshape(-1)):
+    if seg > 0 and 1 <= mod <= 3:
+      for i in taken:
+        for j in taken:
+          out[mod - 1, i, j] += 1
+  return out

@@ -22,6 +22,7 @@ import numpy as np
 
 from omnimoe import data
 from omnimoe.data.vocab import EOS
+from omnimoe.train import coactivation
 from omnimoe.train.config import Config
 from omnimoe.train.state import Setup, merge
 from omnimoe.model.modality import NAMES as MODALITIES
@@ -130,6 +131,12 @@ class Evaluator:
         name: make_greedy_decode(setup, prompt_len=p.prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
         for name, p in self.sets.prompts.items()}
     self.retrieval = Retrieval(cfg, setup) if cfg.data.task == "needle" else None
+    self.routing_step = coactivation.make_routing_step(setup)
+
+  def coactivation(self, params, router=None) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out mixed batches' co-activation counts [M, 3, E, E] and each valid token's
+    experts [M, N, K] (train/coactivation.py)."""
+    return coactivation.heldout_statistics(self.routing_step, params, self.sets.mixed, router)
 
   def _sums(self, params, batches, router, groups=None) -> dict:
     """Sums of the eval step's outputs over `batches`; with `groups` (a label per batch), a dict

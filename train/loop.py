@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from omnimoe import data
-from omnimoe.train import config as config_lib
+from omnimoe.train import coactivation, config as config_lib
 from omnimoe.train import context_batch
 from omnimoe.train.checkpoint import Checkpoints
 from omnimoe.train.config import Config
@@ -147,6 +147,7 @@ class _StepMetrics:
     self.pending = None                    # (step, metrics still on device)
     self.window = (start, time.time())     # (first step, start time) of the tokens/s window
     self.last_loss = None
+    self.coactivation = coactivation.TrainCounts()   # the steps' counts since the last eval
 
   def hold(self, step: int, raw: dict) -> None:
     """Fetches the previous step's metrics, then keeps this step's until the next call."""
@@ -161,6 +162,7 @@ class _StepMetrics:
     (step, raw), self.pending = self.pending, None
     raw = jax.device_get(raw)
     self.real_tokens += float(raw.get("real_tokens", 0))
+    self.coactivation.add(raw.get("coactivation_by_modality"))
     loss = float(raw["loss"])
     if not (math.isfinite(loss) and math.isfinite(float(raw["grad_norm"]))):
       self.ckpts.wait()
@@ -292,6 +294,7 @@ def _steps(cfg: Config, run: _Run, writer: MetricsWriter, bar: Progress,
       if _due(step, cfg.eval.every_steps, total):
         metrics.fetch()
         last_eval = _evaluate(evaluator, state, step, writer, bar)
+        _save_coactivation(evaluator, state, step, run.workdir, metrics.coactivation)
         metrics.restart_window(step)
       if stopping:
         break
@@ -306,6 +309,18 @@ def _evaluate(evaluator: Evaluator, state: dict, step: int, writer: MetricsWrite
   writer.write(step, result)
   bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
   return result
+
+
+def _save_coactivation(evaluator: Evaluator, state: dict, step: int, workdir: pathlib.Path,
+                       counts: coactivation.TrainCounts) -> None:
+  """Writes `<workdir>/coactivation.npz` (train/coactivation.py): the train steps' counts since
+  the last evaluation and the held-out batches'."""
+  heldout, choices = evaluator.coactivation(state["params"], state.get("router"))
+  train, steps = counts.take(heldout.shape)
+  if jax.process_index() == 0:
+    layers = range(evaluator.cfg.model.num_dense_layers, evaluator.cfg.model.num_layers)
+    coactivation.save(workdir, step=step, moe_layers=list(layers), train=train, train_steps=steps,
+                      heldout=heldout, heldout_choices=choices)
 
 
 def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict, tuple]:

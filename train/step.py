@@ -76,7 +76,8 @@ def loss_fn(params, batch, router=None, *, setup: Setup, cfg: Config, weight_tot
 
 MOE_STATS = ("expert_load", "expert_load_by_modality", "active_fraction",
              "active_fraction_by_modality", "router_entropy", "router_entropy_by_modality",
-             "dropped_fraction", "moe_layers")   # per-layer statistics passed on to the metrics
+             "dropped_fraction", "moe_layers",   # per-layer statistics passed on to the metrics
+             "coactivation_by_modality")         # counts: summed over microbatches
 
 
 def microbatches(batch: dict, M: int) -> dict:
@@ -104,9 +105,11 @@ def accumulated_grads(params, batch, router, *, setup: Setup, cfg: Config):
                                                      setup=setup, cfg=cfg)))
   (loss, aux), grads = zero
   (loss, aux, grads), _ = jax.lax.scan(one, (loss, aux, grads), microbatches(batch, M))
-  # Summed: the loss (its cross entropy is the global batch's) and ce_loss; averaged: the rest
-  # (moe_layers, the same int32 indices in every microbatch, comes back exactly).
-  aux = {k: v if k == "ce_loss" else v // M if v.dtype == jnp.int32 else v / M
+  # Summed: the loss (its cross entropy is the global batch's), ce_loss and the co-activation
+  # counts; averaged: the rest (moe_layers, the same int32 indices in every microbatch, comes back
+  # exactly).
+  aux = {k: v if k in ("ce_loss", "coactivation_by_modality") else v // M
+         if v.dtype == jnp.int32 else v / M
          for k, v in aux.items()}
   return (loss, aux), grads
 
