@@ -7,6 +7,7 @@ else lives here.
   omnimoe plan    [CONFIG] [--devices N] [--platform cpu|gpu|tpu] [--lengths L,...] [key=value ...]
   omnimoe config  [CONFIG] [key=value ...]
   omnimoe report  --workdir DIR [--out DIR] [--last N]
+  omnimoe placement --workdir DIR --groups G [--out DIR2]
 
 CONFIG is a YAML file or the name of a shipped config (`tiny`, `configs/tiny.yaml` from any folder;
 see train/config_files.py).
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--last", type=int, default=10,
                  help="expert load is averaged over this many last logged steps (default 10)")
   r.set_defaults(args=[])
+  pl = sub.add_parser("placement", help="group experts that serve the same tokens (from the run's "
+                                        "co-activation statistics) and write the latest checkpoint "
+                                        "with its experts renumbered to match")
+  pl.add_argument("--workdir", required=True, help="the run (its coactivation.npz and checkpoints)")
+  pl.add_argument("--groups", type=int, required=True,
+                  help="G: expert groups (devices or racks), each of num_experts / G experts")
+  pl.add_argument("--out", help="the placed run's folder (default: WORKDIR-g<G>)")
+  pl.set_defaults(args=[])
   return p
 
 
@@ -166,6 +175,17 @@ def _report(ns: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+def _placement(ns: argparse.Namespace) -> int:
+  from omnimoe.train import coactivation, placement  # numpy; jax once the input is good
+  if ns.args:
+    return _fail(EXIT_USAGE, f"placement takes no config or overrides, got '{' '.join(ns.args)}'")
+  try:
+    print(placement.describe(placement.place(ns.workdir, ns.groups, ns.out)))
+  except (placement.PlacementError, coactivation.StatisticsError, config_lib.ConfigError) as e:
+    return _fail(EXIT_USAGE, str(e))
+  return EXIT_OK
+
+
 def _load(ns: argparse.Namespace):
   """-> (the config file or name given, or None; the resolved config)."""
   path, overrides = _split(ns.args)
@@ -179,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
   ns = _parse(argv)
   if ns.command == "report":
     return _report(ns)
+  if ns.command == "placement":
+    return _placement(ns)
   try:
     path, cfg = _load(ns)
   except config_lib.ConfigError as e:
