@@ -186,3 +186,18 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
   assert "\n" not in err and err.startswith("omnimoe: error:")
   assert {"groups": "--groups 3 must divide", "statistics": "no co-activation statistics",
           "checkpoint": "no checkpoint"}[case] in err
+
+
+def test_plan_shows_the_exchange_bytes_a_placement_implies(placed):
+  """`omnimoe plan --platform gpu --placement`: the emulated (worst-case) all-to-all x the devices
+  a held-out token reached under each placement / the 4 expert devices."""
+  from omnimoe.train.config import ConfigError
+  from omnimoe.train.plan import plan
+  report = json.loads((placed / "placement.json").read_text())
+  p = plan(config("mesh.within_rack.data=2", "mesh.within_rack.expert=4"), "gpu", report)
+  a2a = p["collective_bytes_per_device_per_step"]["all-to-all"]
+  assert a2a > 0 and set(p["placement_expected_bytes"]) == {"identity", "random", "learned"}
+  for name, got in p["placement_expected_bytes"].items():
+    assert got == int(a2a * report["mean"][name]["groups_per_token"] / 4), name
+  with pytest.raises(ConfigError, match="mesh.within_rack.expert=4"):
+    plan(config("mesh.within_rack.data=4", "mesh.within_rack.expert=2"), "gpu", report)

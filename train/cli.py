@@ -4,7 +4,8 @@ else lives here.
   omnimoe train   [CONFIG] [--workdir DIR] [key=value ...]
   omnimoe eval    [CONFIG] --workdir DIR [--effort low,medium,high] [key=value ...]
   omnimoe prepare MANIFEST.jsonl --out DIR [--skip-bad] [CONFIG] [key=value ...]
-  omnimoe plan    [CONFIG] [--devices N] [--platform cpu|gpu|tpu] [--lengths L,...] [key=value ...]
+  omnimoe plan    [CONFIG] [--devices N] [--platform cpu|gpu|tpu] [--lengths L,...]
+                  [--placement placement.json] [key=value ...]
   omnimoe config  [CONFIG] [key=value ...]
   omnimoe report  --workdir DIR [--out DIR] [--last N]
   omnimoe placement --workdir DIR --groups G [--out DIR2]
@@ -72,6 +73,9 @@ def _add_options(s: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--lengths", metavar="L1,L2,...",
                    help="also tabulate memory per device at these sequence lengths under both "
                         "model.context_parallel strategies (one compile each)")
+    s.add_argument("--placement", metavar="placement.json",
+                   help="with --platform gpu|tpu: the ragged all-to-all bytes implied by the "
+                        "identity, random and learned placements of `omnimoe placement`")
   if name in ("train", "eval"):
     s.add_argument("--workdir", help="run directory (default: runs/<config name>)")
     s.add_argument("--coordinator-address", metavar="HOST:PORT",
@@ -155,7 +159,11 @@ def _plan(ns: argparse.Namespace, cfg) -> int:
   except ValueError:
     return _fail(EXIT_USAGE, f"--lengths takes comma-separated integers, got {ns.lengths!r}")
   try:
-    print(plan.describe(plan.plan(cfg, ns.platform)))
+    placement = json.loads(pathlib.Path(ns.placement).read_text()) if ns.placement else None
+  except (OSError, ValueError) as e:
+    return _fail(EXIT_USAGE, f"--placement {ns.placement}: cannot read it ({e})")
+  try:
+    print(plan.describe(plan.plan(cfg, ns.platform, placement)))
     if lengths:
       print(plan.describe_lengths(plan.length_table(cfg, lengths, ns.platform)))
   except config_lib.ConfigError as e:

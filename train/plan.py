@@ -24,7 +24,10 @@ no ragged_all_to_all, so the step is compiled with the collective emulated by a 
 built): its activations are an upper bound and its all-to-all
 bytes the worst case (every token sends a row to every expert device); the bytes a ragged exchange
 moves are estimated as that x r / G (G expert devices; r the expert devices a token reaches on
-average when its experts are drawn uniformly, `expected_rows_per_token`).
+average when its experts are drawn uniformly, `expected_rows_per_token`). With `placement` (the
+placement.json of `omnimoe placement`, `omnimoe plan --placement FILE`) r is instead what the run's
+held-out tokens measured, per layer and averaged, under the identity, random and learned placements
+(`placement_expected_bytes`); the placement's G must be the mesh's expert devices.
 """
 import dataclasses
 import math
@@ -102,12 +105,27 @@ def expected_rows_per_token(moe, groups: int) -> float:
   return rows
 
 
-def plan(cfg: Config, platform: str = "cpu") -> dict:
+def check_placement(cfg: Config, placement: dict) -> None:
+  """A placement of the run's experts into as many groups as the mesh has expert devices."""
+  from omnimoe.model.expert_parallel import expert_groups
+  from omnimoe.train.mesh import make_mesh
+  G = expert_groups(make_mesh(cfg.mesh), cfg.model.moe.num_experts)
+  E = len(placement["permutations"][0])
+  if placement["groups"] != G or E != cfg.model.moe.num_experts:
+    raise config_lib.ConfigError(
+        f"--placement groups {E} experts into {placement['groups']}, but this config's mesh splits "
+        f"{cfg.model.moe.num_experts} experts over {G} expert devices; set mesh.within_rack.expert="
+        f"{placement['groups']} (or place with --groups {G})")
+
+
+def plan(cfg: Config, platform: str = "cpu", placement: dict | None = None) -> dict:
   """Compiles the train step for `cfg`'s mesh on the devices present and returns the figures,
   with the MoE dispatch `platform` would choose (see the module docstring)."""
   from omnimoe.model import expert_parallel
   if platform not in PLATFORMS:
     raise ValueError(f"--platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
+  if placement is not None:
+    check_placement(cfg, placement)
   target = expert_parallel.Platform(platform, emulate_ragged=platform != "cpu")
   mesh, setup, compiled = _compile(cfg, target)
   b, l = cfg.train.batch_size, cfg.data.seq_len
@@ -141,6 +159,10 @@ def plan(cfg: Config, platform: str = "cpu") -> dict:
   if dispatch == "ragged_all_to_all":
     share = expected_rows_per_token(moe, G) / G
     out["ragged_all_to_all_expected_bytes"] = int(collectives["all-to-all"] * share)
+    if placement is not None:
+      out["placement_expected_bytes"] = {
+          name: int(collectives["all-to-all"] * placement["mean"][name]["groups_per_token"] / G)
+          for name in ("identity", "random", "learned")}
   return out
 
 
@@ -238,4 +260,7 @@ def describe(p: dict) -> str:
   if ragged:
     lines.append(f"  ragged_all_to_all    {_gib(p['ragged_all_to_all_expected_bytes'])} (expected "
                  "under balanced routing: the all-to-all x devices a token reaches / expert devices)")
+  for name, n in p.get("placement_expected_bytes", {}).items():
+    lines.append(f"  ragged, {name + ' placement':<18s} {_gib(n)} (devices a held-out token reached, "
+                 "measured by omnimoe placement)")
   return "\n".join(lines)
