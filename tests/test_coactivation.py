@@ -82,7 +82,7 @@ def test_microbatches_sum_the_counts():
   import functools
   got = {}
   for M in (1, 2):
-    cfg = config(f"train.microbatches={M}")
+    cfg = config(f"train.microbatches={M}", "model.num_layers=1")
     mesh, setup = _setup(cfg)
     params = init_state(cfg, setup)["params"]
     batch = global_batch(next(data.train_iterator(cfg.data, batch_size=cfg.train.batch_size,
