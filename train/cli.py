@@ -184,7 +184,7 @@ def _report(ns: argparse.Namespace) -> int:
 
 
 def _placement(ns: argparse.Namespace) -> int:
-  from omnimoe.train import coactivation, placement  # numpy; jax once the input is good
+  from omnimoe.train import coactivation, placement
   if ns.args:
     return _fail(EXIT_USAGE, f"placement takes no config or overrides, got '{' '.join(ns.args)}'")
   try:
