@@ -17,6 +17,7 @@ from omnimoe.train.checkpoint import Checkpoints
 from omnimoe.train.cli import main
 from omnimoe.train.mesh import global_batch, make_mesh
 from omnimoe.train.state import make_setup
+from conftest import jax_cache_env
 from oracles import recount_active_fractions
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -28,9 +29,13 @@ SMALL = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.n
          "eval.text_limit=2", "train.log_every=1"]
 
 
+# The runs here repeat one another's programs: they share the session's compilation cache.
+ENV = {**os.environ, **jax_cache_env()}
+
+
 def run_cli(*args, **kw):
   return subprocess.run([sys.executable, "-m", "omnimoe.train.cli", *args], cwd=ROOT, capture_output=True,
-                        text=True, **kw)
+                        text=True, env=ENV, **kw)
 
 
 def metrics(workdir):
@@ -113,7 +118,7 @@ def test_sigkill_midway_then_resume_is_bit_identical(tmp_path):
 
   killed_dir = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, "-m", "omnimoe.train.cli", "train", *args, "--workdir",
-                           str(killed_dir)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           str(killed_dir)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while not (killed_dir / "checkpoints" / "4").is_dir() and proc.poll() is None:
@@ -224,7 +229,8 @@ def test_sigterm_saves_the_step_it_stopped_at_then_the_run_resumes(tmp_path):
   wd = tmp_path / "term"
   args = ["train", *SMALL, "checkpoint.every_steps=1000", "eval.every_steps=0", "--workdir", str(wd)]
   proc = subprocess.Popen([sys.executable, "-m", "omnimoe.train.cli", *args, "train.steps=100000"],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
   deadline = time.time() + 300
   while not ((wd / "metrics.jsonl").is_file() and (wd / "metrics.jsonl").read_text()):
     assert proc.poll() is None and time.time() < deadline, "no step logged within 5 minutes"
