@@ -61,7 +61,10 @@ def _clean_env(venv: pathlib.Path, **extra: str) -> dict:
   env = {k: v for k, v in os.environ.items()
          if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "XLA_FLAGS")}
   env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
-             PYTHONNOUSERSITE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", JAX_PLATFORMS="cpu", **extra)
+             PYTHONNOUSERSITE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", JAX_PLATFORMS="cpu",
+             # pip's --no-compile: no .pyc for every installed module (~7k files, about a minute
+             # here); Python compiles what the notebook imports. (PIP_NO_COMPILE=1 does not do it.)
+             PIP_COMPILE="0", **extra)
   return env
 
 
