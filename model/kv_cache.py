@@ -12,7 +12,7 @@ batch axes, kv heads over `tensor`, and the length over `context` (once decoding
 parallel; today a context axis > 1 is not supported by the cached path).
 
 A call appends its L new positions at slots end .. end + L - 1 and their queries attend over all S
-slots: the query at slot i sees slot j iff j <= i and both lie in the same segment != 0 (and
+slots (with the `xla` backend when L <= model.attention_block, else `model.attention`): the query at slot i sees slot j iff j <= i and both lie in the same segment != 0 (and
 i - j < window in a local layer). Slot = array index of the full sequence, so a cached decoding is
 the same function as a forward pass over the whole sequence (tests/test_kv_cache.py).
 Per token it holds 2 * num_layers * num_kv_heads * head_dim numbers (`bytes_per_token`).
@@ -75,6 +75,9 @@ def write_and_attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, kv: dict, segment_ids_BxL,
   order_q = jnp.broadcast_to(end + jnp.arange(L, dtype=jnp.int32), (B, L))
   order_k = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   meta = Meta(segment_ids_BxL.astype(jnp.int32), cache_seg_BxS, order_q, order_k, window)
-  o = attend_meta(q_BxLxHxD, kv["k"], kv["v"], meta, implementation=cfg.attention,
+  # A few queries (a decoding step) take one einsum with an explicit [B, L, S] mask: the tiled
+  # backends would pad the single query to a whole tile.
+  impl = "xla" if L <= cfg.attention_block else cfg.attention
+  o = attend_meta(q_BxLxHxD, kv["k"], kv["v"], meta, implementation=impl,
                   block=cfg.attention_block)
   return o, kv

@@ -1,9 +1,12 @@
 """bench/decode.py: a row per context, the cached step checked against the recompute inside."""
 import json
 
+import pytest
+
 from bench import decode as bench_decode
 
 
+@pytest.mark.slow
 def test_decode_bench_writes_a_row_per_context(tmp_path):
   out = tmp_path / "decode.json"
   rows = bench_decode.main(["--contexts", "16", "--repeats", "1", "--json", str(out)])

@@ -2,12 +2,11 @@
 layout of real media (data/examples.py, the oracle), the logits every token was chosen from equal
 one forward pass over the finished sequence (to 1e-5), and constrained decoding keeps every media
 span whole with an untrained model whose free choices would break it."""
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from omnimoe.data.config import DataConfig
@@ -68,24 +67,34 @@ def test_positions_follow_the_layout_of_real_media():
   assert [i for i, c in enumerate(closed_after) if c] == [len(text1) + 3, len(text1) + 4 + len(text2) + 10]
 
 
-def _generate(sampler, B, N, force=None, seed=0, keep_logits=False):
+N, B = 40, 16
+FORCE = np.asarray([IMAGE, AUDIO, 0, 0] * 4)      # rows made to start with an image or a tone
+
+
+@functools.cache
+def _compiled():
+  """One compiled generation (temperature 1, top-p 0.9, logits kept) that every test reuses."""
   setup, _, params = _model()
   prompt, next_pos, example = _prompt(B)
   gen = make_generate(setup, SPANS, prompt_len=len(example.tokens_N), max_new_tokens=N,
-                      sampler=sampler, free=("image", "audio"), keep_logits=keep_logits)
-  table = feature_table(SPANS, CODEBOOKS, F)
-  return gen(params, prompt, next_pos, jax.random.key(seed), None, force, table), prompt
+                      sampler=Sampler(temperature=1.0, top_p=0.9), free=("image", "audio"),
+                      keep_logits=True)
+  return gen, params, prompt, next_pos, feature_table(SPANS, CODEBOOKS, F)
+
+
+def _generate(seed=0):
+  gen, params, prompt, next_pos, table = _compiled()
+  return gen(params, prompt, next_pos, jax.random.key(seed), None, FORCE, table), prompt
 
 
 def test_generated_logits_equal_a_full_forward_of_the_finished_sequence():
-  """Sampled rows (one made to start with an image): the logits each token was chosen from equal
-  the logits of one forward pass over prompt + generation, whose features are the codebook
-  centroids of the codes (looked up here in numpy) and modality the vocabulary's."""
-  N = 24
-  out, prompt = _generate(Sampler(temperature=1.0), 3, N, force=np.asarray([IMAGE, 0, AUDIO]),
-                          keep_logits=True)
+  """Sampled rows (some made to start with an image or a tone): the logits each token was chosen
+  from equal the logits of one forward pass over prompt + generation, whose features are the
+  codebook centroids of the codes (looked up here in numpy) and modality the vocabulary's."""
+  out, prompt = _generate()
   tokens = np.asarray(out.tokens)
   assert VOCAB.modality_of(tokens[0, :4]).tolist() == [2] * 4        # the forced image
+  assert VOCAB.modality_of(tokens[1, :11]).tolist() == [3] * 11      # the forced tone
   features = np.zeros(tokens.shape + (F,), np.float32)
   for name, book in CODEBOOKS.items():
     offset = getattr(VOCAB, f"{name}_offset")
@@ -120,9 +129,8 @@ def _runs(row):
 
 
 def test_constrained_decoding_keeps_every_span_whole_with_an_untrained_model():
-  N, B = 40, 16
-  force = np.asarray([IMAGE, AUDIO, 0, 0] * 4)
-  out, _ = _generate(Sampler(temperature=2.0), B, N, force=force, keep_logits=True)
+  force = FORCE
+  out, _ = _generate()
   tokens = np.asarray(out.tokens)
   length = {2: 4, 3: 11}
   spans_seen = 0
@@ -146,10 +154,10 @@ def test_constrained_decoding_keeps_every_span_whole_with_an_untrained_model():
 
 
 def test_seeded_sampling_is_reproducible():
-  s = Sampler(temperature=1.0, top_p=0.9)
-  a, _ = _generate(s, 4, 16, seed=7)
-  b, _ = _generate(s, 4, 16, seed=7)
-  c, _ = _generate(s, 4, 16, seed=8)
+  """Temperature 1, top-p 0.9: the same seed gives the same tokens bit for bit, another seed not."""
+  a, _ = _generate(seed=7)
+  b, _ = _generate(seed=7)
+  c, _ = _generate(seed=8)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   np.testing.assert_array_equal(np.asarray(a.log_probs), np.asarray(b.log_probs))
   assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))

@@ -77,8 +77,10 @@ def test_cached_decoding_equals_recompute_on_one_device():
   assert np.abs(logits).max() > 0.1        # not trivially equal
 
 
-@pytest.mark.parametrize("dispatch, cfg", [("all_gather", TINY), ("ragged_all_to_all", DYNAMIC)],
-                         ids=["all_gather_topk_unrolled", "ragged_dynamic_scanned"])
+@pytest.mark.parametrize("dispatch, cfg", [
+    ("all_gather", TINY),
+    pytest.param("ragged_all_to_all", DYNAMIC, marks=pytest.mark.slow)],
+    ids=["all_gather_topk_unrolled", "ragged_dynamic_scanned"])
 def test_cached_decoding_equals_recompute_on_data2_expert4(dispatch, cfg):
   """Dropless dispatches over the expert axis (ragged_all_to_all with its collective emulated)."""
   platform = Platform(emulate_ragged=dispatch == "ragged_all_to_all")
