@@ -28,6 +28,7 @@ from omnimoe.train.state import Setup, merge
 from omnimoe.model.modality import NAMES as MODALITIES
 from omnimoe.train.retrieval import Retrieval
 from omnimoe.train.generate import make_generate
+from omnimoe.train.media_evals import MediaEvals
 from omnimoe.train.step import make_eval_step
 
 PROMPT_KEYS = ("tokens", "features", "modality", "segment_ids", "positions")
@@ -127,6 +128,9 @@ class Evaluator:
                                  max_new_tokens=cfg.eval.max_new_tokens)
         for name, p in self.sets.prompts.items()}
     self.retrieval = Retrieval(cfg, setup) if cfg.data.task == "needle" else None
+    self.media = None       # text -> image / audio, for runs taught to draw and sound
+    if cfg.data.caption_first > 0 and data.has_default_source(cfg.data):
+      self.media = MediaEvals(cfg, setup)
     self.routing_step = coactivation.make_routing_step(setup)
 
   def coactivation(self, params, router=None) -> tuple[np.ndarray, np.ndarray]:
@@ -177,4 +181,6 @@ class Evaluator:
                                      router)
     if self.retrieval is not None:
       metrics.update(self.retrieval(params, router))
+    if self.media is not None:
+      metrics.update(self.media(params, router))
     return metrics
