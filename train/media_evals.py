@@ -71,10 +71,15 @@ class MediaEvals:
     return np.asarray([media_scores.dtmf_digit(media_out.audio_waveform(c, book, data_cfg), data_cfg)
                        for c in codes_NxC])
 
+  def generate(self, name: str, params, router=None) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [N, item length], the digit each row asked for), rows by template then digit."""
+    run, prompt, next_position, force, digits = self.sets[name]
+    out = run(params, prompt, next_position, jax.random.PRNGKey(0), router, force, self.table)
+    return np.asarray(jax.device_get(out.tokens)) - self.spans.lo[self.spans.index(name) - 1], digits
+
   def __call__(self, params, router=None) -> dict:
     metrics = {}
-    for name, (run, prompt, next_position, force, digits) in self.sets.items():
-      out = run(params, prompt, next_position, jax.random.PRNGKey(0), router, force, self.table)
-      codes = np.asarray(jax.device_get(out.tokens)) - self.spans.lo[self.spans.index(name) - 1]
+    for name in self.sets:
+      codes, digits = self.generate(name, params, router)
       metrics[KEYS[name]] = float(np.mean(self.heard_or_seen(name, codes) == digits))
     return metrics
