@@ -171,6 +171,6 @@ def generate(cfg: Config, workdir: str | pathlib.Path, req: Request,
                  f"{text!r}" + (f" + {', '.join(media)}" if media else ""))
   pieces = _pieces(tokens[best], mix.vocab, spans)
   text = mix.vocab.decode_text(tokens[best][live[best]]).decode("utf-8", "replace")
-  lines += [f"best: sample {best + 1}", text]
+  lines += [f"best: sample {best + 1}", text if text else "(no text)"]
   folder = pathlib.Path(req.out) if req.out else pathlib.Path(workdir) / "generated"
   return lines + _write_media(pieces, spans, mix, cfg, folder, req.seed)
