@@ -33,6 +33,9 @@ class DataConfig:
   loss_weight_image: float = 0.0  # ... an image code (0: predicting patches overfits 1.4k images)
   loss_weight_audio: float = 1.0  # ... whose target is an audio code
   image_shift: int = 0           # training images move by up to this many pixels (zero fill); 0 = off
+  caption_first: float = 0.0      # share of training records "media, text" shown text first ("the
+                                  # digit seven" then the image): teaches text -> image / audio
+                                  # (with loss_weight_image > 0 for images); 0 = off
   heldout_fraction: float = 0.2   # share of digit images and text documents held out for eval
   prefetch: int = 2               # batches prepared ahead in a background thread (0 = none)
   image_side: int = 8             # `omnimoe prepare`: images are resized to side x side pixels

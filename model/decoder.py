@@ -26,11 +26,15 @@ shapes), each step under the same remat policy. Parameter tree: unrolled blocks[
 `hidden(batch, router) -> (h_BxLxD, aux)` stops before the head: `head_logits(h, head_DxV)` on any
 slice of positions gives those positions' logits, so a loss can visit the positions chunk by chunk
 (train/step.py) and never hold [B, L, V]; `in_mesh(fn, ...)` runs such a function on the model's mesh.
+`decode(batch, cache, router) -> (logits, aux, cache)` is the same function on new positions
+against a KV cache (model/kv_cache.py): generation prefills the prompt once, then one position per
+step (train/generate.py).
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from omnimoe.model import kv_cache
 from omnimoe.model.blockwise_attention import NO_WINDOW
 from omnimoe.model.config import REMAT, ModelConfig, check_dense_layers, layer_windows, one_of
 from omnimoe.model.embed import MultimodalEmbed
@@ -92,6 +96,18 @@ class Block(nnx.Module):
       y_BxLxD, aux = self.moe(self.moe_norm(x_BxLxD), segment_ids_BxL, modality_BxL,
                               threshold=threshold, bias_MxE=bias_MxE)
     return constrain(x_BxLxD + y_BxLxD, ACT), aux
+
+  def decode(self, x_BxLxD, segment_ids_BxL, modality_BxL, angles_BxLxP, kv, cache_seg_BxS, end,
+             threshold=None, bias_MxE=None, window=NO_WINDOW):
+    """The block on new positions against its KV cache `kv`: (x, aux, kv) (model/kv_cache.py)."""
+    a_BxLxD, kv = self.attn.cached(self.attn_norm(x_BxLxD), segment_ids_BxL, angles_BxLxP, kv,
+                                   cache_seg_BxS, end, window)
+    x_BxLxD = x_BxLxD + a_BxLxD
+    if self.dense:
+      return constrain(x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), ACT), None, kv
+    y_BxLxD, aux = self.moe(self.moe_norm(x_BxLxD), segment_ids_BxL, modality_BxL,
+                            threshold=threshold, bias_MxE=bias_MxE)
+    return constrain(x_BxLxD + y_BxLxD, ACT), aux, kv
 
 
 def stack_blocks(blocks: list[Block]) -> Block:
@@ -158,7 +174,8 @@ class Decoder(nnx.Module):
     with jax.sharding.use_abstract_mesh(self.mesh):
       return fn(*args)
 
-  def _forward(self, batch: dict, router: dict | None) -> tuple[jax.Array, dict]:
+  def _inputs(self, batch: dict, router: dict | None):
+    """(router state, segment_ids, modality, rope angles, embedded x) of a batch."""
     cfg = self.cfg
     router = init_router_state(cfg.num_moe_layers, cfg.moe) if router is None else router
     require_auto_axes(batch["segment_ids"])
@@ -169,7 +186,11 @@ class Decoder(nnx.Module):
     with jax.named_scope("embed"):
       x_BxLxD = self.embed(jnp.asarray(batch["tokens"], jnp.int32),
                            jnp.asarray(batch["features"]), modality_BxL)
-    x_BxLxD = constrain(x_BxLxD, ACT)
+    return router, segment_ids_BxL, modality_BxL, angles_BxLxP, constrain(x_BxLxD, ACT)
+
+  def _forward(self, batch: dict, router: dict | None) -> tuple[jax.Array, dict]:
+    cfg = self.cfg
+    router, segment_ids_BxL, modality_BxL, angles_BxLxP, x_BxLxD = self._inputs(batch, router)
     auxes, run_block = [], _block_runner(cfg.remat)
     per_layer_router = (router["threshold"], router.get("bias"))
     order_BxL = batch.get("order")                   # 1-D order of reordered rows (None: index)
@@ -192,9 +213,57 @@ class Decoder(nnx.Module):
                                      (*per_layer_router, *local))
     else:
       stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}
+    return self._finish(x_BxLxD, stacked)
+
+  def _finish(self, x_BxLxD, stacked: dict) -> tuple[jax.Array, dict]:
+    cfg = self.cfg
     with jax.named_scope("final_norm"):
       h_BxLxD = self.final_norm(x_BxLxD)
     aux = dict(stacked, load_balance_loss=stacked["load_balance_loss"].mean(),
                router_z_loss=stacked["router_z_loss"].mean(),
                moe_layers=jnp.arange(cfg.num_dense_layers, cfg.num_layers, dtype=jnp.int32))
     return h_BxLxD, aux
+
+  def decode(self, batch: dict, cache: dict, router: dict | None = None):
+    """(logits_BxLxV float32, aux, cache): the batch's L new positions (tokens, features,
+    modality, segment_ids, positions; [B, L]) appended to the KV cache (model/kv_cache.py),
+    each attending over everything in it: prefill with the prompt, then one position per step."""
+    def run(batch, cache, router):
+      h_BxLxD, aux, cache = self._forward_cached(batch, cache, router)
+      return head_logits(h_BxLxD, self.head_DxV[...]), aux, cache
+    return self.in_mesh(run, batch, cache, router)
+
+  def _forward_cached(self, batch: dict, cache: dict, router: dict | None):
+    cfg = self.cfg
+    router, segment_ids_BxL, modality_BxL, angles_BxLxP, x_BxLxD = self._inputs(batch, router)
+    cache = kv_cache.append_segments(cache, segment_ids_BxL)
+    rest = (segment_ids_BxL, modality_BxL, angles_BxLxP)
+    at = (cache["segment_ids"], cache["end"])
+    per_layer_router = (router["threshold"], router.get("bias"))
+    windows = layer_windows(cfg)
+    auxes, kvs = [], []
+    for i, block in enumerate(self.blocks):
+      per_layer = (None, None) if block.dense else jax.tree.map(
+          lambda a: a[i - cfg.num_dense_layers], per_layer_router)
+      x_BxLxD, aux, kv = block.decode(x_BxLxD, *rest, cache["blocks"][i], *at, *per_layer,
+                                      windows[i])
+      kvs.append(kv)
+      if aux is not None:
+        auxes.append(aux)
+    cache = dict(cache, blocks=kvs)
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.moe_stack)
+
+      def body(x_BxLxD, layer):
+        layer_state, kv, threshold, bias, window = layer
+        x_BxLxD, aux, kv = nnx.merge(graphdef, layer_state).decode(
+            x_BxLxD, *rest, kv, *at, threshold, bias, window)
+        return x_BxLxD, (aux, kv)
+      scanned = jnp.asarray(windows[cfg.num_dense_layers:], jnp.int32)
+      x_BxLxD, (stacked, kv) = jax.lax.scan(
+          body, x_BxLxD, (state, cache["moe_stack"], *per_layer_router, scanned))
+      cache = dict(cache, moe_stack=kv)
+    else:
+      stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]}
+    h_BxLxD, aux = self._finish(x_BxLxD, stacked)
+    return h_BxLxD, aux, kv_cache.advance(cache, segment_ids_BxL.shape[1])

@@ -1,5 +1,6 @@
 """Self-attention block: GQA projections, optional QK-norm, M-RoPE, then attention (over the
-`context` mesh axis when the mesh has one: model/context_parallel.py)."""
+`context` mesh axis when the mesh has one: model/context_parallel.py); `cached` runs the same
+layer on new positions against a KV cache (model/kv_cache.py)."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -7,6 +8,7 @@ from flax import nnx
 from omnimoe.model.config import ModelConfig, check_heads
 from omnimoe.model.blockwise_attention import NO_WINDOW
 from omnimoe.model.context_parallel import attend_over_context
+from omnimoe.model.kv_cache import write_and_attend
 from omnimoe.model.norm import RMSNorm
 from omnimoe.model.rope import apply_rope
 from omnimoe.model.sharding import constrain, param
@@ -32,9 +34,8 @@ class SelfAttention(nnx.Module):
       self.q_norm = RMSNorm(Dh, dtype=cfg.dtype, param_dtype=pd, names=("kv",), rngs=rngs)
       self.k_norm = RMSNorm(Dh, dtype=cfg.dtype, param_dtype=pd, names=("kv",), rngs=rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
-               angles_BxLxP: jax.Array, order_BxL: jax.Array | None = None,
-               window: jax.Array | int = NO_WINDOW) -> jax.Array:
+  def project(self, x_BxLxD: jax.Array, angles_BxLxP: jax.Array):
+    """(q [B, L, H, Dh], k [B, L, K, Dh], v [B, L, K, Dh]): projections, QK-norm and M-RoPE."""
     cfg = self.cfg
     dt = self.dtype
     x = x_BxLxD.astype(dt)
@@ -52,9 +53,30 @@ class SelfAttention(nnx.Module):
     with jax.named_scope("rope"):
       q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, angles_BxLxP), HEADS)
       k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, angles_BxLxP), HEADS)
+    return q_BxLxHxD, k_BxLxKxD, v_BxLxKxD
+
+  def out(self, o_BxLxHxD: jax.Array) -> jax.Array:
+    return jnp.einsum("blhk,hkd->bld", o_BxLxHxD, self.wo_HxDhxD[...].astype(self.dtype))
+
+  def __call__(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array,
+               angles_BxLxP: jax.Array, order_BxL: jax.Array | None = None,
+               window: jax.Array | int = NO_WINDOW) -> jax.Array:
+    cfg = self.cfg
+    q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = self.project(x_BxLxD, angles_BxLxP)
     with jax.named_scope("attend"):
       o_BxLxHxD = attend_over_context(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL,
                                       order_BxL, strategy=cfg.context_parallel,
                                       implementation=cfg.attention, block=cfg.attention_block,
                                       window=window)
-    return jnp.einsum("blhk,hkd->bld", o_BxLxHxD, self.wo_HxDhxD[...].astype(dt))
+    return self.out(o_BxLxHxD)
+
+  def cached(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array, angles_BxLxP: jax.Array,
+             kv: dict, cache_seg_BxS: jax.Array, end: jax.Array,
+             window: jax.Array | int = NO_WINDOW) -> tuple[jax.Array, dict]:
+    """The L new positions appended to this layer's KV cache `kv` (model/kv_cache.py), attending
+    over every slot of it. -> (output [B, L, D], kv)."""
+    q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = self.project(x_BxLxD, angles_BxLxP)
+    with jax.named_scope("attend_cached"):
+      o_BxLxHxD, kv = write_and_attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, kv, segment_ids_BxL,
+                                       cache_seg_BxS, end, window, self.cfg)
+    return self.out(o_BxLxHxD), kv

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from omnimoe import data
-from omnimoe.train import coactivation, loop, partition, permute
+from omnimoe.train import coactivation, loop, media_spans, partition, permute
 from omnimoe.train.checkpoint import Checkpoints
 from omnimoe.train.cli import main
 from omnimoe.train.evaluate import load_eval_data, make_greedy_decode
@@ -95,7 +95,8 @@ def _outputs(cfg, setup, info, state):
           for b in load_eval_data(cfg).mixed]
   loss = sum(float(s["ce_sum"]) for s in sums) / sum(float(s["weight_sum"]) for s in sums)
   prompts = data.prompt_set(cfg.data, modality="image", seed=0, max_new_tokens=3, limit=8)
-  decode = make_greedy_decode(setup, prompt_len=prompts.prompt_len, max_new_tokens=3)
+  decode = make_greedy_decode(setup, media_spans.spans_for(info.vocab, cfg.data),
+                              prompt_len=prompts.prompt_len, max_new_tokens=3)
   batch = {k: jnp.asarray(v) for k, v in prompts.batch.items()}
   return loss, np.asarray(decode(state["params"], batch, jnp.asarray(prompts.next_position),
                                  state.get("router")))

@@ -9,6 +9,9 @@ else lives here.
   omnimoe config  [CONFIG] [key=value ...]
   omnimoe report  --workdir DIR [--out DIR] [--last N]
   omnimoe placement --workdir DIR --groups G [--out DIR2]
+  omnimoe generate --workdir DIR [--prompt TEXT] [--image PNG] [--audio WAV] [--media image|audio]
+                   [--out DIR] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                   [--seed S] [--effort LEVEL] [--samples N] [key=value ...]
 
 CONFIG is a YAML file or the name of a shipped config (`tiny`, `configs/tiny.yaml` from any folder;
 see train/config_files.py).
@@ -51,7 +54,31 @@ def _parser() -> argparse.ArgumentParser:
                   help="G: expert groups (devices or racks), each of num_experts / G experts")
   pl.add_argument("--out", help="the placed run's folder (default: WORKDIR-g<G>)")
   pl.set_defaults(args=[])
+  _generate_options(sub.add_parser("generate", help="continue a prompt with the latest checkpoint "
+                                                    "of a run: text, images (PNG), sounds (WAV)"))
   return p
+
+
+def _generate_options(g: argparse.ArgumentParser) -> None:
+  g.add_argument("--workdir", required=True, help="the run (its config.yaml and checkpoints)")
+  g.add_argument("--prompt", default="", help="text of the prompt (after the image/sound)")
+  g.add_argument("--image", metavar="PNG", help="an image at the start of the prompt")
+  g.add_argument("--audio", metavar="WAV", help="a sound at the start of the prompt")
+  g.add_argument("--media", choices=("image", "audio"),
+                 help="start the generation with one whole item of this modality")
+  g.add_argument("--out", help="folder for generated images and sounds (default WORKDIR/generated)")
+  g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  g.add_argument("--top-k", type=int, default=0, help="sample among the k most probable ids (0 = all)")
+  g.add_argument("--top-p", type=float, default=1.0, help="nucleus: the most probable ids of this "
+                                                          "mass (1 = all)")
+  g.add_argument("--seed", type=int, default=0, help="sampling seed")
+  g.add_argument("--effort", default="medium",
+                 help="none, low, medium (as trained), high, xhigh or an active fraction "
+                      "(see docs/generation.md)")
+  g.add_argument("--samples", type=int, default=1,
+                 help="draw N samples in one batch and keep the one of highest mean log-prob")
+  g.add_argument("args", nargs="*", metavar="key=value", help="overrides of the run's config")
 
 
 def _add_options(s: argparse.ArgumentParser, name: str) -> None:
@@ -194,6 +221,29 @@ def _placement(ns: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+def _generate(ns: argparse.Namespace) -> int:
+  run_config = pathlib.Path(ns.workdir) / "config.yaml"
+  if not run_config.is_file():
+    return _fail(EXIT_USAGE, f"no run in '{ns.workdir}': {run_config} is missing")
+  try:
+    cfg = config_lib.load(str(run_config), _split(["_", *ns.args])[1])
+  except config_lib.ConfigError as e:
+    return _fail(EXIT_USAGE, str(e))
+  from omnimoe.train import generate_run, loop   # jax only once the arguments are good
+  req = generate_run.Request(
+      prompt=ns.prompt, image=ns.image, audio=ns.audio, media=ns.media, out=ns.out,
+      max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
+      top_p=ns.top_p, seed=ns.seed, effort=ns.effort, samples=ns.samples)
+  try:
+    for line in generate_run.generate(cfg, ns.workdir, req):
+      print(line)
+  except generate_run.MediaError as e:
+    return _fail(EXIT_DATA, f"bad media: {e}")
+  except (loop.WorkdirError, config_lib.ConfigError) as e:
+    return _fail(EXIT_USAGE, str(e))
+  return EXIT_OK
+
+
 def _load(ns: argparse.Namespace):
   """-> (the config file or name given, or None; the resolved config)."""
   path, overrides = _split(ns.args)
@@ -209,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     return _report(ns)
   if ns.command == "placement":
     return _placement(ns)
+  if ns.command == "generate":
+    return _generate(ns)
   try:
     path, cfg = _load(ns)
   except config_lib.ConfigError as e:

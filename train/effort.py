@@ -4,11 +4,14 @@ taken / num_experts) without retraining, `omnimoe eval --workdir DIR --effort lo
 f0, the trained active fraction, is top_k / num_experts for router `topk` and
 `target_active_fraction` for router `dynamic`. Efforts:
 
+  none    1 / num_experts: the fewest experts a token can take (top-1; k_min for `dynamic`)
   low     f0 / 2
   medium  f0: the model exactly as trained (same graph, same thresholds), so its metrics equal
           plain `omnimoe eval`
   high    2 * f0
+  xhigh   4 * f0 (at most 1)
   0.25    that fraction (any number in (0, 1])
+`omnimoe generate --effort LEVEL` takes the same names (`at_effort`).
 
 How a fraction f is reached, with the same parameters (their shapes do not depend on it):
   topk     k = clamp(round(f * E), 1, E): the graph is rebuilt with `model.moe.top_k = k`.
@@ -37,7 +40,8 @@ from omnimoe.train.evaluate import Evaluator
 from omnimoe.model.modality import CODES, NAMES as MODALITIES
 from omnimoe.train.state import Setup, make_setup, merge
 
-NAMED = {"low": 0.5, "medium": 1.0, "high": 2.0}   # multiples of the trained active fraction f0
+NAMED = {"low": 0.5, "medium": 1.0, "high": 2.0, "xhigh": 4.0}   # multiples of f0, the trained
+LEVELS = ("none", *NAMED)                                            # active fraction; none: 1/E
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +57,15 @@ def parse_efforts(text: str) -> list[str]:
   if not labels:
     raise config_lib.ConfigError("--effort needs a comma-separated list such as low,medium,high")
   for label in labels:
-    if label in NAMED:
+    if label in LEVELS:
       continue
     try:
       value = float(label)
     except ValueError:
       value = None
     if value is None or not 0 < value <= 1:
-      raise config_lib.ConfigError(f"--effort item '{label}' must be low, medium, high or an active "
-                                   f"fraction in (0, 1]")
+      raise config_lib.ConfigError(f"--effort item '{label}' must be {', '.join(LEVELS)} or an "
+                                   f"active fraction in (0, 1]")
   if len(set(labels)) != len(labels):
     raise config_lib.ConfigError(f"--effort lists an item twice: '{text}'")
   return labels
@@ -74,9 +78,10 @@ def trained_fraction(cfg: Config) -> float:
 
 
 def resolve(labels: list[str], cfg: Config) -> list[Effort]:
-  f0 = trained_fraction(cfg)
-  return [Effort(label, NAMED[label] * f0 if label in NAMED else float(label), label == "medium")
-          for label in labels]
+  f0, E = trained_fraction(cfg), cfg.model.moe.num_experts
+  fraction = lambda label: (1 / E if label == "none" else min(NAMED[label] * f0, 1.0)
+                            if label in NAMED else float(label))
+  return [Effort(label, fraction(label), label == "medium") for label in labels]
 
 
 def top_k_for(fraction: float, num_experts: int) -> int:
@@ -177,6 +182,47 @@ class _Graphs:
     return self.built[key]
 
 
+def _dynamic_k_max(effort: Effort, cfg: Config) -> int:
+  moe = cfg.model.moe
+  return min(moe.num_experts, max(moe.k_max, math.ceil(2 * effort.fraction * moe.num_experts)))
+
+
+def _calibrated(effort: Effort, cfg: Config, router: dict, fraction_fn, params, batches,
+                notes: list) -> dict:
+  """The router state whose per-layer thresholds reach `effort` (router dynamic)."""
+  moe = cfg.model.moe
+  as_router = lambda t: {**router, "threshold": jnp.asarray(t, jnp.float32)}
+  floor = moe.k_min / moe.num_experts
+  if effort.fraction <= floor:   # threshold 0: every token takes exactly k_min experts
+    thresholds = np.zeros(cfg.model.num_moe_layers)
+    if effort.fraction < floor:
+      notes.append(f"effort {effort.label}: active fraction {effort.fraction:.4g} is below "
+                   f"k_min/num_experts = {floor:.4g}, the fewest experts a token takes; ran at that")
+  else:
+    layers = lambda t: measure(fraction_fn, params, batches, as_router(t))["per_layer"]
+    thresholds = calibrate_thresholds(layers, np.asarray(router["threshold"]), effort.fraction)
+  return as_router(thresholds)
+
+
+def at_effort(label: str, cfg: Config, setup: Setup, mesh, info, params, router,
+              batches: Callable[[], list]) -> tuple[Setup, dict, dict, list[str]]:
+  """The graph and router state that run a checkpoint at one effort (`omnimoe generate`):
+  (setup, router, details, notes). `batches()` gives held-out batches for calibrating a dynamic
+  router's thresholds (called only then)."""
+  [effort] = resolve(parse_efforts(label), cfg)
+  moe, notes = cfg.model.moe, []
+  if effort.as_trained:
+    return setup, router, {"active_fraction": effort.fraction}, notes
+  if moe.router == "topk":
+    k = top_k_for(effort.fraction, moe.num_experts)
+    return make_setup(with_moe(cfg, top_k=k), mesh, info), router, {"top_k": k}, notes
+  variant = with_moe(cfg, k_max=_dynamic_k_max(effort, cfg))
+  setup = make_setup(variant, mesh, info)
+  router = _calibrated(effort, cfg, router, make_fraction_fn(setup), params, batches(), notes)
+  return setup, router, {"k_max": variant.model.moe.k_max,
+                         "threshold": np.asarray(router["threshold"]).tolist()}, notes
+
+
 def _run(effort: Effort, graphs: _Graphs, params, router, batches) -> tuple[dict, dict, list[str]]:
   """Evaluates at `effort`: (details of how, measured active fractions and eval metrics, notes)."""
   cfg = graphs.cfg
@@ -190,19 +236,9 @@ def _run(effort: Effort, graphs: _Graphs, params, router, batches) -> tuple[dict
     details = {"top_k": top_k_for(effort.fraction, E)}
     graph = graphs.get(**details)
   else:
-    k_max = min(E, max(moe.k_max, math.ceil(2 * effort.fraction * E)))
+    k_max = _dynamic_k_max(effort, cfg)
     graph = graphs.get(k_max=k_max)
-    as_router = lambda t: {**router, "threshold": jnp.asarray(t, jnp.float32)}
-    floor = moe.k_min / E
-    if effort.fraction <= floor:   # threshold 0: every token takes exactly k_min experts
-      thresholds = np.zeros(cfg.model.num_moe_layers)
-      if effort.fraction < floor:
-        notes.append(f"effort {effort.label}: active fraction {effort.fraction:.4g} is below "
-                     f"k_min/num_experts = {floor:.4g}, the fewest experts a token takes; ran at that")
-    else:
-      layers = lambda t: measure(graph[2], params, batches, as_router(t))["per_layer"]
-      thresholds = calibrate_thresholds(layers, np.asarray(router["threshold"]), effort.fraction)
-    router = as_router(thresholds)
+    router = _calibrated(effort, cfg, router, graph[2], params, batches, notes)
     details = {"k_max": k_max, "threshold": np.asarray(router["threshold"]).tolist()}
   _, evaluator, fraction_fn = graph
   measured = measure(fraction_fn, params, batches, router)

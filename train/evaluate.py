@@ -1,7 +1,7 @@
 """Evaluation: held-out loss by modality, text bits per byte, and cross-modal word accuracy.
 
 Cross-modal accuracy: a held-out image (or a freshly drawn tone) followed by the prompt
-"the digit " is decoded greedily; a row counts as correct when the text before the first EOS is
+"the digit " is decoded greedily over text and EOS, with the KV cache; a row counts as correct when the text before the first EOS is
 exactly the digit's English word.
 
 Held-out loss covers every source of the run (data.eval_batches_by_source): `eval/loss` over all
@@ -22,12 +22,16 @@ import numpy as np
 
 from omnimoe import data
 from omnimoe.data.vocab import EOS
-from omnimoe.train import coactivation
+from omnimoe.train import coactivation, media_spans
 from omnimoe.train.config import Config
 from omnimoe.train.state import Setup, merge
 from omnimoe.model.modality import NAMES as MODALITIES
 from omnimoe.train.retrieval import Retrieval
+from omnimoe.train.generate import make_generate
+from omnimoe.train.media_evals import MediaEvals
 from omnimoe.train.step import make_eval_step
+
+PROMPT_KEYS = ("tokens", "features", "modality", "segment_ids", "positions")
 
 
 NO_DEFAULT_NOTE = ("eval: data.sources has no 'default' source, so eval/text_bits_per_byte and "
@@ -78,30 +82,21 @@ def default_dataset_evals(cfg: Config) -> tuple[list, dict, tuple]:
   return text, prompts, ()
 
 
-def make_greedy_decode(setup: Setup, *, prompt_len: int, max_new_tokens: int):
-  """A jitted function (params, batch, next_position, router=None) -> generated ids
-  [N, max_new_tokens]."""
-  def decode(params, batch, next_position_N, router=None):
-    model = merge(setup, params)
-
-    def write(j, batch):
-      logits_NxLxV, _ = model(batch, router)
-      logits_NxV = jax.lax.dynamic_index_in_dim(logits_NxLxV, prompt_len - 1 + j, 1, keepdims=False)
-      token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
-      at = prompt_len + j
-      pos_Nx3 = jnp.repeat((next_position_N + j)[:, None], 3, axis=1).astype(jnp.int32)
-      return dict(
-          batch,
-          tokens=batch["tokens"].at[:, at].set(token_N),
-          modality=batch["modality"].at[:, at].set(1),
-          segment_ids=batch["segment_ids"].at[:, at].set(1),
-          positions=batch["positions"].at[:, at].set(pos_Nx3))
-
-    batch = jax.lax.fori_loop(0, max_new_tokens, write, batch)
-    return batch["tokens"][:, prompt_len:prompt_len + max_new_tokens]
+def make_greedy_decode(setup: Setup, spans: media_spans.Spans, *, prompt_len: int,
+                       max_new_tokens: int):
+  """(params, batch, next_position, router=None) -> generated ids [N, max_new_tokens]: greedy,
+  text and EOS only (the answer is a word), with the KV cache (train/generate.py): the prompt
+  (the batch's first `prompt_len` positions) is prefilled once, then one token per step; after a
+  row's EOS it writes PAD."""
   # Replicated output: every process can read the generations (multi-host), whatever layout the
   # mesh gives the batch inside.
-  return jax.jit(decode, out_shardings=setup.shardings["step"])
+  generate = make_generate(setup, spans, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                           out_shardings=setup.shardings["step"])
+
+  def decode(params, batch, next_position_N, router=None):
+    prompt = {k: v[:, :prompt_len] for k, v in batch.items() if k in PROMPT_KEYS}
+    return generate(params, prompt, next_position_N, jax.random.key(0), router).tokens
+  return decode
 
 
 def word_accuracy(decode, params, prompts, vocab, router=None) -> float:
@@ -127,10 +122,15 @@ class Evaluator:
     self.cfg, self.setup, self.vocab = cfg, setup, vocab
     self.sets = load_eval_data(cfg) if sets is None else sets
     self.eval_step = make_eval_step(cfg, setup, lambda ids: vocab.modality_of(ids, xp=jnp, specials_as_text=True))
+    spans = media_spans.spans_for(vocab, cfg.data)
     self.decoders = {
-        name: make_greedy_decode(setup, prompt_len=p.prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
+        name: make_greedy_decode(setup, spans, prompt_len=p.prompt_len,
+                                 max_new_tokens=cfg.eval.max_new_tokens)
         for name, p in self.sets.prompts.items()}
     self.retrieval = Retrieval(cfg, setup) if cfg.data.task == "needle" else None
+    self.media = None       # text -> image / audio, for runs taught to draw and sound
+    if cfg.data.caption_first > 0 and data.has_default_source(cfg.data):
+      self.media = MediaEvals(cfg, setup)
     self.routing_step = coactivation.make_routing_step(setup)
 
   def coactivation(self, params, router=None) -> tuple[np.ndarray, np.ndarray]:
@@ -181,4 +181,6 @@ class Evaluator:
                                      router)
     if self.retrieval is not None:
       metrics.update(self.retrieval(params, router))
+    if self.media is not None:
+      metrics.update(self.media(params, router))
     return metrics

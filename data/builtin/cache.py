@@ -76,6 +76,8 @@ def check(cfg: DataConfig) -> None:
     raise ValueError(f"data.weight_image/audio/text must be >= 0 with a positive sum, got {weights}")
   if cfg.image_shift < 0:
     raise ValueError(f"data.image_shift must be >= 0, got {cfg.image_shift}")
+  if not 0 <= cfg.caption_first <= 1:
+    raise ValueError(f"data.caption_first must be in [0, 1], got {cfg.caption_first}")
   media = max(image_io.grid(cfg)[0] * image_io.grid(cfg)[1], dtmf.num_frames(cfg))
   tok = tokenizer_lib.load(cfg.tokenizer)
   caption = max(len(tok.encode(captions.render(template, d)))

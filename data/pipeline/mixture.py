@@ -7,7 +7,10 @@ The global example stream is a grain MapDataset of keys (folder, record index):
 - several folders (the built-in dataset is three): `MapDataset.mix(..., weights)`, grain's
   deterministic interleaving by weight;
 - `data.image_shift` > 0 moves every training image by up to that many pixels, drawn per stream
-  position, so a resumed run sees the same shifts.
+  position, so a resumed run sees the same shifts;
+- `data.caption_first` > 0 shows that share of the training records made of one image or tone
+  then text in the other order (text, then the media), drawn per stream position: the same
+  tokens, so the same length and packing.
 
 Packing is global and deterministic: global batch b takes the next examples of the stream in order
 and puts each into the first of its `batch_size` rows with room (data/pipeline/first_fit.py); the
@@ -39,6 +42,7 @@ from omnimoe.data.prepare import image_io
 
 ENDLESS = 1 << 62           # every folder's stream is effectively endless
 SHIFT_STREAM = 5            # rng = default_rng([SHIFT_STREAM, seed, position]): image shifts
+CAPTION_FIRST_STREAM = 6    # ... whether a record is shown caption first
 
 
 def stream_rng(stream: int, seed: int, index: int) -> np.random.Generator:
@@ -108,6 +112,9 @@ class Builder:
     record = self.mix.folders[item.folder].folder.record(item.key)
     if item.position >= 0 and self.mix.cfg.image_shift > 0:
       record = self.shifted(record, item.position)
+    if item.position >= 0 and self.mix.cfg.caption_first > 0:
+      draw = stream_rng(CAPTION_FIRST_STREAM, self.seed, item.position).uniform()
+      record = caption_first(record) if draw < self.mix.cfg.caption_first else record
     return folder_lib.to_example(record, self.mix.vocab, self.mix.codebooks, self.mix.feature_dim)
 
   def shifted(self, record: records.Record, position: int) -> records.Record:
@@ -130,6 +137,15 @@ class Builder:
     cfg = self.mix.cfg
     return pack([[self.example(item) for item in row] for row in rows], cfg.seq_len,
                 self.mix.feature_dim, loss_weight_table(cfg))
+
+
+def caption_first(record: records.Record) -> records.Record:
+  """A record of one image or tone then text, text first; any other record as it is."""
+  parts = record.parts
+  if (len(parts) == 2 and isinstance(parts[0], (records.ImagePart, records.AudioPart))
+      and isinstance(parts[1], bytes)):
+    return dataclasses.replace(record, parts=(parts[1], parts[0]))
+  return record
 
 
 class MixedBatches(grain.IterDataset):

@@ -1,0 +1,153 @@
+"""Constrained decoding of media spans, and the (t, h, w) positions of generated tokens.
+
+The unified vocabulary has no "begin image" token: a code's id says its modality. A media span
+begins with its first code and holds exactly one whole item of that modality, then ends; the
+token after it is text or EOS. While a row decodes (per row, inside jit):
+  text state   text ids, EOS, and the first code of any modality in `free` may come;
+  in a span    only codes of the span's modality, until it holds `length` of them;
+  just closed  text ids or EOS only (one item per span: no second grid glued to the first);
+  done         after EOS, PAD only (written with segment 0: outside the document).
+PAD, BOS, the reserved id and the ids past the last code never come. A row may also be made to
+open a span at its first generated token (`force`): "draw the digit seven:" -> one image.
+
+The spans are read off the modality table (model/modality.py `MEDIA`): a media modality's codes
+are the vocabulary's `<name>_offset` .. + `<name>_codes`, and its item's shape (SHAPES) gives the
+positions, as data/examples.py lays out real media: an image patch (r, c) of a span starting at
+running index s is at (s, s + r, s + c) and the running index continues at s + max(rows, cols); an
+audio frame j at (s + j,) * 3, continuing at s + frames; text at (s,) * 3. Video slots in with one
+row in SHAPES.
+"""
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnimoe.data.builtin import dtmf
+from omnimoe.data.config import DataConfig
+from omnimoe.data.examples import audio_media, image_media
+from omnimoe.data.prepare import image_io
+from omnimoe.data.vocab import EOS, PAD
+from omnimoe.model.modality import BY_NAME, MEDIA
+
+
+def _image_item(cfg: DataConfig):
+  grid = image_io.grid(cfg)
+  m = image_media(np.zeros(grid[0] * grid[1], np.int32), np.zeros((grid[0] * grid[1], 1)), grid, 1)
+  return m.positions_Mx3, m.span
+
+
+def _audio_item(cfg: DataConfig):
+  m = audio_media(np.zeros(dtmf.num_frames(cfg), np.int32), np.zeros((dtmf.num_frames(cfg), 1)), 1)
+  return m.positions_Mx3, m.span
+
+
+# modality name -> data config -> (positions [n, 3] of one item's codes from running index 0, and
+# how far the item advances the running index): one whole image grid, one tone's frames
+SHAPES: dict[str, Callable[[DataConfig], tuple[np.ndarray, int]]] = {
+    "image": _image_item, "audio": _audio_item}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spans:
+  """The media a generation may write, as arrays (K media modalities, in `MEDIA` order)."""
+  names: tuple[str, ...]     # K modality names
+  codes: tuple[int, ...]     # K modality codes (model/modality.py)
+  lo: np.ndarray             # int32 [K]: first id of each modality's codes
+  hi: np.ndarray             # int32 [K]: one past the last
+  length: np.ndarray         # int32 [K]: codes in one item
+  offsets: np.ndarray        # int32 [K, N, 3]: positions of an item's codes (padded to N)
+  advance: np.ndarray        # int32 [K]: running index advance of one item
+  text_lo: int               # first text id
+  text_hi: int               # one past the last text id
+  size: int                  # V, columns of the logits
+
+  def index(self, name: str) -> int:
+    """1-based index of a modality in the table (the value of `State.span` and of `force`)."""
+    if name not in self.names:
+      raise ValueError(f"no media modality {name!r}; choose from {', '.join(self.names)}")
+    return self.names.index(name) + 1
+
+
+def spans_for(vocab, cfg: DataConfig) -> Spans:
+  items = [SHAPES[m.name](cfg) for m in MEDIA]
+  n = max(len(p) for p, _ in items)
+  offsets = np.zeros((len(MEDIA), n, 3), np.int32)
+  for k, (p, _) in enumerate(items):
+    offsets[k, :len(p)] = p
+  lo = np.asarray([getattr(vocab, f"{m.name}_offset") for m in MEDIA], np.int32)
+  count = np.asarray([getattr(vocab, f"{m.name}_codes") for m in MEDIA], np.int32)
+  return Spans(tuple(m.name for m in MEDIA), tuple(m.code for m in MEDIA), lo, lo + count,
+               np.asarray([len(p) for p, _ in items], np.int32), offsets,
+               np.asarray([a for _, a in items], np.int32), vocab.text_offset, vocab.image_offset,
+               vocab.size)
+
+
+class State(NamedTuple):
+  """Per row, int32 [B] (bool for the flags)."""
+  running: jax.Array         # running index of the next text token
+  span: jax.Array            # 1-based index of the open span's modality, 0 = none
+  filled: jax.Array          # codes written into the open span
+  start: jax.Array           # running index where the open span started
+  closed: jax.Array          # a span just closed: text or EOS next
+  done: jax.Array            # EOS written
+
+
+def initial_state(next_position_B, force_B=None) -> State:
+  """`next_position_B`: the running index after each prompt; `force_B` (int32 [B], 0 = none): the
+  1-based media index (Spans.index) each row's first generated token must open."""
+  running = jnp.asarray(next_position_B, jnp.int32)
+  force = jnp.zeros_like(running) if force_B is None else jnp.asarray(force_B, jnp.int32)
+  zero = jnp.zeros_like(running)
+  no = jnp.zeros(running.shape, bool)
+  return State(running, force, zero, running, no, no)
+
+
+def allowed(spans: Spans, state: State, free: tuple[str, ...]) -> jax.Array:
+  """bool [B, V]: the ids each row may write next (`free`: the media a text state may open)."""
+  ids_V = jnp.arange(spans.size)
+  in_KxV = (ids_V >= spans.lo[:, None]) & (ids_V < spans.hi[:, None])
+  text_V = ((ids_V >= spans.text_lo) & (ids_V < spans.text_hi)) | (ids_V == EOS)
+  opens_V = jnp.zeros_like(text_V)
+  for name in free:
+    opens_V = opens_V | in_KxV[spans.index(name) - 1]
+  in_span_BxV = jnp.take(in_KxV, jnp.maximum(state.span - 1, 0), axis=0)
+  text_BxV = text_V[None] | (opens_V[None] & ~state.closed[:, None])
+  out = jnp.where((state.span > 0)[:, None], in_span_BxV, text_BxV)
+  return jnp.where(state.done[:, None], (ids_V == PAD)[None], out)
+
+
+def advance(spans: Spans, state: State, token_B: jax.Array):
+  """After writing `token_B` (chosen among `allowed`): (next state, its position int32 [B, 3],
+  live bool [B]: the token belongs to the document, i.e. the row was not done before it)."""
+  token_B = jnp.asarray(token_B, jnp.int32)
+  kind_B = jnp.sum(jnp.where((token_B[:, None] >= spans.lo) & (token_B[:, None] < spans.hi),
+                             jnp.arange(1, len(spans.lo) + 1), 0), axis=-1)
+  open_B = jnp.where(state.span > 0, state.span, kind_B)
+  media_B = open_B > 0
+  k_B = jnp.maximum(open_B - 1, 0)
+  start_B = jnp.where(state.span > 0, state.start, state.running)
+  filled_B = jnp.where(state.span > 0, state.filled, 0)
+  offset_Bx3 = jnp.asarray(spans.offsets)[k_B, filled_B]
+  position_Bx3 = jnp.where(media_B[:, None], start_B[:, None] + offset_Bx3,
+                           state.running[:, None] * jnp.ones(3, jnp.int32))
+  complete_B = media_B & (filled_B + 1 == jnp.asarray(spans.length)[k_B])
+  running_B = jnp.where(complete_B, start_B + jnp.asarray(spans.advance)[k_B],
+                        jnp.where(media_B, state.running, state.running + 1))
+  span_B = jnp.where(media_B & ~complete_B, open_B, 0)
+  live_B = ~state.done
+  keep = lambda new, old: jnp.where(live_B, new, old)
+  new = State(keep(running_B, state.running), keep(span_B, state.span),
+              keep(jnp.where(span_B > 0, filled_B + 1, 0), state.filled),
+              keep(start_B, state.start), keep(complete_B, state.closed),
+              state.done | (token_B == EOS))
+  return new, position_Bx3.astype(jnp.int32), live_B
+
+
+def modality_of(spans: Spans, token_B: jax.Array) -> jax.Array:
+  """int32 [B]: the modality code a written token gets in the batch (specials count as text)."""
+  out = jnp.full(token_B.shape, BY_NAME["text"].code, jnp.int32)
+  for k, code in enumerate(spans.codes):
+    out = jnp.where((token_B >= spans.lo[k]) & (token_B < spans.hi[k]), code, out)
+  return jnp.where(token_B == PAD, BY_NAME["pad"].code, out)
