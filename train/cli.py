@@ -9,6 +9,8 @@ else lives here.
   omnimoe config  [CONFIG] [key=value ...]
   omnimoe report  --workdir DIR [--out DIR] [--last N]
   omnimoe placement --workdir DIR --groups G [--out DIR2]
+  omnimoe import-hf HF_DIR --out DIR [CONFIG] [key=value ...]
+  omnimoe export-hf --workdir DIR --out HF_DIR [--dtype bfloat16|float16|float32]
 
 CONFIG is a YAML file or the name of a shipped config (`tiny`, `configs/tiny.yaml` from any folder;
 see train/config_files.py).
@@ -51,7 +53,26 @@ def _parser() -> argparse.ArgumentParser:
                   help="G: expert groups (devices or racks), each of num_experts / G experts")
   pl.add_argument("--out", help="the placed run's folder (default: WORKDIR-g<G>)")
   pl.set_defaults(args=[])
+  _add_hf(sub)
   return p
+
+
+def _add_hf(sub) -> None:
+  """import-hf and export-hf (train/hf_import.py, train/hf_export.py)."""
+  i = sub.add_parser("import-hf", help="a Hugging Face Qwen3-MoE folder -> an omnimoe run folder "
+                                       "(config.yaml and a checkpoint at step 0)")
+  i.add_argument("hf_dir", metavar="HF_DIR", help="config.json and *.safetensors")
+  i.add_argument("--out", required=True, help="the run folder to write (new or empty)")
+  i.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                 help="an optional config first, then overrides (not of the model keys that "
+                      "config.json sets)")
+  e = sub.add_parser("export-hf", help="the text part of a run's latest checkpoint -> a Hugging "
+                                       "Face Qwen3-MoE folder")
+  e.add_argument("--workdir", required=True, help="the run folder")
+  e.add_argument("--out", required=True, help="the folder to write (new or empty)")
+  e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                 help="the tensors' dtype (default bfloat16)")
+  e.set_defaults(args=[])
 
 
 def _add_options(s: argparse.ArgumentParser, name: str) -> None:
@@ -194,6 +215,23 @@ def _placement(ns: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+def _hf(ns: argparse.Namespace) -> int:
+  from omnimoe.train import hf_export, hf_import
+  try:
+    if ns.command == "export-hf":
+      if ns.args:
+        return _fail(EXIT_USAGE, f"export-hf takes no config or overrides, got '{' '.join(ns.args)}'")
+      print(hf_export.describe(hf_export.export_hf(ns.workdir, ns.out, ns.dtype), ns.out))
+    else:
+      path, overrides = _split(ns.args)
+      print(hf_import.describe(hf_import.import_hf(ns.hf_dir, ns.out, path, overrides), ns.out))
+  except hf_import.HfDataError as e:
+    return _fail(EXIT_DATA, str(e))
+  except (hf_import.HfError, config_lib.ConfigError) as e:
+    return _fail(EXIT_USAGE, str(e))
+  return EXIT_OK
+
+
 def _load(ns: argparse.Namespace):
   """-> (the config file or name given, or None; the resolved config)."""
   path, overrides = _split(ns.args)
@@ -209,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     return _report(ns)
   if ns.command == "placement":
     return _placement(ns)
+  if ns.command in ("import-hf", "export-hf"):
+    return _hf(ns)
   try:
     path, cfg = _load(ns)
   except config_lib.ConfigError as e:

@@ -231,7 +231,8 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
     state = init_state(cfg, setup)
   else:
     state, data_state = ckpts.restore(latest, setup)
-    batches.set_state(data_state)
+    if data_state is not None:     # None: an imported checkpoint, the data starts afresh
+      batches.set_state(data_state)
   return _Run(workdir, mesh, info, setup, batches, ckpts, state, latest)
 
 
