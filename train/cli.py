@@ -104,6 +104,9 @@ def _add_options(s: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     s.add_argument("--process-id", type=int, help="multi-host: this process's index")
   if name == "train":
+    s.add_argument("--init-from", metavar="DIR",
+                   help="start a new run from the weights of an `omnimoe import-hf` folder (the "
+                        "config key train.init_from)")
     s.add_argument("--profile-steps", metavar="A:B",
                    help="write a jax.profiler trace of steps A..B (inclusive) into "
                         "<workdir>/profile, for TensorBoard's profiler or ui.perfetto.dev")
@@ -235,6 +238,8 @@ def _hf(ns: argparse.Namespace) -> int:
 def _load(ns: argparse.Namespace):
   """-> (the config file or name given, or None; the resolved config)."""
   path, overrides = _split(ns.args)
+  if getattr(ns, "init_from", None):
+    overrides = [*overrides, f"train.init_from={json.dumps(ns.init_from)}"]
   workdir = getattr(ns, "workdir", None)
   if ns.command == "eval" and path is None and workdir and (pathlib.Path(workdir) / "config.yaml").is_file():
     path = str(pathlib.Path(workdir) / "config.yaml")   # the run's own resolved config

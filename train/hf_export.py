@@ -4,8 +4,8 @@ latest checkpoint as a Hugging Face Qwen3-MoE folder that transformers loads (co
 
 The run's settings must have a Qwen3-MoE equivalent (train/hf_config.py `refuse_export` names the
 first that has none). The vocabulary written is the imported one when the run folder came from
-`omnimoe import-hf` (its hf_import.json: the first rows of the embedding and the head, whose ids are
-the Hugging Face tokenizer's), else every row of omnimoe's vocabulary. The media embedders are not
+`omnimoe import-hf` or `train.init_from` (its hf_import.json: the Hugging Face ids' rows, from
+`text_offset` on: 0 for an import, 4 for a grown run), else every row of omnimoe's vocabulary. The media embedders are not
 written. An imported run's config.json is the original one with the keys omnimoe sets replaced, so
 the special token ids and the like travel through; tokenizer files are not copied.
 
@@ -41,7 +41,7 @@ def _run_config(workdir: pathlib.Path):
   return config_lib.load(path)
 
 
-def _restore_params(workdir: pathlib.Path) -> tuple[int, dict]:
+def latest_params(workdir: pathlib.Path) -> tuple[int, dict]:
   """(step, the latest checkpoint's parameters as numpy arrays), without the optimizer state."""
   import orbax.checkpoint as ocp
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
@@ -87,7 +87,7 @@ def _map(fn, tree):
   return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
 
 
-def _blocks_by_int(params: dict) -> dict:
+def blocks_by_int(params: dict) -> dict:
   """orbax keeps the keys of `blocks` as strings; the names table indexes them by int."""
   return {**params, "blocks": {int(k): v for k, v in params["blocks"].items()}}
 
@@ -118,9 +118,10 @@ def export_hf(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
   record = json.loads(record_path.read_text()) if record_path.is_file() else None
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise HfError(f"--out {out}: exists and is not an empty folder; give a new one")
-  step, params = _restore_params(workdir)
-  params = _blocks_by_int(unroll(params, cfg.model.num_dense_layers))
+  step, params = latest_params(workdir)
+  params = blocks_by_int(unroll(params, cfg.model.num_dense_layers))
   vocab = record["vocab_size"] if record else params["embed"]["table_VxD"].shape[0]
+  rows = np.arange(vocab) + (record.get("text_offset", 0) if record else 0)   # HF id -> row
   config = _config(cfg.model, vocab, dtype, record)
   weights = hf_names.weights(cfg.model, vocab)
   np_dtype = _numpy_dtype(dtype)
@@ -136,7 +137,7 @@ def export_hf(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
       for w in group:
         array = hf_names.get(params, w.path)
         if w.path in VOCAB_PATHS:
-          array = np.take(array, np.arange(vocab), axis=VOCAB_PATHS[w.path])
+          array = np.take(array, rows, axis=VOCAB_PATHS[w.path])
         for n, t in zip(w.names, w.to_hf(np.asarray(array, np.float32))):
           tensors[n] = np.ascontiguousarray(t.astype(np_dtype))
           weight_map[n] = name
