@@ -30,8 +30,9 @@ def config(**changes):
   return transformers.Qwen3MoeConfig(**kw)
 
 
-def write(folder, *, seed: int = 0, max_shard_size: str = "5GB", **changes):
-  """Writes the model with `save_pretrained` (float32 safetensors) and returns it."""
+def write(folder, *, seed: int = 0, max_shard_size: str = "5GB", dtype: str = "float32",
+          **changes):
+  """Writes the model with `save_pretrained` (safetensors of `dtype`) and returns it."""
   import torch
   import transformers
   torch.manual_seed(seed)
@@ -42,6 +43,8 @@ def write(folder, *, seed: int = 0, max_shard_size: str = "5GB", **changes):
         p.copy_(1 + 0.3 * torch.randn_like(p))
       else:
         p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+  if dtype != "float32":
+    model = model.to(getattr(torch, dtype))
   model.save_pretrained(folder, max_shard_size=max_shard_size)
   return model
 

@@ -28,9 +28,8 @@ def tensors(folder: pathlib.Path) -> dict[str, tuple[str, bytes]]:
   for shard in folder.glob("*.safetensors"):
     with safe_open(str(shard), framework="numpy") as f:
       for name in f.keys():
-        view = f.get_slice(name)
-        out[name] = (view.get_dtype(), np.ascontiguousarray(f.get_tensor(name)).tobytes()
-                     if view.get_dtype() != "BF16" else None)
+        out[name] = (f.get_slice(name).get_dtype(),
+                     np.ascontiguousarray(f.get_tensor(name)).tobytes())
   return out
 
 
@@ -48,11 +47,16 @@ def test_import_then_export_is_bit_identical(imported, tmp_path):
   np.testing.assert_array_equal(hf_tiny.logits(hf_tiny.load(out), ids), hf_tiny.logits(model, ids))
 
 
-def test_export_writes_bfloat16_by_default(imported, tmp_path):
-  _, _, run = imported
+def test_bfloat16_checkpoint_round_trips_bit_identical_by_default(tmp_path):
+  """The released checkpoints' dtype: imported into float32 (exact), exported as bfloat16, the
+  default."""
+  hf_tiny.write(tmp_path / "tiny", dtype="bfloat16")
+  assert main(["import-hf", str(tmp_path / "tiny"), "--out", str(tmp_path / "run")]) == 0
   out = tmp_path / "bf16"
-  assert main(["export-hf", "--workdir", str(run), "--out", str(out)]) == 0
-  assert {dtype for dtype, _ in tensors(out).values()} == {"BF16"}
+  assert main(["export-hf", "--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
+  want, got = tensors(tmp_path / "tiny"), tensors(out)
+  assert {dtype for dtype, _ in got.values()} == {"BF16"}
+  assert sorted(got) == sorted(want) and all(got[n] == want[n] for n in want)
   assert "bfloat16" in (out / "config.json").read_text()
   assert hf_tiny.load(out) is not None     # transformers reads it
 

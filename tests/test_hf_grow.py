@@ -77,6 +77,7 @@ def test_imported_model_grows_trains_on_the_default_data_and_exports(tmp_path, c
   assert record["text_offset"] == 4 and record["vocab_size"] == hf_tiny.VOCAB
   out = tmp_path / "exported"
   assert main(["export-hf", "--workdir", str(run), "--out", str(out), "--dtype", "float32"]) == 0
+  assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
   ids = np.random.default_rng(3).integers(0, hf_tiny.VOCAB, (8, 24))
   ours = hf_tiny.omnimoe_logits(run, ids + 4, vocab=768)[..., 4:4 + hf_tiny.VOCAB]
   theirs = hf_tiny.logits(hf_tiny.load(out), ids)

@@ -7,7 +7,8 @@ first that has none). The vocabulary written is the imported one when the run fo
 `omnimoe import-hf` or `train.init_from` (its hf_import.json: the Hugging Face ids' rows, from
 `text_offset` on: 0 for an import, 4 for a grown run), else every row of omnimoe's vocabulary. The media embedders are not
 written. An imported run's config.json is the original one with the keys omnimoe sets replaced, so
-the special token ids and the like travel through; tokenizer files are not copied.
+the special token ids and the like travel through; a run whose data.tokenizer is a Hugging Face
+tokenizer.json gets it copied, with the tokenizer files beside it.
 
 Tensors are cast to `--dtype` (bfloat16, float16 or float32) and written shard by shard (at most
 `SHARD_BYTES` each), the checkpoint read parameter by parameter. Errors: HfError (one line, exit 2).
@@ -147,10 +148,26 @@ def export_hf(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
       (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                            "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(config, indent=1))
+    _copy_tokenizer(cfg.data.tokenizer, out)
   except BaseException:
     shutil.rmtree(out) if created else [p.unlink() for p in out.iterdir()]
     raise
   return {"step": step, "vocab_size": vocab, "shards": len(groups), "dtype": dtype}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def _copy_tokenizer(tokenizer: str, out: pathlib.Path) -> None:
+  """The run's Hugging Face tokenizer (data.tokenizer=.../tokenizer.json) and the files beside it
+  that transformers reads with it."""
+  if not tokenizer.endswith(".json"):
+    return
+  folder = pathlib.Path(tokenizer).absolute().parent
+  for name in TOKENIZER_FILES:
+    if (folder / name).is_file():
+      shutil.copyfile(folder / name, out / name)
 
 
 def _config(model, vocab: int, dtype: str, record: dict | None) -> dict:
