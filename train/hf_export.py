@@ -21,7 +21,7 @@ import numpy as np
 
 from omnimoe.train import hf_config, hf_names
 from omnimoe.train.hf_config import HfError
-from omnimoe.train.hf_import import INDEX, RECORD
+from omnimoe.train.hf_import import INDEX, RECORD, new_out, undo
 
 DTYPES = ("bfloat16", "float16", "float32")
 SHARD_BYTES = 4 << 30
@@ -117,8 +117,7 @@ def export_hf(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
   hf_config.refuse_export(cfg.model)
   record_path = workdir / RECORD
   record = json.loads(record_path.read_text()) if record_path.is_file() else None
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise HfError(f"--out {out}: exists and is not an empty folder; give a new one")
+  new_out(out)
   step, params = latest_params(workdir)
   params = blocks_by_int(unroll(params, cfg.model.num_dense_layers))
   vocab = record["vocab_size"] if record else params["embed"]["table_VxD"].shape[0]
@@ -150,7 +149,7 @@ def export_hf(workdir: str, out: str, dtype: str = "bfloat16") -> dict:
     (out / "config.json").write_text(json.dumps(config, indent=1))
     _copy_tokenizer(cfg.data.tokenizer, out)
   except BaseException:
-    shutil.rmtree(out) if created else [p.unlink() for p in out.iterdir()]
+    undo(out, created)
     raise
   return {"step": step, "vocab_size": vocab, "shards": len(groups), "dtype": dtype}
 

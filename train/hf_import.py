@@ -1,7 +1,8 @@
 """`omnimoe import-hf HF_DIR --out DIR [CONFIG] [key=value ...]`: a Hugging Face Qwen3-MoE folder
 (config.json and `*.safetensors`, with or without `model.safetensors.index.json`) -> an omnimoe
 run folder: `DIR/config.yaml` (CONFIG and the overrides, with the model keys config.json implies:
-train/hf_config.py), `DIR/hf_import.json` (where it came from, its vocabulary size and config.json)
+train/hf_config.py, and `data.tokenizer` = HF_DIR/tokenizer.json when there is one and no other
+tokenizer was asked for), `DIR/hf_import.json` (where it came from, its vocabulary size and config.json)
 and an orbax checkpoint at step 0, `DIR/checkpoints/0` (the train state: the imported parameters, a
 fresh optimizer, no data iterator state), that `omnimoe train`/`eval` restore like any other.
 
@@ -112,14 +113,31 @@ def resolve_config(hf: dict, config_path: str | None, overrides: list[str], wher
     if key in keys:
       raise HfError(f"{key} is set by {where}; drop the override '{text}'")
   cfg = config_lib.load(config_path, [*overrides, *(f"{k}={json.dumps(v)}" for k, v in keys.items())])
+  tokenizer = pathlib.Path(where).parent / "tokenizer.json"
+  if not cfg.data.tokenizer and tokenizer.is_file():   # the model's own, for `train --init-from`
+    cfg = config_lib.load(config_path, [*overrides, f"data.tokenizer={json.dumps(str(tokenizer))}",
+                                        *(f"{k}={json.dumps(v)}" for k, v in keys.items())])
   if cfg.model.scan_layers:
     raise HfError("model.scan_layers=true: import-hf writes unrolled layers; import without it")
   return cfg
 
 
-def _new_out(out: pathlib.Path) -> None:
+def new_out(out: pathlib.Path) -> None:
+  """Refuses an --out that exists and is not an empty folder."""
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise HfError(f"--out {out}: exists and is not an empty folder; give a new one")
+
+
+def undo(out: pathlib.Path, created: bool) -> None:
+  """Removes what a failed conversion wrote into `out` (the folder too when it made it)."""
+  if created:
+    shutil.rmtree(out, ignore_errors=True)
+    return
+  for path in out.iterdir():
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink()
 
 
 def import_hf(hf_dir: str, out: str, config_path: str | None = None,
@@ -131,16 +149,14 @@ def import_hf(hf_dir: str, out: str, config_path: str | None = None,
   weights = hf_names.weights(cfg.model, hf["vocab_size"])
   where = locate(folder)
   check_tensors(weights, where)
-  _new_out(out)
+  new_out(out)
   created = not out.exists()
   out.mkdir(parents=True, exist_ok=True)
   try:
-    record = _write(cfg, hf, folder, out, weights, where)
+    return _write(cfg, hf, folder, out, weights, where)
   except BaseException:
-    shutil.rmtree(out) if created else [shutil.rmtree(p) if p.is_dir() else p.unlink()
-                                        for p in out.iterdir()]
+    undo(out, created)
     raise
-  return record
 
 
 def _write(cfg, hf: dict, folder: pathlib.Path, out: pathlib.Path, weights: list, where: dict):
