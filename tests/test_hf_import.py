@@ -89,3 +89,16 @@ def test_model_keys_cannot_be_overridden_and_out_must_be_new(tiny, tmp_path, cap
   assert main(["import-hf", str(folder), "--out", str(busy)]) == 2
   assert "exists and is not an empty folder" in capsys.readouterr().err
   assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_import_onto_a_sharded_mesh_is_the_same_function(tiny, tmp_path):
+  """Parameters placed straight into fsdp- and expert-sharded layouts (8 devices: fsdp 2 x
+  expert 4): restored onto that mesh, still transformers' function."""
+  model, folder = tiny
+  out = tmp_path / "run"
+  assert main(["import-hf", str(folder), "--out", str(out), "mesh.within_rack.fsdp=2",
+               "mesh.within_rack.expert=4", "mesh.within_rack.data=1"]) == 0
+  ids = np.random.default_rng(4).integers(0, hf_tiny.VOCAB, (8, 24))
+  np.testing.assert_allclose(hf_tiny.omnimoe_logits(out, ids), hf_tiny.logits(model, ids),
+                             atol=1e-4, rtol=1e-4)
