@@ -7,9 +7,9 @@ Writes two bfloat16 Qwen3-MoE folders with transformers (needs the `test` extra)
 of the given size and a tiny one of the same code path (64k parameters), converts each in its own
 `omnimoe import-hf` process on this machine's CPU devices, and reports each process's peak
 resident memory (ru_maxrss). The difference is what the model's size costs; it is compared with
-the checkpoint's bytes on disk and with the bytes of the float32 train state omnimoe writes
-(parameters and two AdamW moments: 12 bytes per parameter). On CPU the devices' arrays live in
-host memory, so the state itself is part of the host's peak here; on GPU or TPU it is not.
+the checkpoint's bytes on disk and with the float32 parameters omnimoe writes (4 bytes per
+parameter; the import writes no optimizer state). On CPU the devices' arrays live in host memory,
+so the parameters themselves are part of the host's peak here; on GPU or TPU they are not.
 """
 import sys
 
@@ -65,10 +65,10 @@ def main(argv=None) -> int:
     disk = sum(f.stat().st_size for f in (tmp / "big").glob("*.safetensors"))
     tiny = peak_rss_of_import(tmp / "tiny", tmp / "tiny_run")
     big = peak_rss_of_import(tmp / "big", tmp / "big_run")
-  result = {"parameters": n, "checkpoint_bytes": disk, "train_state_bytes": 12 * n,
+  result = {"parameters": n, "checkpoint_bytes": disk, "float32_parameter_bytes": 4 * n,
             "peak_rss_tiny": tiny, "peak_rss": big, "peak_rss_for_the_model": big - tiny,
-            "over_checkpoint": (big - tiny) / disk, "over_train_state": (big - tiny) / (12 * n),
-            "config": vars(ns)}
+            "bytes_per_parameter": (big - tiny) / n, "over_checkpoint": (big - tiny) / disk,
+            "over_float32_parameters": (big - tiny) / (4 * n), "config": vars(ns)}
   print(json.dumps(result, indent=1))
   if ns.json:
     pathlib.Path(ns.json).write_text(json.dumps(result, indent=1))

@@ -4,9 +4,9 @@ A checkpoint keeps its parameters' layer form: unrolled (`params.blocks[i]`) or,
 `model.scan_layers`, stacked (`params.moe_stack`, see model/decoder.py). Restoring one form into a
 run of the other is refused in one line (a ConfigError naming `model.scan_layers`; the CLI exits 2).
 
-A checkpoint may hold the state alone, without the data iterator's state (one written by `omnimoe
-import-hf` at step 0): restoring it gives data state None, and the run's data starts from the
-beginning."""
+A checkpoint written by `omnimoe import-hf` (step 0) holds neither the data iterator's state nor the
+optimizer's: restoring it gives data state None (the run's data starts from the beginning) and a
+fresh optimizer state."""
 import pathlib
 
 import jax
@@ -39,19 +39,25 @@ class Checkpoints:
   def restore(self, step: int, setup: Setup) -> tuple[dict, dict | None]:
     """The state at `step`, placed directly into `setup.shardings` (which may be another mesh),
     and the data iterator's state (None when the checkpoint has none)."""
-    self._check_layer_form(step, setup)
+    saved_tree = ocp.StandardCheckpointer().metadata(
+        self.directory / str(step) / "state").item_metadata
+    self._check_layer_form(step, saved_tree, setup)
+    fresh_optimizer = "opt_state" not in saved_tree
+    kept = lambda tree: {k: v for k, v in tree.items() if k != "opt_state" or not fresh_optimizer}
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          setup.abstract_state, setup.shardings)
+                          kept(setup.abstract_state), kept(setup.shardings))
     items = {"state": ocp.args.StandardRestore(target)}
     has_data = (self.directory / str(step) / "data").exists()
     if has_data:
       items["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return out.state, out.data if has_data else None
+    state = out.state
+    if fresh_optimizer:
+      init = jax.jit(setup.optimizer.init, out_shardings=setup.shardings["opt_state"])
+      state = {**state, "opt_state": init(state["params"])}
+    return state, out.data if has_data else None
 
-  def _check_layer_form(self, step: int, setup: Setup) -> None:
-    saved_tree = ocp.StandardCheckpointer().metadata(
-        self.directory / str(step) / "state").item_metadata
+  def _check_layer_form(self, step: int, saved_tree, setup: Setup) -> None:
     saved = STACKED in saved_tree["params"]
     wanted = STACKED in setup.abstract_state["params"]
     if saved != wanted:

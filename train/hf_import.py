@@ -3,8 +3,10 @@
 run folder: `DIR/config.yaml` (CONFIG and the overrides, with the model keys config.json implies:
 train/hf_config.py, and `data.tokenizer` = HF_DIR/tokenizer.json when there is one and no other
 tokenizer was asked for), `DIR/hf_import.json` (where it came from, its vocabulary size and config.json)
-and an orbax checkpoint at step 0, `DIR/checkpoints/0` (the train state: the imported parameters, a
-fresh optimizer, no data iterator state), that `omnimoe train`/`eval` restore like any other.
+and an orbax checkpoint at step 0, `DIR/checkpoints/0` (the train state without the optimizer's,
+which restoring starts afresh, and without data iterator state), that `omnimoe train --init-from`
+grows to a run's vocabulary, and `omnimoe train`/`eval` restore directly when the run's vocabulary
+is the checkpoint's size.
 
 Everything is checked before anything is written: the config, that every tensor the model needs is
 in a shard that exists, with the shape config.json implies, and that no tensor is left over. Then
@@ -169,7 +171,7 @@ def _write(cfg, hf: dict, folder: pathlib.Path, out: pathlib.Path, weights: list
   vocab = hf["vocab_size"]
   info = types.SimpleNamespace(vocab=types.SimpleNamespace(size=vocab), feature_dim=feature_dim(cfg.data))
   setup = make_setup(cfg, make_mesh(cfg.mesh), info)
-  state = init_state(cfg, setup)   # the media embedders and the optimizer's zeros, sharded
+  state = init_state(cfg, setup, optimizer=False)   # the media embedders, sharded
   for w in weights:
     array = w.to_omnimoe(_read(where, w.names))
     old = hf_names.get(state["params"], w.path)
