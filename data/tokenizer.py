@@ -1,4 +1,5 @@
-"""Text tokenizers: UTF-8 bytes (the default) or a sentencepiece model (`data.tokenizer`).
+"""Text tokenizers: UTF-8 bytes (the default), a sentencepiece model or a Hugging Face
+`tokenizer.json` (data/hf_tokenizer.py), by `data.tokenizer`.
 
 A tokenizer maps text to text ids 0..size-1; data/vocab.py places them after the specials, so the
 unified vocabulary is `[specials | text ids | image codes | audio codes]` whatever the tokenizer.
@@ -104,8 +105,9 @@ _BYTE = ByteTokenizer()
 
 
 def load(path: str | pathlib.Path) -> ByteTokenizer | SentencePieceTokenizer:
-  """The tokenizer of `data.tokenizer`: "" = bytes, else a sentencepiece model file (a relative
-  path is read from the current directory). Raises TokenizerError (one line) on a bad file."""
+  """The tokenizer of `data.tokenizer`: "" = bytes, a `*.json` file = a Hugging Face tokenizer,
+  else a sentencepiece model file (a relative path is read from the current directory). Raises
+  TokenizerError (one line) on a bad file."""
   if not str(path).strip():
     return _BYTE
   given = pathlib.Path(path)
@@ -122,6 +124,9 @@ def load(path: str | pathlib.Path) -> ByteTokenizer | SentencePieceTokenizer:
 @functools.lru_cache(maxsize=8)
 def _load(path: pathlib.Path, inode: int, mtime_ns: int, size: int) -> SentencePieceTokenizer:
   del inode, mtime_ns, size   # cache keys: a model written again is read again
+  if path.suffix == ".json":
+    from omnimoe.data import hf_tokenizer
+    return hf_tokenizer.load(path)
   model = path.read_bytes()
   try:
     return SentencePieceTokenizer(path, model)
@@ -152,6 +157,8 @@ def describe(fingerprint: str, path: str = "") -> str:
   """`bytes` or `the sentencepiece model <path> (sha256 <prefix>)`, for messages."""
   if fingerprint == BYTES:
     return "byte-level text (data.tokenizer='')"
+  if fingerprint.startswith("hf:"):
+    return f"the Hugging Face tokenizer '{path}' ({fingerprint})"
   return f"the sentencepiece model '{path}' ({fingerprint})" if path else f"a sentencepiece model ({fingerprint})"
 
 

@@ -2,7 +2,11 @@
 
 A checkpoint keeps its parameters' layer form: unrolled (`params.blocks[i]`) or, with
 `model.scan_layers`, stacked (`params.moe_stack`, see model/decoder.py). Restoring one form into a
-run of the other is refused in one line (a ConfigError naming `model.scan_layers`; the CLI exits 2)."""
+run of the other is refused in one line (a ConfigError naming `model.scan_layers`; the CLI exits 2).
+
+A checkpoint written by `omnimoe import-hf` (step 0) holds neither the data iterator's state nor the
+optimizer's: restoring it gives data state None (the run's data starts from the beginning) and a
+fresh optimizer state."""
 import pathlib
 
 import jax
@@ -26,22 +30,34 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: dict, data_state: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+  def save(self, step: int, state: dict, data_state: dict | None) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_state is not None:
+      items["data"] = ocp.args.JsonSave(data_state)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, setup: Setup) -> tuple[dict, dict]:
-    """The state at `step`, placed directly into `setup.shardings` (which may be another mesh)."""
-    self._check_layer_form(step, setup)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          setup.abstract_state, setup.shardings)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return out.state, out.data
-
-  def _check_layer_form(self, step: int, setup: Setup) -> None:
+  def restore(self, step: int, setup: Setup) -> tuple[dict, dict | None]:
+    """The state at `step`, placed directly into `setup.shardings` (which may be another mesh),
+    and the data iterator's state (None when the checkpoint has none)."""
     saved_tree = ocp.StandardCheckpointer().metadata(
         self.directory / str(step) / "state").item_metadata
+    self._check_layer_form(step, saved_tree, setup)
+    fresh_optimizer = "opt_state" not in saved_tree
+    kept = lambda tree: {k: v for k, v in tree.items() if k != "opt_state" or not fresh_optimizer}
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          kept(setup.abstract_state), kept(setup.shardings))
+    items = {"state": ocp.args.StandardRestore(target)}
+    has_data = (self.directory / str(step) / "data").exists()
+    if has_data:
+      items["data"] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = out.state
+    if fresh_optimizer:
+      init = jax.jit(setup.optimizer.init, out_shardings=setup.shardings["opt_state"])
+      state = {**state, "opt_state": init(state["params"])}
+    return state, out.data if has_data else None
+
+  def _check_layer_form(self, step: int, saved_tree, setup: Setup) -> None:
     saved = STACKED in saved_tree["params"]
     wanted = STACKED in setup.abstract_state["params"]
     if saved != wanted:

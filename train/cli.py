@@ -12,6 +12,8 @@ else lives here.
   omnimoe generate --workdir DIR [--prompt TEXT] [--image PNG] [--audio WAV] [--media image|audio]
                    [--out DIR] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                    [--seed S] [--effort LEVEL] [--samples N] [key=value ...]
+  omnimoe import-hf HF_DIR --out DIR [CONFIG] [key=value ...]
+  omnimoe export-hf --workdir DIR --out HF_DIR [--dtype bfloat16|float16|float32]
 
 CONFIG is a YAML file or the name of a shipped config (`tiny`, `configs/tiny.yaml` from any folder;
 see train/config_files.py).
@@ -54,9 +56,28 @@ def _parser() -> argparse.ArgumentParser:
                   help="G: expert groups (devices or racks), each of num_experts / G experts")
   pl.add_argument("--out", help="the placed run's folder (default: WORKDIR-g<G>)")
   pl.set_defaults(args=[])
+  _add_hf(sub)
   _generate_options(sub.add_parser("generate", help="continue a prompt with the latest checkpoint "
                                                     "of a run: text, images (PNG), sounds (WAV)"))
   return p
+
+
+def _add_hf(sub) -> None:
+  """import-hf and export-hf (train/hf_import.py, train/hf_export.py)."""
+  i = sub.add_parser("import-hf", help="a Hugging Face Qwen3-MoE folder -> an omnimoe run folder "
+                                       "(config.yaml and a checkpoint at step 0)")
+  i.add_argument("hf_dir", metavar="HF_DIR", help="config.json and *.safetensors")
+  i.add_argument("--out", required=True, help="the run folder to write (new or empty)")
+  i.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                 help="an optional config first, then overrides (not of the model keys that "
+                      "config.json sets)")
+  e = sub.add_parser("export-hf", help="the text part of a run's latest checkpoint -> a Hugging "
+                                       "Face Qwen3-MoE folder")
+  e.add_argument("--workdir", required=True, help="the run folder")
+  e.add_argument("--out", required=True, help="the folder to write (new or empty)")
+  e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                 help="the tensors' dtype (default bfloat16)")
+  e.set_defaults(args=[])
 
 
 def _generate_options(g: argparse.ArgumentParser) -> None:
@@ -110,6 +131,9 @@ def _add_options(s: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     s.add_argument("--process-id", type=int, help="multi-host: this process's index")
   if name == "train":
+    s.add_argument("--init-from", metavar="DIR",
+                   help="start a new run from the weights of an `omnimoe import-hf` folder (the "
+                        "config key train.init_from)")
     s.add_argument("--profile-steps", metavar="A:B",
                    help="write a jax.profiler trace of steps A..B (inclusive) into "
                         "<workdir>/profile, for TensorBoard's profiler or ui.perfetto.dev")
@@ -244,9 +268,28 @@ def _generate(ns: argparse.Namespace) -> int:
   return EXIT_OK
 
 
+def _hf(ns: argparse.Namespace) -> int:
+  from omnimoe.train import hf_export, hf_import
+  try:
+    if ns.command == "export-hf":
+      if ns.args:
+        return _fail(EXIT_USAGE, f"export-hf takes no config or overrides, got '{' '.join(ns.args)}'")
+      print(hf_export.describe(hf_export.export_hf(ns.workdir, ns.out, ns.dtype), ns.out))
+    else:
+      path, overrides = _split(ns.args)
+      print(hf_import.describe(hf_import.import_hf(ns.hf_dir, ns.out, path, overrides), ns.out))
+  except hf_import.HfDataError as e:
+    return _fail(EXIT_DATA, str(e))
+  except (hf_import.HfError, config_lib.ConfigError) as e:
+    return _fail(EXIT_USAGE, str(e))
+  return EXIT_OK
+
+
 def _load(ns: argparse.Namespace):
   """-> (the config file or name given, or None; the resolved config)."""
   path, overrides = _split(ns.args)
+  if getattr(ns, "init_from", None):
+    overrides = [*overrides, f"train.init_from={json.dumps(ns.init_from)}"]
   workdir = getattr(ns, "workdir", None)
   if ns.command == "eval" and path is None and workdir and (pathlib.Path(workdir) / "config.yaml").is_file():
     path = str(pathlib.Path(workdir) / "config.yaml")   # the run's own resolved config
@@ -261,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     return _placement(ns)
   if ns.command == "generate":
     return _generate(ns)
+  if ns.command in ("import-hf", "export-hf"):
+    return _hf(ns)
   try:
     path, cfg = _load(ns)
   except config_lib.ConfigError as e:

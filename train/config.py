@@ -33,6 +33,9 @@ class TrainConfig:
   steps: int = 300                # optimizer steps of the whole run
   batch_size: int = 32            # global batch, in packed rows of data.seq_len tokens
   seed: int = 0                   # seeds parameters, data order and eval draws
+  init_from: str = ""             # a folder of `omnimoe import-hf`: a new run starts from its
+                                  # weights, grown to this run's vocabulary, with a fresh optimizer
+                                  # (train/hf_grow.py; docs/huggingface.md); "" = a random start
   learning_rate: float = 3e-3     # peak AdamW learning rate
   warmup_steps: int = 20          # linear warmup from 0 to the peak
   min_lr_ratio: float = 0.1       # cosine decay ends at learning_rate * min_lr_ratio

@@ -229,9 +229,13 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
   latest = ckpts.latest_step()
   if latest is None:
     state = init_state(cfg, setup)
+    if cfg.train.init_from:        # a Hugging Face import's weights, grown to this run's vocabulary
+      from omnimoe.train import hf_grow
+      state = hf_grow.grow(state, cfg, info.vocab, workdir)
   else:
     state, data_state = ckpts.restore(latest, setup)
-    batches.set_state(data_state)
+    if data_state is not None:     # None: an imported checkpoint, the data starts afresh
+      batches.set_state(data_state)
   return _Run(workdir, mesh, info, setup, batches, ckpts, state, latest)
 
 

@@ -86,17 +86,22 @@ def make_setup(cfg: Config, mesh: Mesh, info, platform: Platform = Platform()) -
   return Setup(graphdef, optimizer, abstract_state, shardings, vocab_size, feature_dim)
 
 
-def init_state(cfg: Config, setup: Setup) -> dict:
-  """Initialises parameters and optimizer directly into their shardings (no host copy)."""
+def init_state(cfg: Config, setup: Setup, *, optimizer: bool = True) -> dict:
+  """Initialises parameters and optimizer directly into their shardings (no host copy). With
+  `optimizer=False` the state has no `opt_state` (what `omnimoe import-hf` writes: restoring it
+  starts a fresh optimizer, train/checkpoint.py)."""
   def init():
     seed = cfg.train.seed
     params = nnx.to_pure_dict(nnx.state(_new_model(cfg, setup.vocab_size, setup.feature_dim, seed)))
-    state = {"params": params, "opt_state": setup.optimizer.init(params),
-             "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed + 1)}
+    state = {"params": params, "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(seed + 1)}
+    if optimizer:
+      state["opt_state"] = setup.optimizer.init(params)
     if has_router_state(cfg):
       state["router"] = init_router_state(cfg.model.num_moe_layers, cfg.model.moe)
     return state
-  return jax.jit(init, out_shardings=setup.shardings)()
+  shardings = {k: v for k, v in setup.shardings.items() if optimizer or k != "opt_state"}
+  return jax.jit(init, out_shardings=shardings)()
 
 
 def merge(setup: Setup, params: dict) -> Decoder:

@@ -1,0 +1,73 @@
+"""A Hugging Face `tokenizer.json` as omnimoe's text tokenizer (`data.tokenizer=.../tokenizer.json`),
+read with the `tokenizers` library, offline.
+
+Its text ids are the Hugging Face token ids as they are (0..size-1); data/vocab.py places them
+after omnimoe's specials like any tokenizer's, so omnimoe id = Hugging Face id + 4 and an imported
+model's embedding rows move by that offset (train/hf_grow.py). `size` is the model's vocabulary
+when a `config.json` beside the file says it (`vocab_size`, which may exceed the tokenizer's own
+ids: Qwen pads its table), else the tokenizer's, added tokens included. omnimoe adds its own
+BOS/EOS: the tokenizer's special tokens are never inserted (`add_special_tokens=False`).
+"""
+import hashlib
+import json
+import pathlib
+
+import numpy as np
+
+
+class HfTokenizer:
+  def __init__(self, path: pathlib.Path, raw: bytes):
+    from tokenizers import Tokenizer
+    self.path = str(path)
+    self.sha256 = hashlib.sha256(raw).hexdigest()
+    self.fingerprint = f"hf:{self.sha256[:16]}"
+    self._tok = Tokenizer.from_str(raw.decode("utf-8"))
+    own = int(self._tok.get_vocab_size(with_added_tokens=True))
+    config = path.parent / "config.json"
+    model_rows = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
+    self.size = max(own, int(model_rows or 0))
+
+  @staticmethod
+  def _text(text: str | bytes) -> str:
+    return text if isinstance(text, str) else bytes(text).decode("utf-8", errors="replace")
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    return np.asarray(self._tok.encode(self._text(text), add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids) -> bytes:
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    return self._tok.decode(ids, skip_special_tokens=False).encode("utf-8")
+
+  def cut(self, text: bytes, max_tokens: int) -> list[bytes]:
+    """Pieces of `text`, cut where one of its tokens begins, that each encode to at most
+    `max_tokens` tokens on their own and concatenate to the text."""
+    from omnimoe.data.tokenizer import TokenizerError
+    whole = self._text(text)
+    if not whole:
+      return []
+    starts = sorted({s for s, _ in self._tok.encode(whole, add_special_tokens=False).offsets})
+    pieces, begin = [], 0
+    while begin < len(whole):
+      later = [s for s in starts if s > begin]
+      n = max_tokens
+      while True:
+        end = later[n - 1] if n - 1 < len(later) else len(whole)
+        if len(self.encode(whole[begin:end])) <= max_tokens:
+          break
+        if n == 1:
+          raise TokenizerError(f"data.tokenizer '{self.path}': the text at character {begin} "
+                               f"needs more than {max_tokens} tokens")
+        n -= 1
+      pieces.append(whole[begin:end].encode("utf-8"))
+      begin = end
+    return pieces
+
+
+def load(path: pathlib.Path) -> HfTokenizer:
+  from omnimoe.data.tokenizer import TokenizerError
+  try:
+    return HfTokenizer(path, path.read_bytes())
+  except Exception as e:   # tokenizers raises its own Exception type with the reason
+    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    raise TokenizerError(f"data.tokenizer '{path}' is not a Hugging Face tokenizer.json "
+                         f"({reason})") from None
