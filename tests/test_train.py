@@ -140,11 +140,12 @@ def raw_metrics(loss=1.0):
   E = 4
   return {"loss": loss, "grad_norm": 2.0, "moe_layers": np.array([1, 2]),
           "expert_load": np.full((2, E), 0.25),
-          "expert_load_by_modality": np.array([[[.5, .5, 0, 0], [0, 0, 0, 0], [0, 0, .5, .5]]] * 2),
+          "expert_load_by_modality": np.array([[[.5, .5, 0, 0], [0, 0, 0, 0], [0, 0, .5, .5],
+                                                [0, 0, 0, 0]]] * 2),
           "active_fraction": np.array([0.25, 0.5]),
-          "active_fraction_by_modality": np.array([[0.25, 0.0, 0.5], [0.25, 0.0, 0.75]]),
+          "active_fraction_by_modality": np.array([[0.25, 0.0, 0.5, 0.0], [0.25, 0.0, 0.75, 0.0]]),
           "router_entropy": np.array([1.0, 1.2]),
-          "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1], [1.2, 0.0, 1.3]]),
+          "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1, 0.0], [1.2, 0.0, 1.3, 0.0]]),
           "dropped_fraction": np.array([0.0, 0.1])}
 
 
