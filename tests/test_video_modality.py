@@ -111,3 +111,41 @@ def test_metric_keys_and_heatmap_gain_video(tmp_path):
   loads, steps = report.expert_load(rows)
   assert report._modalities(loads[1]) == ["text", "video"]
   assert report.plot_expert_load(loads, steps, tmp_path / "load.png").is_file()
+
+
+def test_causality_holds_with_a_clip_in_the_row():
+  """Gradients of each position's output with respect to every input feature: nothing later in
+  the row and nothing of another document reaches it, with video and audio interleaved on one
+  clock (the positions of data/video_layout.py)."""
+  from omnimoe.data.examples import make_sequence
+  from omnimoe.data.packing import pack
+  from omnimoe.data.video_layout import Clock, clip_media
+  from omnimoe.model.config import ModelConfig
+  from omnimoe.model.decoder import Decoder
+  V, F = 64, 6
+  cfg = ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                    rope_sections=(2, 1, 1), attention_block=8,
+                    moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32, block_rows=8))
+  r = np.random.default_rng(0)
+  clip = clip_media(r.integers(0, V, (3, 2)), r.normal(size=(3, 2, 4)), (1, 2),
+                    r.integers(0, V, 4), r.normal(size=(4, 5)), Clock(100, 75, 100, 200), F)
+  first = make_sequence([clip, np.array([7, 8])], F)
+  second = make_sequence([np.array([9, 10, 11])], F)
+  batch = pack([[first, second]], 24, F, np.ones(5, np.float32))
+  assert (batch["modality"] == 4).sum() == 6 and (batch["modality"] == 3).sum() == 4
+  model = Decoder(cfg, vocab_size=V, feature_dim=F, rngs=nnx.Rngs(0))
+  proj = jax.random.normal(jax.random.key(5), (V,))
+
+  def out(features):
+    return model(dict(batch, features=features))[0][0] @ proj      # [L]
+  jac = np.abs(np.asarray(jax.jit(jax.jacrev(out))(jnp.asarray(batch["features"])))).sum(-1)[:, 0]
+  seg = batch["segment_ids"][0]
+  for i in range(24):
+    for j in range(24):
+      if seg[i] == 0 or j > i or seg[j] != seg[i]:
+        assert jac[i, j] == 0.0, (i, j)
+    if batch["modality"][0, i] >= 2:   # media read their features (text: the table)
+      assert jac[i, i] > 0
+  audio = np.flatnonzero(batch["modality"][0] == 3)
+  video = np.flatnonzero(batch["modality"][0] == 4)
+  assert jac[audio[-1], video[0]] > 0       # sound sees the frames before it
