@@ -127,3 +127,26 @@ def test_clips_prepare_and_put_each_click_at_the_t_of_its_moment(tmp_path):
   assert np.min(np.abs(clip0.clicks_s * 1000 - j * 16)) <= 32
   video = np.flatnonzero(ex.modality_N == 4)
   np.testing.assert_array_equal(ex.positions_Nx3[video, 0], 1 + np.repeat(np.arange(8), 4))
+
+
+def test_manifest_video_lines_and_bad_videos_name_their_line(tmp_path):
+  from omnimoe.data.prepare import manifest
+  short = manifest.parse_line(1, '{"video": "c.gif", "sound": "c.wav", "text": "hi"}')
+  parts = manifest.parse_line(2, '{"parts": [{"video": "c.gif", "sound": "c.wav"}, {"text": "hi"}]}')
+  assert short.parts == parts.parts == (manifest.Part("video", "c.gif", "c.wav"),
+                                        manifest.Part("text", "hi"))
+  assert manifest.parse_line(3, '{"video": "c.gif"}').parts == (manifest.Part("video", "c.gif"),)
+  for bad, why in (('{"audio": "a.wav", "sound": "c.wav"}', "unknown key 'sound'"),
+                   ('[{"video": "a.gif"}, {"video": "b.gif"}]', "more than one video")):
+    with pytest.raises(manifest.BadLine, match=why):
+      manifest.parse_line(4, bad)
+  (tmp_path / "bad.gif").write_bytes(b"GIF89a broken")
+  video_io.write_gif(tmp_path / "ok.gif", np.zeros((3, 16, 16), np.uint8), 10.0)
+  (tmp_path / "m.jsonl").write_text('{"video": "ok.gif", "text": "fine"}\n'
+                                    '{"video": "bad.gif", "text": "x"}\n'
+                                    '{"video": "ok.gif", "sound": "missing.wav", "text": "y"}\n')
+  with pytest.raises(prepare.BadData, match=r"m.jsonl:2: bad.gif: cannot decode video"):
+    prepare.prepare(tmp_path / "m.jsonl", tmp_path / "out", CFG)
+  card = prepare.prepare(tmp_path / "m.jsonl", tmp_path / "out", CFG, skip_bad=True)
+  assert card["skipped"]["count"] == 2 and card["media"]["video"] == 1
+  assert "missing.wav: file not found" in card["skipped"]["lines"][1]["reason"]
