@@ -63,7 +63,7 @@ def test_checkpoint_round_trip(tmp_path, router):
   cfg, mesh, setup, state = build(*router)
   assert ("router" in state) == bool(router)
   if "bias" in state.get("router", {}):
-    assert state["router"]["bias"].shape == (1, 3, 4)
+    assert state["router"]["bias"].shape == (1, 4, 4)   # text, image, audio, video
   step = make_train_step(cfg, setup, batch_sharding(mesh))
   it = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
   state, _ = step(state, global_batch(next(it), mesh))
