@@ -81,3 +81,18 @@ def test_a_checkpoint_from_before_video_is_refused_in_one_line(tmp_path):
   with pytest.raises(ConfigError, match="embedders for 2 media; this omnimoe has 3"):
     ckpts.restore(5, setup)
   ckpts.close()
+
+
+def test_sync_is_scored_by_a_forced_choice_between_yes_and_no():
+  from omnimoe.train.video_eval import choice_accuracy
+  vocab = data.Vocab.from_config(CFG)
+  y, n = int(vocab.encode_text("y")[0]), int(vocab.encode_text("n")[0])
+  logits = np.zeros((4, vocab.size), np.float32)
+  logits[:, 7] = 9.0                      # another token is the argmax: a forced choice ignores it
+  logits[[0, 1], y], logits[[0, 1], n] = 2.0, 1.0     # rows 0, 1 say yes
+  logits[[2, 3], y], logits[[2, 3], n] = 1.0, 3.0     # rows 2, 3 say no
+  prompts = types.SimpleNamespace(batch={"tokens": np.zeros((4, 3), np.int32)},
+                                  expected=(b"in sync? yes", b"in sync? no", b"in sync? no",
+                                            b"in sync? yes"))
+  got = choice_accuracy(lambda params, batch, router: logits, None, prompts, vocab)
+  assert got == 0.5                       # rows 0 and 2 right, 1 and 3 wrong

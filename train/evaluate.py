@@ -28,11 +28,7 @@ from omnimoe.train.state import Setup, merge
 from omnimoe.model.modality import NAMES as MODALITIES
 from omnimoe.train.retrieval import Retrieval
 from omnimoe.train.step import make_eval_step
-
-# With data.weight_video > 0 (data/pipeline/video_prompts.py): prompt set -> metric key.
-VIDEO_METRICS = (("video", "eval/video_to_text_accuracy"), ("sync", "eval/av_sync_accuracy"),
-                 ("sync_audio_only", "eval/av_sync_accuracy/audio_only"),
-                 ("sync_video_only", "eval/av_sync_accuracy/video_only"))
+from omnimoe.train import video_eval
 
 
 NO_DEFAULT_NOTE = ("eval: data.sources has no 'default' source, so eval/text_bits_per_byte and "
@@ -134,9 +130,11 @@ class Evaluator:
     self.cfg, self.setup, self.vocab = cfg, setup, vocab
     self.sets = load_eval_data(cfg) if sets is None else sets
     self.eval_step = make_eval_step(cfg, setup, lambda ids: vocab.modality_of(ids, xp=jnp, specials_as_text=True))
+    choice = dict(video_eval.CHOICE)   # scored by a forced choice (train/video_eval.py)
     self.decoders = {
-        name: make_greedy_decode(setup, prompt_len=p.prompt_len,
-                                 max_new_tokens=p.batch["tokens"].shape[1] - p.prompt_len)
+        name: (video_eval.make_last_logits(setup, p.prompt_len) if name in choice else
+               make_greedy_decode(setup, prompt_len=p.prompt_len,
+                                  max_new_tokens=p.batch["tokens"].shape[1] - p.prompt_len))
         for name, p in self.sets.prompts.items()}
     self.retrieval = Retrieval(cfg, setup) if cfg.data.task == "needle" else None
     self.routing_step = coactivation.make_routing_step(setup)
@@ -184,10 +182,14 @@ class Evaluator:
       # Per UTF-8 byte of the held-out text, whatever the tokenizer (a token may span bytes).
       metrics["eval/text_bits_per_byte"] = t["ce_sum"] / max(self.sets.text_bytes, 1) / math.log(2)
     for name, key in (("image", "eval/image_to_text_accuracy"), ("audio", "eval/audio_to_text_accuracy"),
-                      *VIDEO_METRICS):
+                      *video_eval.GREEDY):
       if name in self.sets.prompts:
         metrics[key] = word_accuracy(self.decoders[name], params, self.sets.prompts[name], self.vocab,
                                      router)
+    for name, key in video_eval.CHOICE:
+      if name in self.sets.prompts:
+        metrics[key] = video_eval.choice_accuracy(self.decoders[name], params,
+                                                  self.sets.prompts[name], self.vocab, router)
     if self.retrieval is not None:
       metrics.update(self.retrieval(params, router))
     return metrics
