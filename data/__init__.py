@@ -16,6 +16,7 @@ Public API (the trainer depends on these names):
   heldout_text_bytes(cfg, *, batch_size) -> UTF-8 bytes of each of those batches
   prompt_set(cfg, *, modality, seed, max_new_tokens, limit=None) -> PromptSet
   retrieval_sets(cfg, *, batch_size, seed) -> [RetrievalSet]: held-out needle documents by length
+  video_prompt_sets(cfg, *, seed, limit) -> {name: PromptSet}: fresh clips, video->text and sync
 """
 from omnimoe.data.builtin.captions import EVAL_PROMPT
 from omnimoe.data.config import DataConfig
@@ -26,10 +27,12 @@ from omnimoe.data.pipeline.needle import RetrievalSet, retrieval_sets
 from omnimoe.data.pipeline.heldout_text import heldout_text_batches, heldout_text_bytes
 from omnimoe.data.pipeline.prompts import PromptSet, prompt_set
 from omnimoe.data.pipeline.sources import has_default as has_default_source
+from omnimoe.data.pipeline.video_prompts import video_prompt_sets
 from omnimoe.data.vocab import Vocab
 
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DatasetInfo", "EVAL_PROMPT", "PromptSet", "RetrievalSet", "Vocab",
     "dataset_info", "eval_batches", "eval_batches_by_source", "has_default_source",
     "heldout_text_batches", "heldout_text_bytes", "prompt_set", "retrieval_sets", "train_iterator",
+    "video_prompt_sets",
 ]

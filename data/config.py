@@ -32,6 +32,7 @@ class DataConfig:
   loss_weight_text: float = 1.0   # loss weight of positions whose target is text
   loss_weight_image: float = 0.0  # ... an image code (0: predicting patches overfits 1.4k images)
   loss_weight_audio: float = 1.0  # ... whose target is an audio code
+  loss_weight_video: float = 0.0  # ... a video code (0: like images, the clips' text carries the loss)
   image_shift: int = 0           # training images move by up to this many pixels (zero fill); 0 = off
   caption_first: float = 0.0      # share of training records "media, text" shown text first ("the
                                   # digit seven" then the image): teaches text -> image / audio
@@ -40,6 +41,19 @@ class DataConfig:
   prefetch: int = 2               # batches prepared ahead in a background thread (0 = none)
   image_side: int = 8             # `omnimoe prepare`: images are resized to side x side pixels
   image_channels: int = 1         # `omnimoe prepare`: 1 = grayscale, 3 = RGB (channels innermost)
+  # Video (docs/video.md): frames are cut into patch grids like images (channels: image_channels);
+  # sound and picture share one clock, t counting data.time_step_ms steps.
+  video_codebook: int = 64        # k-means codes for video patches (tubelets)
+  video_side: int = 16            # frames are resized to side x side pixels
+  video_patch: int = 4            # video patch side in pixels (16 / 4: a 4x4 grid per frame)
+  video_tubelet: int = 1          # frames per video token (1, or 2: a patch spans two frames)
+  video_fps: float = 10.0         # frames per second of a prepared clip
+  video_frames: int = 8           # frames of a built-in synthetic clip (data/builtin/clips.py)
+  time_step_ms: float = 100.0     # one step of the shared clock t (a frame and its audio share t)
+  video_chunk_ms: float = 400.0   # a clip is laid out chunk by chunk: its frames, then its audio
+  audio_time_ids: str = "shared"  # shared: a clip's audio frames take t from the clock | decoupled:
+                                  # t = h = w = their own index (the ablation; layout unchanged)
+  weight_video: float = 0.0       # mixture weight of the built-in clips (0: no video in the run)
   tokenizer: str = ""             # text tokenizer: "" = UTF-8 bytes; else a sentencepiece .model file
                                   # (relative: from the current directory; `python -m omnimoe.data.tokenizer
                                   # train` makes one); the vocabulary grows to its pieces
@@ -65,6 +79,12 @@ def image_patch_dim(cfg: DataConfig) -> int:
   return cfg.image_channels * cfg.image_patch ** 2
 
 
+def video_patch_dim(cfg: DataConfig) -> int:
+  """Width of one video token: tubelet frames * channels * patch * patch."""
+  return cfg.video_tubelet * cfg.image_channels * cfg.video_patch ** 2
+
+
 def feature_dim(cfg: DataConfig) -> int:
-  """F, the width of the batch's `features`: the wider of an image patch and an audio frame."""
-  return max(image_patch_dim(cfg), cfg.n_mels)
+  """F, the width of the batch's `features`: the widest of an image patch, an audio frame and a
+  video patch."""
+  return max(image_patch_dim(cfg), cfg.n_mels, video_patch_dim(cfg))

@@ -4,7 +4,8 @@ Positions (t, h, w) follow the batch contract and start at 0 at the example's BO
 - text and specials: t = h = w = running index;
 - an image starting at running index s, patch (r, c): (s, s + r, s + c); afterwards the running
   index continues at s + max(rows, cols);
-- audio frame j starting at s: t = h = w = s + j.
+- audio frame j starting at s: t = h = w = s + j;
+- a video clip with its sound: one clock for both, interleaved in chunks (data/video_layout.py).
 """
 from typing import NamedTuple
 
@@ -15,12 +16,13 @@ from omnimoe.model.modality import AUDIO, IMAGE, TEXT
 
 
 class Media(NamedTuple):
-  """An image or a tone, ready to be placed in a sequence."""
+  """An image, a tone or a clip, ready to be placed in a sequence."""
   tokens_M: np.ndarray        # int32 [M] unified-vocab ids (codebook id + offset)
   features_MxF: np.ndarray    # float32 [M, F] patch / frame vectors, zero-padded to F
   positions_Mx3: np.ndarray   # int32 [M, 3] (t, h, w) as if the media started at running index 0
   span: int                   # how far the running index advances past the media
-  modality: int               # IMAGE.code or AUDIO.code (model/modality.py)
+  modality: int | np.ndarray  # IMAGE.code or AUDIO.code (model/modality.py), or int8 [M] per
+                              # position (a clip mixes video and audio)
 
 
 class Example(NamedTuple):
@@ -70,7 +72,7 @@ def make_example(text_ids: np.ndarray, feature_dim: int, media: Media | None = N
   features = np.zeros((len(tokens), feature_dim), np.float32)
   features[1:1 + m] = media.features_MxF
   modality = np.full(len(tokens), TEXT.code, np.int8)
-  modality[1:1 + m] = media.modality
+  modality[1:1 + m] = np.asarray(media.modality, np.int8)
   positions = np.concatenate([_text_positions(0, 1), media.positions_Mx3 + 1,
                               _text_positions(1 + media.span, len(tail))])
   return Example(tokens, features, modality, positions)
@@ -92,7 +94,7 @@ def make_sequence(parts, feature_dim: int, eos: bool = True) -> Example:
     if isinstance(part, Media):
       tokens.append(part.tokens_M)
       features.append(part.features_MxF)
-      modality.append(np.full(len(part.tokens_M), part.modality, np.int8))
+      modality.append(np.broadcast_to(np.asarray(part.modality, np.int8), len(part.tokens_M)))
       positions.append(part.positions_Mx3 + start)
       start += part.span
     else:

@@ -15,7 +15,7 @@ BATCH_KEYS = ("tokens", "features", "modality", "segment_ids", "positions", "tar
 
 def loss_weight_table(cfg) -> np.ndarray:
   """float32 [1 + modalities]: the loss weight of a target of each modality code (pad: 0; text,
-  image, audio: data.loss_weight_<name>)."""
+  image, audio, video: data.loss_weight_<name>)."""
   return np.asarray([0.0] + [getattr(cfg, f"loss_weight_{m.name}") for m in MODALITIES],
                     np.float32)
 

@@ -1,22 +1,23 @@
-"""The unified vocabulary: `[specials | text tokens | image codes | audio codes]`.
+"""The unified vocabulary: `[specials | text tokens | image codes | audio codes | video codes]`.
 
 One output head predicts every modality, so every id lives in one range:
 
-  0 PAD, 1 BOS, 2 EOS, 3 reserved | 4..259 the 256 byte values | image codes | audio codes
+  0 PAD, 1 BOS, 2 EOS, 3 reserved | 4..259 the 256 byte values | image codes | audio codes |
+  video codes
 
 That is byte-level text, the default. With `data.tokenizer` naming a sentencepiece model, the text
 range holds the model's pieces instead (4..4+pieces-1) and the codes move up accordingly; the
 trainer reads the size from the dataset (data.dataset_info), so the model adapts.
 
 `size` is rounded up to a multiple of 128 so the embedding and the output head shard evenly;
-ids between the last audio code and `size` never appear.
+ids between the last video code and `size` never appear.
 """
 import dataclasses
 
 import numpy as np
 
 from omnimoe.data import tokenizer as tokenizer_lib
-from omnimoe.model.modality import AUDIO, IMAGE, PAD as NO_MODALITY, TEXT
+from omnimoe.model.modality import AUDIO, IMAGE, PAD as NO_MODALITY, TEXT, VIDEO
 from omnimoe.data.config import DataConfig
 
 PAD, BOS, EOS = 0, 1, 2
@@ -29,6 +30,7 @@ SIZE_MULTIPLE = 128
 class Vocab:
   image_codes: int            # number of image codebook entries
   audio_codes: int            # number of audio codebook entries
+  video_codes: int = 0        # number of video codebook entries
 
   pad: int = PAD
   bos: int = BOS
@@ -43,7 +45,7 @@ class Vocab:
     """Raises tokenizer.TokenizerError (a ValueError, one line) when data.tokenizer is bad."""
     tok = tokenizer_lib.load(cfg.tokenizer)
     return cls(image_codes=cfg.image_codebook, audio_codes=cfg.audio_codebook,
-               text_tokens=tok.size, tokenizer=tok.path, tokenizer_fingerprint=tok.fingerprint)
+               video_codes=cfg.video_codebook, text_tokens=tok.size, tokenizer=tok.path, tokenizer_fingerprint=tok.fingerprint)
 
   @property
   def text_tokenizer(self):
@@ -59,9 +61,13 @@ class Vocab:
     return self.image_offset + self.image_codes
 
   @property
+  def video_offset(self) -> int:
+    return self.audio_offset + self.audio_codes
+
+  @property
   def used_size(self) -> int:
     """One past the largest id that can appear."""
-    return self.audio_offset + self.audio_codes
+    return self.video_offset + self.video_codes
 
   @property
   def size(self) -> int:
@@ -89,7 +95,7 @@ class Vocab:
     return (ids >= self.text_offset) & (ids < self.image_offset)
 
   def modality_of(self, ids, xp=np, specials_as_text: bool = False):
-    """int8 array like `ids`: 0 pad/special, 1 text, 2 image, 3 audio.
+    """int8 array like `ids`: 0 pad/special, 1 text, 2 image, 3 audio, 4 video.
 
     `xp` is `numpy` or `jax.numpy` (works inside jit). With `specials_as_text=True`, BOS/EOS (every
     special except PAD) count as text, as in the batch's `modality` array and its loss weights.
@@ -99,6 +105,7 @@ class Vocab:
     out = xp.where(ids < self.image_offset, TEXT.code, IMAGE.code)
     out = xp.where(ids < self.text_offset, xp.where(ids == self.pad, NO_MODALITY.code, special), out)
     out = xp.where(ids >= self.audio_offset, AUDIO.code, out)
+    out = xp.where(ids >= self.video_offset, VIDEO.code, out)
     return out.astype(xp.int8)
 
   def image_ids(self, codes: np.ndarray) -> np.ndarray:
@@ -106,3 +113,6 @@ class Vocab:
 
   def audio_ids(self, codes: np.ndarray) -> np.ndarray:
     return np.asarray(codes, np.int32) + self.audio_offset
+
+  def video_ids(self, codes: np.ndarray) -> np.ndarray:
+    return np.asarray(codes, np.int32) + self.video_offset

@@ -1,7 +1,7 @@
 """Input embedding of the unified sequence.
 
 Text and specials (modalities pad and text) look up `tokens` in a table over the vocabulary;
-media positions (`modality.MEDIA`: image, audio) project their continuous `features` with a
+media positions (`modality.MEDIA`: image, audio, video) project their continuous `features` with a
 per-modality linear embedder plus a learned per-modality bias. The modality picks which one each
 position gets.
 """
@@ -21,7 +21,7 @@ class MultimodalEmbed(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.table_VxD = param(rngs, normal(1.0), (vocab_size, d_model), ("vocab", "embed"),
                            param_dtype)
-    # Row i embeds MEDIA[i] (image, audio).
+    # Row i embeds MEDIA[i] (image, audio, video).
     self.proj_MxFxD = param(rngs, normal(feature_dim ** -0.5), (len(MEDIA), feature_dim, d_model),
                             (None, None, "embed"), param_dtype)
     self.bias_MxD = param(rngs, jax.nn.initializers.zeros, (len(MEDIA), d_model), (None, "embed"),

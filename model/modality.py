@@ -5,8 +5,10 @@ position of it carries. `model/` embeds by it, the router keeps per-modality sta
 `data/` writes it into batches and `train/` names metrics by it. Plain Python (no jax), so that
 `omnimoe report` can read it cheaply.
 
-Adding a modality (video is next, code 4) is one row here plus its place in `MODALITIES` (and in
-`MEDIA` when it is embedded from `features`); every per-modality array grows with it.
+Adding a modality is one row here plus its place in `MODALITIES` (and in `MEDIA` when it is
+embedded from `features`); every per-modality array grows with it. Video (code 4) came that way:
+the router's statistics, the balance bias, the loss weights, the metric keys and the report's
+heatmap gained a video column from this table alone (tests/test_video_modality.py).
 """
 from typing import NamedTuple
 
@@ -23,9 +25,12 @@ IMAGE = Modality("image", 2, "an image patch: its codebook id in `tokens`, the p
 AUDIO = Modality("audio", 3, "an audio frame: its codebook id in `tokens`, the log-mel frame in "
                              "`features`")
 
-MODALITIES = (TEXT, IMAGE, AUDIO)   # every modality with tokens, by code (1, 2, ...): statistics
+VIDEO = Modality("video", 4, "a video patch (one frame, or a tubelet of frames): its codebook id "
+                             "in `tokens`, the patch in `features`")
+
+MODALITIES = (TEXT, IMAGE, AUDIO, VIDEO)   # every modality with tokens, by code (1, 2, ...): statistics
                                     # per modality are arrays indexed by `code - 1` in this order
-MEDIA = (IMAGE, AUDIO)              # embedded from `features` by a linear map of their own
+MEDIA = (IMAGE, AUDIO, VIDEO)       # embedded from `features` by a linear map of their own
 NAMES = tuple(m.name for m in MODALITIES)
 CODES = tuple(m.code for m in MODALITIES)
 BY_NAME = {m.name: m for m in (PAD, *MODALITIES)}

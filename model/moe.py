@@ -34,12 +34,12 @@ class MoE(nnx.Module):
   aux: load_balance_loss, router_z_loss, expert_load [E], active_fraction (mean experts taken / E),
   dropped_fraction (valid assignments the all_to_all capacity dropped / all valid ones; 0 in the
   dropless modes), expert_choice int32 [T, K] (each token's experts in the flattened token order,
-  -1 in unused slots and for padding tokens), and with modality expert_load_by_modality [3, E],
-  active_fraction_by_modality [3] and coactivation_by_modality [3, E, E] (model/router.py
+  -1 in unused slots and for padding tokens), and with modality expert_load_by_modality [M, E],
+  active_fraction_by_modality [M] and coactivation_by_modality [M, E, E] (M: the modality table) (model/router.py
   `balance_stats`).
   `threshold` (float32 scalar) is the dynamic router's mass threshold, an input kept by the
   trainer's controller (None: `cfg.threshold_init`); the top-k router ignores it. `bias_MxE`
-  (float32 [3, E], needs modality) is the auxiliary-loss-free balance bias per modality: it ranks
+  (float32 [M, E], needs modality) is the auxiliary-loss-free balance bias per modality: it ranks
   experts, it does not weight them (None: no bias).
   `platform` (model/expert_parallel.py `Platform`) is what the experts are built for: it decides
   what dispatch `auto` becomes and whether ragged_all_to_all runs (or is emulated) on CPU."""

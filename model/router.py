@@ -130,7 +130,7 @@ def update_bias(bias_LxMxE: jax.Array, load_LxMxE: jax.Array, rate: float) -> ja
 
 def init_router_state(num_layers: int, cfg) -> dict:
   """The router controller state at step 0, per MoE layer (float32): {"threshold": [L]} and, with
-  `cfg.bias_update_rate > 0`, {"bias": [L, 3, E]} (per modality: text, image, audio).
+  `cfg.bias_update_rate > 0`, {"bias": [L, M, E]} (per modality: text, image, audio, video).
 
   It is an input of the model and part of the train state (so of every checkpoint); the train
   step advances it with `update_router_state` from the aux the model returned."""
@@ -142,7 +142,7 @@ def init_router_state(num_layers: int, cfg) -> dict:
 
 def update_router_state(state: dict, aux: dict, cfg) -> dict:
   """The next controller state from one step's aux: the thresholds (router "dynamic") from the
-  per-layer `active_fraction` [L], the biases (if kept) from `expert_load_by_modality` [L, 3, E]."""
+  per-layer `active_fraction` [L], the biases (if kept) from `expert_load_by_modality` [L, modalities, E]."""
   new = dict(state)
   if cfg.router == "dynamic":
     new["threshold"] = update_threshold(state["threshold"], aux["active_fraction"],
@@ -162,9 +162,9 @@ def balance_stats(logits_TxE: jax.Array, probs_TxE: jax.Array, expert_TxK: jax.A
   expert i (`expert_load`, sums to 1); P_i: mean router probability of expert i over valid tokens;
   z-loss: mean logsumexp(logits)^2; `active_fraction`: mean over valid tokens of (experts taken) / E;
   `router_entropy`: mean entropy (nats) of the router's distribution over experts.
-  With modality: `expert_load_by_modality` [3, E], the same share within text / image / audio tokens
-  (0 if none), `active_fraction_by_modality` [3] and `router_entropy_by_modality` [3] (0 if none),
-  and `coactivation_by_modality` [3, E, E]: [m, i, j] counts the valid tokens of modality m that
+  With modality (M modalities of model/modality.py: text, image, audio, video):
+  `expert_load_by_modality` [M, E], the same share within each modality's tokens (0 if none),
+  `active_fraction_by_modality` [M] and `router_entropy_by_modality` [M] (0 if none), and `coactivation_by_modality` [M, E, E]: [m, i, j] counts the valid tokens of modality m that
   took both expert i and expert j (the diagonal: those that took i), sums that add up over batches.
   """
   T, E = probs_TxE.shape

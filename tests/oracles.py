@@ -82,12 +82,12 @@ def dynamic_experts_taken(x_TxD, router_DxE, threshold: float, k_min: int, k_max
 
 def active_fractions(taken_T, num_experts: int, segment_ids_T, modality_T):
   """(mean experts taken / E over the valid tokens (segment id > 0), the same per modality code
-  1, 2, 3 (text, image, audio; 0 where a modality has no valid token)) by plain numpy."""
+  1, 2, 3, 4 (text, image, audio, video; 0 where a modality has no valid token)) by plain numpy."""
   taken_T, seg_T, mod_T = (np.asarray(a).reshape(-1) for a in (taken_T, segment_ids_T, modality_T))
   frac_T = taken_T / num_experts
   valid = seg_T > 0
   by_modality = [frac_T[valid & (mod_T == code)].mean() if np.any(valid & (mod_T == code)) else 0.0
-                 for code in (1, 2, 3)]
+                 for code in (1, 2, 3, 4)]
   return frac_T[valid].mean(), np.asarray(by_modality)
 
 
@@ -126,7 +126,7 @@ def _moe_inputs_fn(graphdef):
 
 def recount_active_fractions(cfg, setup, state, batch):
   """Per MoE layer of a dynamic-router model (train state `state`, built by `setup`), the active
-  fraction [M] and its split by modality [M, 3], recounted from what each layer receives on
+  fraction [M] and its split by modality [M, 4], recounted from what each layer receives on
   `batch` with `dynamic_experts_taken`, at the state's router thresholds."""
   moe = cfg.model.moe
   inputs = moe_inputs(setup.graphdef, state["params"], batch, state["router"])

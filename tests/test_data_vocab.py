@@ -18,10 +18,11 @@ def test_layout_and_size(vocab):
   assert vocab.text_offset == 4
   assert vocab.image_offset == 4 + 256
   assert vocab.audio_offset == 4 + 256 + 64
-  assert vocab.used_size == 4 + 256 + 128
+  assert vocab.video_offset == 4 + 256 + 128
+  assert vocab.used_size == 4 + 256 + 192       # image, audio and video codes: 64 each
   assert vocab.size == 512
-  odd = Vocab.from_config(DataConfig(image_codebook=100, audio_codebook=29))
-  assert odd.used_size == 389 and odd.size == 512
+  odd = Vocab.from_config(DataConfig(image_codebook=100, audio_codebook=29, video_codebook=3))
+  assert odd.used_size == 392 and odd.size == 512
   exact = Vocab(image_codes=124, audio_codes=128)   # 4 + 256 + 252 = 512 exactly
   assert exact.size == 512
 
@@ -45,13 +46,14 @@ def test_decode_skips_non_text(vocab):
 
 def test_modality_of_numpy(vocab):
   ids = np.array([PAD, BOS, EOS, 3, vocab.text_offset, vocab.image_offset - 1, vocab.image_offset,
-                  vocab.audio_offset - 1, vocab.audio_offset, vocab.used_size - 1])
-  expected = np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 3], np.int8)
+                  vocab.audio_offset - 1, vocab.audio_offset, vocab.video_offset - 1,
+                  vocab.video_offset, vocab.used_size - 1])
+  expected = np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4], np.int8)
   out = vocab.modality_of(ids)
   assert out.dtype == np.int8
   np.testing.assert_array_equal(out, expected)
   with_specials = vocab.modality_of(ids, specials_as_text=True)
-  np.testing.assert_array_equal(with_specials, [0, 1, 1, 1, 1, 1, 2, 2, 3, 3])
+  np.testing.assert_array_equal(with_specials, [0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4])
   np.testing.assert_array_equal(vocab.is_text(ids), expected == 1)
 
 

@@ -30,7 +30,7 @@ def test_shapes_dtypes_and_aux():
   assert logits.shape == (3, 16, V) and logits.dtype == jnp.float32
   assert aux["load_balance_loss"].shape == () and aux["router_z_loss"].shape == ()
   assert aux["expert_load"].shape == (TINY.num_layers, 4)
-  assert aux["expert_load_by_modality"].shape == (TINY.num_layers, 3, 4)
+  assert aux["expert_load_by_modality"].shape == (TINY.num_layers, 4, 4)
   np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-6)
   assert np.all(np.isfinite(logits))
   assert float(aux["load_balance_loss"]) > 0 and float(aux["router_z_loss"]) > 0

@@ -143,7 +143,7 @@ def test_load_balance_and_z_loss_golden():
   np.testing.assert_allclose(aux["router_z_loss"], math.log(4.0) ** 2, rtol=1e-6)
   np.testing.assert_allclose(aux["expert_load"], [2 / 3, 1 / 3], rtol=1e-6)
   np.testing.assert_allclose(aux["expert_load_by_modality"],
-                             [[1.0, 0.0], [0.5, 0.5], [0.0, 0.0]], rtol=1e-6)
+                             [[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [0.0, 0.0]], rtol=1e-6)
 
 
 def test_uniform_router_gives_unit_balance_loss():

@@ -114,7 +114,7 @@ def test_report_takes_no_config_overrides(tmp_path, capsys):
 def test_report_reads_the_modality_table_without_importing_jax():
   """report names modalities from the one table (model/modality.py) and stays cheap: no jax."""
   code = ("import sys, omnimoe.train.report as r, omnimoe.model.modality as m; "
-          "assert r.MODALITIES == m.NAMES == ('text', 'image', 'audio'); "
+          "assert r.MODALITIES == m.NAMES == ('text', 'image', 'audio', 'video'); "
           "assert 'jax' not in sys.modules, 'report imported jax'")
   subprocess.run([sys.executable, "-c", code], check=True)
 

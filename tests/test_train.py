@@ -63,7 +63,7 @@ def test_checkpoint_round_trip(tmp_path, router):
   cfg, mesh, setup, state = build(*router)
   assert ("router" in state) == bool(router)
   if "bias" in state.get("router", {}):
-    assert state["router"]["bias"].shape == (1, 3, 4)
+    assert state["router"]["bias"].shape == (1, 4, 4)   # text, image, audio, video
   step = make_train_step(cfg, setup, batch_sharding(mesh))
   it = data.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
   state, _ = step(state, global_batch(next(it), mesh))
@@ -140,11 +140,12 @@ def raw_metrics(loss=1.0):
   E = 4
   return {"loss": loss, "grad_norm": 2.0, "moe_layers": np.array([1, 2]),
           "expert_load": np.full((2, E), 0.25),
-          "expert_load_by_modality": np.array([[[.5, .5, 0, 0], [0, 0, 0, 0], [0, 0, .5, .5]]] * 2),
+          "expert_load_by_modality": np.array([[[.5, .5, 0, 0], [0, 0, 0, 0], [0, 0, .5, .5],
+                                                [0, 0, 0, 0]]] * 2),
           "active_fraction": np.array([0.25, 0.5]),
-          "active_fraction_by_modality": np.array([[0.25, 0.0, 0.5], [0.25, 0.0, 0.75]]),
+          "active_fraction_by_modality": np.array([[0.25, 0.0, 0.5, 0.0], [0.25, 0.0, 0.75, 0.0]]),
           "router_entropy": np.array([1.0, 1.2]),
-          "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1], [1.2, 0.0, 1.3]]),
+          "router_entropy_by_modality": np.array([[1.0, 0.0, 1.1, 0.0], [1.2, 0.0, 1.3, 0.0]]),
           "dropped_fraction": np.array([0.0, 0.1])}
 
 

@@ -6,7 +6,10 @@ run of the other is refused in one line (a ConfigError naming `model.scan_layers
 
 A checkpoint written by `omnimoe import-hf` (step 0) holds neither the data iterator's state nor the
 optimizer's: restoring it gives data state None (the run's data starts from the beginning) and a
-fresh optimizer state."""
+fresh optimizer state.
+
+A checkpoint from before video (2 media embedders, a balance bias over 3 modalities) is refused in
+one line too: it is not converted."""
 import pathlib
 
 import jax
@@ -42,6 +45,7 @@ class Checkpoints:
     saved_tree = ocp.StandardCheckpointer().metadata(
         self.directory / str(step) / "state").item_metadata
     self._check_layer_form(step, saved_tree, setup)
+    self._check_modalities(step, saved_tree, setup)
     fresh_optimizer = "opt_state" not in saved_tree
     kept = lambda tree: {k: v for k, v in tree.items() if k != "opt_state" or not fresh_optimizer}
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -66,6 +70,22 @@ class Checkpoints:
           f"checkpoint {self.directory / str(step)} was written with model.scan_layers={was} "
           f"but this run has model.scan_layers={now}; set model.scan_layers={was} to restore it "
           "(the two parameter layouts are not converted)")
+
+  def _check_modalities(self, step: int, saved_tree, setup: Setup) -> None:
+    """Refuses a checkpoint whose per-modality arrays have another number of modalities."""
+
+    def media_rows(tree) -> list[int]:
+      rows = []
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if "proj_MxFxD" in jax.tree_util.keystr(path) and getattr(leaf, "shape", None):
+          rows.append(int(leaf.shape[0]))
+      return rows
+    saved, wanted = media_rows(saved_tree["params"]), media_rows(setup.abstract_state["params"])
+    if saved and wanted and saved != wanted:
+      raise ConfigError(
+          f"checkpoint {self.directory / str(step)} has embedders for {saved[0]} media; this "
+          f"omnimoe has {wanted[0]} (video was added, docs/video.md): it is not converted, start a "
+          "new workdir")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

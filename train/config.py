@@ -70,6 +70,7 @@ class EvalConfig:
   image_limit: int = 0            # held-out images to caption (0 = all)
   audio_limit: int = 300          # fresh tones to caption
   text_limit: int = 0             # held-out text batches for bits per byte (0 = all)
+  video_limit: int = 200          # fresh clips for video->text and sync (data.weight_video > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,9 +299,12 @@ def _check_data(d: DataConfig) -> None:
   positive("data.seq_len", d.seq_len)
   need(0 < d.heldout_fraction < 1, "data.heldout_fraction",
        f"must lie in (0, 1), got {d.heldout_fraction}")
-  weights = (d.weight_image, d.weight_audio, d.weight_text)
+  weights = (d.weight_image, d.weight_audio, d.weight_text, d.weight_video)
   need(min(weights) >= 0 and sum(weights) > 0, "data.weight_text",
-       "mixture weights (data.weight_image/audio/text) must be >= 0 and not all zero")
+       "mixture weights (data.weight_image/audio/text/video) must be >= 0 and not all zero")
+  from omnimoe.data.video_layout import config_problems as video_problems
+  for key, why in video_problems(d):
+    need(False, key, why)
   for i, source in enumerate(d.sources):
     need(bool(source.path.strip()), f"data.sources[{i}].path", "must not be empty")
     need(math.isfinite(source.weight) and source.weight >= 0, f"data.sources[{i}].weight",

@@ -30,6 +30,7 @@ from omnimoe.train.retrieval import Retrieval
 from omnimoe.train.generate import make_generate
 from omnimoe.train.media_evals import MediaEvals
 from omnimoe.train.step import make_eval_step
+from omnimoe.train import video_eval
 
 PROMPT_KEYS = ("tokens", "features", "modality", "segment_ids", "positions")
 
@@ -56,7 +57,7 @@ def load_eval_data(cfg: Config) -> EvalData:
   e, seed = cfg.eval, cfg.train.seed
   # Held-out loss weighs every modality 1, whatever weights training uses.
   unit = dataclasses.replace(cfg.data, loss_weight_text=1.0, loss_weight_image=1.0,
-                             loss_weight_audio=1.0)
+                             loss_weight_audio=1.0, loss_weight_video=1.0)
   by_source = data.eval_batches_by_source(unit, batch_size=e.batch_size, seed=seed,
                                           num_batches=e.num_batches)
   mixed = [b for _, batches in by_source for b in batches]
@@ -79,6 +80,8 @@ def default_dataset_evals(cfg: Config) -> tuple[list, dict, tuple]:
                                       max_new_tokens=e.max_new_tokens, limit=e.image_limit or None),
              "audio": data.prompt_set(cfg.data, modality="audio", seed=seed,
                                       max_new_tokens=e.max_new_tokens, limit=e.audio_limit or None)}
+  if cfg.data.weight_video > 0:   # the built-in clips: video->text and sync, with the controls
+    prompts.update(data.video_prompt_sets(cfg.data, seed=seed, limit=e.video_limit))
   return text, prompts, ()
 
 
@@ -123,9 +126,11 @@ class Evaluator:
     self.sets = load_eval_data(cfg) if sets is None else sets
     self.eval_step = make_eval_step(cfg, setup, lambda ids: vocab.modality_of(ids, xp=jnp, specials_as_text=True))
     spans = media_spans.spans_for(vocab, cfg.data)
+    choice = dict(video_eval.CHOICE)   # scored by a forced choice (train/video_eval.py)
     self.decoders = {
-        name: make_greedy_decode(setup, spans, prompt_len=p.prompt_len,
-                                 max_new_tokens=cfg.eval.max_new_tokens)
+        name: (video_eval.make_last_logits(setup, p.prompt_len) if name in choice else
+               make_greedy_decode(setup, spans, prompt_len=p.prompt_len,
+                                  max_new_tokens=p.batch["tokens"].shape[1] - p.prompt_len))
         for name, p in self.sets.prompts.items()}
     self.retrieval = Retrieval(cfg, setup) if cfg.data.task == "needle" else None
     self.media = None       # text -> image / audio, for runs taught to draw and sound
@@ -175,10 +180,15 @@ class Evaluator:
       t = self._sums(params, self.sets.text, router)
       # Per UTF-8 byte of the held-out text, whatever the tokenizer (a token may span bytes).
       metrics["eval/text_bits_per_byte"] = t["ce_sum"] / max(self.sets.text_bytes, 1) / math.log(2)
-    for name, key in (("image", "eval/image_to_text_accuracy"), ("audio", "eval/audio_to_text_accuracy")):
+    for name, key in (("image", "eval/image_to_text_accuracy"), ("audio", "eval/audio_to_text_accuracy"),
+                      *video_eval.GREEDY):
       if name in self.sets.prompts:
         metrics[key] = word_accuracy(self.decoders[name], params, self.sets.prompts[name], self.vocab,
                                      router)
+    for name, key in video_eval.CHOICE:
+      if name in self.sets.prompts:
+        metrics[key] = video_eval.choice_accuracy(self.decoders[name], params,
+                                                  self.sets.prompts[name], self.vocab, router)
     if self.retrieval is not None:
       metrics.update(self.retrieval(params, router))
     if self.media is not None:

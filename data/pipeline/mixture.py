@@ -39,6 +39,7 @@ from omnimoe.data.pipeline import sources as sources_lib
 from omnimoe.data.pipeline.first_fit import plan_rows
 from omnimoe.data.prepare import folder as folder_lib
 from omnimoe.data.prepare import image_io
+from omnimoe.data.video_layout import Clock
 
 ENDLESS = 1 << 62           # every folder's stream is effectively endless
 SHIFT_STREAM = 5            # rng = default_rng([SHIFT_STREAM, seed, position]): image shifts
@@ -115,7 +116,8 @@ class Builder:
     if item.position >= 0 and self.mix.cfg.caption_first > 0:
       draw = stream_rng(CAPTION_FIRST_STREAM, self.seed, item.position).uniform()
       record = caption_first(record) if draw < self.mix.cfg.caption_first else record
-    return folder_lib.to_example(record, self.mix.vocab, self.mix.codebooks, self.mix.feature_dim)
+    return folder_lib.to_example(record, self.mix.vocab, self.mix.codebooks, self.mix.feature_dim,
+                                 Clock.from_config(self.mix.cfg))
 
   def shifted(self, record: records.Record, position: int) -> records.Record:
     """Training augmentation: each image moved by up to data.image_shift pixels each way (zero

@@ -32,7 +32,7 @@ from omnimoe.data.config import DEFAULT_SOURCE, DataConfig, Source, feature_dim
 from omnimoe.data.prepare import folder as folder_lib
 from omnimoe.data.vocab import Vocab
 
-KINDS = ("image", "audio")
+KINDS = ("image", "audio", "video")
 
 
 def _active(cfg: DataConfig) -> list[tuple[int | None, Source]]:
@@ -72,8 +72,8 @@ class Mixture:
   vocab: Vocab
   feature_dim: int
   folders: tuple[Resolved, ...]     # every folder read, in config order
-  codebooks: dict                   # "image" / "audio" -> float32 [K, D] (run-wide)
-  codebook_from: dict               # "image" / "audio" -> the folder's name
+  codebooks: dict                   # "image" / "audio" / "video" -> float32 [K, D] (run-wide)
+  codebook_from: dict               # "image" / "audio" / "video" -> the folder's name
 
   def by_label(self) -> list[tuple[str, list[int]]]:
     """[(label, indices into `folders`)] in config order: the sources as the user named them."""

@@ -16,7 +16,8 @@ from omnimoe.data.prepare import kmeans
 from omnimoe.data import tokenizer as tokenizer_lib
 from omnimoe.data.config import DataConfig
 from omnimoe.data.examples import Example, Media, audio_media, image_media, make_sequence
-from omnimoe.data.prepare.write import FORMAT, PREPARED_KEYS
+from omnimoe.data.prepare.write import FORMAT, PREPARED_KEYS, VIDEO_KEYS
+from omnimoe.data.video_layout import Clock, clip_media
 from omnimoe.data.vocab import Vocab
 
 
@@ -27,7 +28,7 @@ class PreparedFolder:
   lengths_N: np.ndarray       # int32 [N] tokens of each record's example
   train_ids: np.ndarray       # int64 record indices of the training share, in file order
   heldout_ids: np.ndarray     # int64 record indices of the held-out share, in file order
-  codebooks: dict             # "image" / "audio" -> float32 [K, D], for the modalities it holds
+  codebooks: dict             # "image" / "audio" / "video" -> float32 [K, D], for those it holds
 
   @functools.cached_property
   def source(self) -> grain.sources.ArrayRecordDataSource:
@@ -73,7 +74,7 @@ def _open(path: pathlib.Path, inode: int, mtime_ns: int) -> PreparedFolder:
 def check_matches(folder: PreparedFolder, cfg: DataConfig, where: str) -> None:
   """Raises ValueError naming the key when the run's data config cannot read `folder`."""
   prepared = folder.card["prepared_with"]
-  for key in PREPARED_KEYS:
+  for key in PREPARED_KEYS + (VIDEO_KEYS if "video" in folder.codebooks else ()):
     if prepared[key] != getattr(cfg, key):
       raise ValueError(f"{where} was prepared with data.{key}={prepared[key]}; this run has "
                        f"data.{key}={getattr(cfg, key)} (set it, or prepare the folder again)")
@@ -93,9 +94,21 @@ def check_matches(folder: PreparedFolder, cfg: DataConfig, where: str) -> None:
     raise ValueError(f"{where} has no training records (all {len(folder.heldout_ids)} are held out)")
 
 
-def media_of(part: records.ImagePart | records.AudioPart, vocab: Vocab, codebooks: dict,
-             feature_dim: int) -> Media:
-  """An image or audio part as media, its codes assigned against `codebooks`."""
+def media_of(part: records.ImagePart | records.AudioPart | records.VideoPart, vocab: Vocab,
+             codebooks: dict, feature_dim: int, clock: Clock | None = None) -> Media:
+  """An image, audio or video part as media, its codes assigned against `codebooks`; a video is
+  laid out on `clock` with its sound (data/video_layout.py)."""
+  if isinstance(part, records.VideoPart):
+    if clock is None:
+      raise ValueError("a video part needs the run's clock (data/video_layout.py Clock)")
+    U, M, D = part.tokens_UxMxD.shape
+    video = (vocab.video_ids(kmeans.assign(part.tokens_UxMxD.reshape(U * M, D),
+                                           codebooks["video"])).reshape(U, M)
+             if U else np.zeros((0, M), np.int32))
+    sound = (vocab.audio_ids(kmeans.assign(part.sound_AxD, codebooks["audio"]))
+             if len(part.sound_AxD) else np.zeros(0, np.int32))
+    return clip_media(video, part.tokens_UxMxD, part.grid, sound, part.sound_AxD, clock,
+                      feature_dim)
   if isinstance(part, records.ImagePart):
     codes = kmeans.assign(part.patches_MxD, codebooks["image"])
     return image_media(vocab.image_ids(codes), part.patches_MxD, part.grid, feature_dim)
@@ -104,8 +117,9 @@ def media_of(part: records.ImagePart | records.AudioPart, vocab: Vocab, codebook
 
 
 def to_example(record: records.Record, vocab: Vocab, codebooks: dict,
-               feature_dim: int) -> Example:
-  """A record as an example; image patches and audio frames get the codes of `codebooks`."""
+               feature_dim: int, clock: Clock | None = None) -> Example:
+  """A record as an example; image patches, audio frames and video tokens get the codes of
+  `codebooks`; a video is laid out on `clock`."""
   parts = [vocab.encode_text(part) if isinstance(part, bytes)
-           else media_of(part, vocab, codebooks, feature_dim) for part in record.parts]
+           else media_of(part, vocab, codebooks, feature_dim, clock) for part in record.parts]
   return make_sequence(parts, feature_dim, eos=record.eos)

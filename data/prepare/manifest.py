@@ -6,28 +6,34 @@
   {"image": "a.png", "text": "caption"}          shorthand: the media first, then the text
   {"audio": "b.wav", "text": "transcript"}       (with both: image, audio, text)
   {"image": "a.png", "text": "caption", "split": "heldout"}   any line: pin its split
+  {"video": "clip.gif", "sound": "clip.wav", "text": "..."}   a clip and its sound track (optional)
+  {"parts": [{"video": "clip.gif", "sound": "clip.wav"}, {"text": "..."}]}   the same
 
 Paths are relative to the manifest's folder (absolute paths work too). Blank lines are skipped.
 `"split"` ("train" or "heldout"), next to `parts` or the shorthand keys, pins which share of the
 prepared folder the example goes to; without it `omnimoe prepare` draws the split (data/prepare/write.py).
 Any other key, a split that is not one of those two words, a part that is not exactly one of
-text/image/audio, or an example with no media and no text is a bad line.
+text/image/audio/video (a video part may add "sound"), or an example with no media and no text is
+a bad line. A line has at most one video; its "sound" is that video's sound track, laid out with it
+on one clock (data/video_layout.py).
 """
 import dataclasses
 import json
 import pathlib
 from typing import Iterator
 
-KINDS = ("text", "image", "audio")
-SHORTHAND_ORDER = ("image", "audio", "text")
+KINDS = ("text", "image", "audio", "video")
+SHORTHAND_ORDER = ("image", "audio", "video", "text")
+SOUND_KEY = "sound"
 SPLIT_KEY = "split"
 SPLITS = ("train", "heldout")
 
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-  kind: str                   # "text", "image" or "audio"
+  kind: str                   # "text", "image", "audio" or "video"
   value: str                  # the text, or the media path as written in the manifest
+  sound: str | None = None    # a video's sound track (path as written), if it has one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +73,23 @@ def _parts(line: int, obj: dict) -> tuple[Part, ...]:
       raise BadLine(line, "'parts' must be a list")
     parts = []
     for i, part in enumerate(raw, start=1):
+      if isinstance(part, dict) and "video" in part and set(part) <= {"video", SOUND_KEY}:
+        parts.append(_video(line, part))
+        continue
       if not isinstance(part, dict) or len(part) != 1 or next(iter(part)) not in KINDS:
         raise BadLine(line, f"part {i} must be one of {{\"text\": ...}}, {{\"image\": ...}}, "
-                            f"{{\"audio\": ...}}")
+                            f"{{\"audio\": ...}}, {{\"video\": ..., \"sound\": ...}}")
       (kind, value), = part.items()
       parts.append(_part(line, kind, value))
   else:
-    unknown = sorted(set(obj) - set(KINDS))
+    unknown = sorted(set(obj) - set(KINDS) - ({SOUND_KEY} if "video" in obj else set()))
     if unknown:
-      raise BadLine(line, f"unknown key '{unknown[0]}' (expected 'parts', or 'text'/'image'/'audio'; "
-                          f"'split' may go with either)")
-    parts = [_part(line, kind, obj[kind]) for kind in SHORTHAND_ORDER if kind in obj]
+      raise BadLine(line, f"unknown key '{unknown[0]}' (expected 'parts', or 'text'/'image'/'audio'/"
+                          f"'video' ('sound' with 'video'); 'split' may go with either)")
+    parts = [_video(line, obj) if kind == "video" else _part(line, kind, obj[kind])
+             for kind in SHORTHAND_ORDER if kind in obj]
+  if sum(p.kind == "video" for p in parts) > 1:
+    raise BadLine(line, "more than one video in one example")
   if not any(p.kind != "text" or p.value for p in parts):
     raise BadLine(line, "empty example (no media and no text)")
   return tuple(parts)
@@ -89,6 +101,14 @@ def _part(line: int, kind: str, value) -> Part:
   if kind != "text" and not value:
     raise BadLine(line, f"empty {kind} path")
   return Part(kind, value)
+
+
+def _video(line: int, obj: dict) -> Part:
+  video = _part(line, "video", obj["video"])
+  if SOUND_KEY not in obj:
+    return video
+  sound = _part(line, "audio", obj[SOUND_KEY])
+  return Part("video", video.value, sound.value)
 
 
 def parse_line(line: int, text: str) -> Entry:

@@ -3,7 +3,8 @@
   DIR/records-00000-of-00002.array_record ...  one record per example (data/records.py), group_size:1
   DIR/index.npz      lengths int32 [N]: tokens of each record's example; heldout bool [N]
   DIR/codebooks.npz  k-means codebooks over the training records: image float32 [image_codebook,
-                     channels*patch**2] and audio float32 [audio_codebook, n_mels] (those present)
+                     channels*patch**2], audio float32 [audio_codebook, n_mels] (a video's sound
+                     included) and video float32 [video_codebook, token width] (those present)
   DIR/card.json      the dataset card: counts, token totals, the data config it was prepared with,
                      and every skipped line with its reason
 
@@ -41,11 +42,14 @@ from array_record.python import array_record_module
 
 from omnimoe.data.prepare import audio_io
 from omnimoe.data.prepare import image_io
+from omnimoe.data.prepare import video_io
+from omnimoe.data.prepare.tally import Tally, kind_of
 from omnimoe.data.prepare import kmeans, temp_folders
 from omnimoe.data.prepare import manifest as manifest_lib
 from omnimoe.data import records as records_lib
 from omnimoe.data import tokenizer as tokenizer_lib
-from omnimoe.data.config import DataConfig, image_patch_dim
+from omnimoe.data import video_layout
+from omnimoe.data.config import DataConfig, image_patch_dim, video_patch_dim
 
 FORMAT = "omnimoe.prepared.v1"
 RECORDS_PER_SHARD = 4096
@@ -56,6 +60,10 @@ KMEANS_SAMPLE = 65536                 # vectors kept (reservoir sample) to fit e
 # The data keys a prepared folder depends on; a run must agree with them (data/sources.py).
 PREPARED_KEYS = ("image_patch", "image_side", "image_channels", "sample_rate", "n_mels",
                  "frame_len", "frame_hop", "image_codebook", "audio_codebook")
+# ... and, for a folder that holds video, these too (folders from before video lack them).
+VIDEO_KEYS = ("video_side", "video_patch", "video_tubelet", "video_fps", "video_frames",
+              "video_codebook")
+MEDIA_KINDS = ("image", "audio", "video")
 
 
 class BadData(ValueError):
@@ -75,6 +83,8 @@ def check_config(cfg: DataConfig) -> None:
       raise ValueError(f"data.{name} must be positive, got {getattr(cfg, name)}")
   if not 0 < cfg.heldout_fraction < 1:
     raise ValueError(f"data.heldout_fraction must lie in (0, 1), got {cfg.heldout_fraction}")
+  for key, why in video_layout.config_problems(cfg):
+    raise ValueError(f"{key} {why}")
   rows, cols = image_io.grid(cfg)
   if 2 + rows * cols > cfg.seq_len:
     raise ValueError(f"an image is {rows * cols} patches, more than data.seq_len={cfg.seq_len} "
@@ -158,6 +168,8 @@ def _decode_entry(entry: manifest_lib.Entry, manifest: pathlib.Path, cfg: DataCo
     try:
       if part.kind == "image":
         parts.append(records_lib.ImagePart(image_io.load_patches(path, cfg), image_io.grid(cfg)))
+      elif part.kind == "video":
+        parts.append(_video_part(manifest, part, cfg))
       else:
         parts.append(records_lib.AudioPart(audio_io.load_frames(path, cfg)))
     except image_io.MediaError as e:
@@ -177,6 +189,18 @@ def _decode_entry(entry: manifest_lib.Entry, manifest: pathlib.Path, cfg: DataCo
   return [record]
 
 
+def _video_part(manifest: pathlib.Path, part, cfg: DataConfig) -> records_lib.VideoPart:
+  tokens = video_io.tokens(video_io.load_frames(manifest_lib.resolve(manifest, part.value), cfg),
+                           cfg)
+  sound = np.zeros((0, cfg.n_mels), np.float32)
+  if part.sound is not None:
+    try:
+      sound = video_io.sound_frames(manifest_lib.resolve(manifest, part.sound), len(tokens), cfg)
+    except image_io.MediaError as e:   # name the sound file, not the video
+      raise image_io.MediaError(f"{part.sound}: {e}") from None
+  return records_lib.VideoPart(tokens, video_io.grid(cfg), sound)
+
+
 def _one_line(manifest: pathlib.Path, bad: manifest_lib.BadLine) -> str:
   where = f"{manifest}:{bad.line}: " + (f"{bad.path}: " if bad.path else "")
   return (where + bad.reason).replace("\n", " ")
@@ -185,45 +209,6 @@ def _one_line(manifest: pathlib.Path, bad: manifest_lib.BadLine) -> str:
 def _text_len(tok):
   """Tokens of a text part under `tok` (bytes: its length)."""
   return len if isinstance(tok, tokenizer_lib.ByteTokenizer) else (lambda t: len(tok.encode(t)))
-
-
-class _Tally:
-  """What the card counts."""
-
-  def __init__(self, text_len=len):
-    self.text_len = text_len
-    self.text_bytes = 0
-    self.examples = {"total": 0, "train": 0, "heldout": 0}
-    self.with_modality = {"text": 0, "image": 0, "audio": 0}   # examples holding that modality
-    self.media = {"image": 0, "audio": 0}                       # image files, audio clips
-    self.tokens = {"text": 0, "image": 0, "audio": 0, "special": 0}
-    self.records = {"train": 0, "heldout": 0}
-    self.longest = 0
-
-  def add(self, recs: list[records_lib.Record], split: str) -> None:
-    self.examples["total"] += 1
-    self.examples[split] += 1
-    kinds = set()
-    for rec in recs:
-      self.records[split] += 1
-      self.longest = max(self.longest, records_lib.num_tokens(rec, self.text_len))
-      self.tokens["special"] += 1 + int(rec.eos)
-      for part in rec.parts:
-        kind = _kind(part)
-        kinds.add(kind)
-        self.tokens[kind] += records_lib.part_tokens(part, self.text_len)
-        if kind == "text":
-          self.text_bytes += len(part)
-        if kind != "text":
-          self.media[kind] += 1
-    for kind in kinds:
-      self.with_modality[kind] += 1
-
-
-def _kind(part) -> str:
-  if isinstance(part, bytes):
-    return "text"
-  return "image" if isinstance(part, records_lib.ImagePart) else "audio"
 
 
 def prepare(manifest: str | pathlib.Path, out: str | pathlib.Path, cfg: DataConfig, *,
@@ -265,7 +250,7 @@ class _Written:
   is_heldout: list[bool]
   skipped: list[dict]                 # {"line", "path", "reason"} of each skipped line
   pinned: dict                        # examples whose line pins its split, by split
-  tally: "_Tally"
+  tally: Tally
   samples: dict                       # (kind, split) -> _Reservoir of media vectors
 
 
@@ -274,9 +259,9 @@ def _write_records(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig
   heldout = _heldout_ordinals(manifest_lib.count_examples(manifest), cfg.heldout_fraction)
   text_len = _text_len(tok)
   writer = _ShardWriter(folder, records_per_shard)
-  out = _Written([], [], [], [], {"train": 0, "heldout": 0}, _Tally(text_len),
+  out = _Written([], [], [], [], {"train": 0, "heldout": 0}, Tally(text_len),
                  {(kind, split): _Reservoir(KMEANS_SAMPLE, CODEBOOK_SEED)
-                  for kind in ("image", "audio") for split in ("train", "heldout")})
+                  for kind in MEDIA_KINDS for split in ("train", "heldout")})
   for ordinal, entry in enumerate(manifest_lib.read(manifest)):
     try:
       if isinstance(entry, manifest_lib.BadLine):
@@ -296,7 +281,12 @@ def _write_records(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig
       out.is_heldout.append(split == "heldout")
       for part in rec.parts:
         if not isinstance(part, bytes):
-          kind = _kind(part)
+          kind = kind_of(part)
+          if kind == "video":
+            out.samples[kind, split].add(part.tokens_UxMxD.reshape(-1, part.tokens_UxMxD.shape[2]))
+            if len(part.sound_AxD):
+              out.samples["audio", split].add(part.sound_AxD)
+            continue
           out.samples[kind, split].add(part.patches_MxD if kind == "image" else part.frames_MxD)
   out.shards = writer.finish()
   return out
@@ -306,7 +296,7 @@ def _fit_codebooks(w: _Written, sizes: dict) -> dict:
   """k-means per modality over the training records' vectors (the held-out ones when every
   example with that modality is held out)."""
   codebooks = {}
-  for kind in ("image", "audio"):
+  for kind in MEDIA_KINDS:
     x = w.samples[kind, "train"].sample()
     x = w.samples[kind, "heldout"].sample() if x is None else x
     if x is not None:
@@ -321,10 +311,11 @@ def _card(manifest: pathlib.Path, cfg: DataConfig, tok, w: _Written, sizes: dict
       "format": FORMAT,
       "manifest": str(manifest.absolute()),
       "prepared_with": {"seq_len": cfg.seq_len, "heldout_fraction": cfg.heldout_fraction,
-                        **{k: getattr(cfg, k) for k in PREPARED_KEYS},
+                        **{k: getattr(cfg, k) for k in PREPARED_KEYS + VIDEO_KEYS},
                         "tokenizer": tok.fingerprint, "tokenizer_path": tok.path,
                         "text_tokens": tok.size},
-      "feature_widths": {"image": image_patch_dim(cfg), "audio": cfg.n_mels},
+      "feature_widths": {"image": image_patch_dim(cfg), "audio": cfg.n_mels,
+                         "video": video_patch_dim(cfg)},
       "examples": tally.examples,
       "split_pinned": w.pinned,
       "examples_with": tally.with_modality,
@@ -346,7 +337,7 @@ def _write(manifest: pathlib.Path, folder: pathlib.Path, cfg: DataConfig, skip_b
   if not w.lengths:
     raise BadData(f"{manifest}: no usable example" +
                   (f" ({len(w.skipped)} skipped)" if w.skipped else ""))
-  sizes = {"image": cfg.image_codebook, "audio": cfg.audio_codebook}
+  sizes = {"image": cfg.image_codebook, "audio": cfg.audio_codebook, "video": cfg.video_codebook}
   codebooks = _fit_codebooks(w, sizes)
   np.savez(folder / "codebooks.npz", **codebooks)
   np.savez(folder / "index.npz", lengths=np.asarray(w.lengths, np.int32),
@@ -362,7 +353,8 @@ def summary(card: dict, out: str | pathlib.Path) -> str:
   text = (f"{tok['text']} text bytes" if card["prepared_with"].get("tokenizer", "bytes") == "bytes"
           else f"{tok['text']} text tokens ({card.get('text_bytes', '?')} bytes)")
   line = (f"prepared {ex['total']} examples ({ex['train']} train, {ex['heldout']} held out) into "
-          f"{out}: {media['image']} images, {media['audio']} audio clips, {text}, "
+          f"{out}: {media['image']} images, {media['audio']} audio clips, "
+          f"{media.get('video', 0)} videos, {text}, "
           f"{tok['total']} tokens")
   if card["skipped"]["count"]:
     line += f"; skipped {card['skipped']['count']} bad lines (listed in {out}/card.json)"
