@@ -14,8 +14,9 @@ The spans are read off the modality table (model/modality.py `MEDIA`): a media m
 are the vocabulary's `<name>_offset` .. + `<name>_codes`, and its item's shape (SHAPES) gives the
 positions, as data/examples.py lays out real media: an image patch (r, c) of a span starting at
 running index s is at (s, s + r, s + c) and the running index continues at s + max(rows, cols); an
-audio frame j at (s + j,) * 3, continuing at s + frames; text at (s,) * 3. Video slots in with one
-row in SHAPES.
+audio frame j at (s + j,) * 3, continuing at s + frames; text at (s,) * 3. Only the media with a
+row in SHAPES are generated (`GENERATED`): a video clip (frames and its sound interleaved on one
+clock, data/video_layout.py) has no row yet, so its codes never come.
 """
 import dataclasses
 from typing import Callable, NamedTuple
@@ -47,11 +48,12 @@ def _audio_item(cfg: DataConfig):
 # how far the item advances the running index): one whole image grid, one tone's frames
 SHAPES: dict[str, Callable[[DataConfig], tuple[np.ndarray, int]]] = {
     "image": _image_item, "audio": _audio_item}
+GENERATED = tuple(m for m in MEDIA if m.name in SHAPES)    # the media a generation may write
 
 
 @dataclasses.dataclass(frozen=True)
 class Spans:
-  """The media a generation may write, as arrays (K media modalities, in `MEDIA` order)."""
+  """The media a generation may write, as arrays (K media modalities, in `GENERATED` order)."""
   names: tuple[str, ...]     # K modality names
   codes: tuple[int, ...]     # K modality codes (model/modality.py)
   lo: np.ndarray             # int32 [K]: first id of each modality's codes
@@ -71,14 +73,14 @@ class Spans:
 
 
 def spans_for(vocab, cfg: DataConfig) -> Spans:
-  items = [SHAPES[m.name](cfg) for m in MEDIA]
+  items = [SHAPES[m.name](cfg) for m in GENERATED]
   n = max(len(p) for p, _ in items)
-  offsets = np.zeros((len(MEDIA), n, 3), np.int32)
+  offsets = np.zeros((len(GENERATED), n, 3), np.int32)
   for k, (p, _) in enumerate(items):
     offsets[k, :len(p)] = p
-  lo = np.asarray([getattr(vocab, f"{m.name}_offset") for m in MEDIA], np.int32)
-  count = np.asarray([getattr(vocab, f"{m.name}_codes") for m in MEDIA], np.int32)
-  return Spans(tuple(m.name for m in MEDIA), tuple(m.code for m in MEDIA), lo, lo + count,
+  lo = np.asarray([getattr(vocab, f"{m.name}_offset") for m in GENERATED], np.int32)
+  count = np.asarray([getattr(vocab, f"{m.name}_codes") for m in GENERATED], np.int32)
+  return Spans(tuple(m.name for m in GENERATED), tuple(m.code for m in GENERATED), lo, lo + count,
                np.asarray([len(p) for p, _ in items], np.int32), offsets,
                np.asarray([a for _, a in items], np.int32), vocab.text_offset, vocab.image_offset,
                vocab.size)
