@@ -87,8 +87,8 @@ def test_prepared_folder_holds_exactly_the_decoded_files(tmp_path):
   np.testing.assert_array_equal(index["lengths"], lengths)
   assert index["heldout"].sum() == 1 == card["examples"]["heldout"]      # round(0.2 * 5)
   assert card["examples"] == {"total": 5, "train": 4, "heldout": 1}
-  assert card["examples_with"] == {"text": 5, "image": 3, "audio": 2}
-  assert card["media"] == {"image": 3, "audio": 2}
+  assert card["examples_with"] == {"text": 5, "image": 3, "audio": 2, "video": 0}
+  assert card["media"] == {"image": 3, "audio": 2, "video": 0}
   frames = len(recs[1].parts[0].frames_MxD) + len(recs[3].parts[3].frames_MxD)
   assert card["tokens"]["image"] == 48 and card["tokens"]["audio"] == frames
   assert card["tokens"]["text"] == sum(len(p) for r in recs for p in r.parts if isinstance(p, bytes))
