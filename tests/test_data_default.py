@@ -29,10 +29,12 @@ def image_segments(batch):
 def test_dataset_info():
   info = data.dataset_info(CFG, seed=0)
   assert info.feature_dim == max(CFG.image_patch ** 2, CFG.n_mels) == 24
-  # [4 specials | 256 bytes | 64 image codes | 64 audio codes], rounded up to a multiple of 128.
-  assert (CFG.image_codebook, CFG.audio_codebook) == (64, 64)
+  # [4 specials | 256 bytes | 64 image codes | 64 audio codes | 64 video codes], rounded up to a
+  # multiple of 128 (the video codes are there without video: one vocabulary for every mixture).
+  assert (CFG.image_codebook, CFG.audio_codebook, CFG.video_codebook) == (64, 64, 64)
   v = info.vocab
-  assert (v.text_offset, v.image_offset, v.audio_offset, v.used_size) == (4, 260, 324, 388)
+  assert (v.text_offset, v.image_offset, v.audio_offset, v.video_offset, v.used_size) == (
+      4, 260, 324, 388, 452)
   assert v.size == 512 and v.tokenizer == ""
   assert data.dataset_info(CFG, seed=0) is info   # cached
 

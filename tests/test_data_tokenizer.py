@@ -46,10 +46,11 @@ def vocab_of(model_path, **kw):
 def test_the_vocabulary_grows_to_the_model_pieces(model):
   reference = sentencepiece.SentencePieceProcessor(model_file=str(model))
   assert reference.get_piece_size() == PIECES
-  vocab = vocab_of(model, image_codebook=64, audio_codebook=32)
+  vocab = vocab_of(model, image_codebook=64, audio_codebook=32, video_codebook=16)
   assert vocab.text_tokens == PIECES
   assert vocab.image_offset == NUM_SPECIALS + PIECES and vocab.audio_offset == vocab.image_offset + 64
-  assert vocab.used_size == NUM_SPECIALS + PIECES + 64 + 32
+  assert vocab.video_offset == vocab.audio_offset + 32
+  assert vocab.used_size == NUM_SPECIALS + PIECES + 64 + 32 + 16
   assert vocab.size % SIZE_MULTIPLE == 0 and vocab.used_size <= vocab.size < vocab.used_size + 128
   byte_vocab = Vocab.from_config(DataConfig(image_codebook=64, audio_codebook=32))
   assert byte_vocab.text_tokens == 256 and byte_vocab.image_offset == NUM_SPECIALS + 256
