@@ -192,13 +192,15 @@ def routed_expert_sets(x_TxD, router_DxE, *, top_k: int | None = None, threshold
   return sets
 
 
-def recount_coactivation(sets: list[set], segment_ids_T, modality_T, num_experts: int) -> np.ndarray:
-  """[3, E, E] by loops: [m, i, j] += 1 for every valid token (segment id > 0) of modality code
-  m + 1 and every ordered pair (i, j) of the experts it took (i == j included)."""
-  out = np.zeros((3, num_experts, num_experts))
+def recount_coactivation(sets: list[set], segment_ids_T, modality_T, num_experts: int,
+                         num_modalities: int = 4) -> np.ndarray:
+  """[4, E, E] by loops (text, image, audio, video): [m, i, j] += 1 for every valid token (segment
+  id > 0) of modality code m + 1 and every ordered pair (i, j) of the experts it took (i == j
+  included)."""
+  out = np.zeros((num_modalities, num_experts, num_experts))
   for taken, seg, mod in zip(sets, np.asarray(segment_ids_T).reshape(-1),
                              np.asarray(modality_T).reshape(-1)):
-    if seg > 0 and 1 <= mod <= 3:
+    if seg > 0 and 1 <= mod <= num_modalities:
       for i in taken:
         for j in taken:
           out[mod - 1, i, j] += 1

@@ -20,7 +20,7 @@ def _setup(cfg):
 
 
 def _recount(cfg, setup, params, batch, router=None):
-  """Per MoE layer: (oracle counts [3, E, E], oracle expert sets of every token)."""
+  """Per MoE layer: (oracle counts [4, E, E], oracle expert sets of every token)."""
   moe, E = cfg.model.moe, cfg.model.moe.num_experts
   counts, sets = [], []
   for m, (x, seg, mod, threshold) in enumerate(moe_inputs(setup.graphdef, params, batch, router)):
@@ -43,7 +43,7 @@ def test_counts_and_choices_equal_a_recount_from_the_routing(router):
   step = coactivation.make_routing_step(setup)
   counts, choices = coactivation.heldout_statistics(step, params, [batch], None)
   want, want_sets = _recount(cfg, setup, params, batch)
-  assert counts.shape == (2, 3, 8, 8) and want[:, :2].sum() > 0   # text and image tokens present
+  assert counts.shape == (2, 4, 8, 8) and want[:, :2].sum() > 0   # text and image tokens present
   np.testing.assert_array_equal(counts, want)
   for layer_choices, layer_sets in zip(choices, want_sets, strict=True):
     got = [set(int(e) for e in row if e >= 0) for row in layer_choices]

@@ -27,11 +27,11 @@ def test_collective_bytes_counts_an_all_reduce():
 
 # The default model with one layer, by hand: width 128, 4 query and 2 key/value heads of 32 (with
 # QK-norm), 8 experts of hidden 256 (top 2); the default dataset's vocabulary 512 and feature
-# width 24 (image and audio projections); sequence 128.
+# width 24 (image, audio and video projections); sequence 128.
 D, HEADS, KV, DH, E, K, H, V, F, L = 128, 4, 2, 32, 8, 2, 256, 512, 24, 128
 ATTENTION = D * HEADS * DH * 2 + D * KV * DH * 2            # q, o; k, v
 EXPERTS = 3 * E * D * H                                     # gate, up, down of every expert
-PARAMETERS = (V * D + 2 * F * D + 2 * D                     # table; media projections, biases
+PARAMETERS = (V * D + 3 * F * D + 3 * D                     # table; media projections, biases
               + ATTENTION + 2 * DH + 3 * D                  # qk-norm; attention, expert, final norms
               + D * E + EXPERTS + D * V)                    # router, experts, head
 

@@ -126,7 +126,7 @@ def test_dense_layers_shared_experts_and_dynamic_router_train_together():
   cfg, mesh, setup, state = build(*DYNAMIC, "model.num_layers=2", "model.num_dense_layers=1",
                                   "model.moe.num_shared_experts=1", "model.moe.bias_update_rate=1e-3")
   assert state["router"]["threshold"].shape == (1,)          # one MoE layer
-  assert state["router"]["bias"].shape == (1, 3, 8)
+  assert state["router"]["bias"].shape == (1, 4, 8)            # text, image, audio, video
   assert "mlp" in state["params"]["blocks"][0] and "shared" in state["params"]["blocks"][1]["moe"]
   step = make_train_step(cfg, setup, batch_sharding(mesh))
   state, metrics = step(state, global_batch(first_batch(cfg), mesh))
