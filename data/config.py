@@ -48,7 +48,10 @@ class DataConfig:
   video_patch: int = 4            # video patch side in pixels (16 / 4: a 4x4 grid per frame)
   video_tubelet: int = 1          # frames per video token (1, or 2: a patch spans two frames)
   video_fps: float = 10.0         # frames per second of a prepared clip
-  video_frames: int = 8           # frames of a built-in synthetic clip (data/builtin/clips.py)
+  video_frames: int = 8           # frames of a built-in synthetic clip (data/builtin/clips.py), and
+                                  # the most a prepared clip keeps while video_max_seconds is 0
+  video_max_seconds: float = 0.0  # `omnimoe prepare` keeps a clip's first this many seconds (0:
+                                  # video_frames / video_fps)
   time_step_ms: float = 100.0     # one step of the shared clock t (a frame and its audio share t)
   video_chunk_ms: float = 400.0   # a clip is laid out chunk by chunk: its frames, then its audio
   audio_time_ids: str = "shared"  # shared: a clip's audio frames take t from the clock | decoupled:

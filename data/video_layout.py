@@ -57,6 +57,8 @@ def config_problems(cfg) -> list[tuple[str, str]]:
     value = getattr(cfg, key)
     if not (math.isfinite(value) and value > 0):
       out.append((f"data.{key}", f"must be a positive number, got {value}"))
+  if not (math.isfinite(cfg.video_max_seconds) and cfg.video_max_seconds >= 0):
+    out.append(("data.video_max_seconds", f"must be >= 0, got {cfg.video_max_seconds}"))
   if cfg.audio_time_ids not in AUDIO_TIME_IDS:
     out.append(("data.audio_time_ids", f"must be one of {', '.join(AUDIO_TIME_IDS)}, got "
                                        f"{cfg.audio_time_ids!r}"))

@@ -192,8 +192,9 @@ def _decode_entry(entry: manifest_lib.Entry, manifest: pathlib.Path, cfg: DataCo
 def _video_part(manifest: pathlib.Path, part, cfg: DataConfig) -> records_lib.VideoPart:
   tokens = video_io.tokens(video_io.load_frames(manifest_lib.resolve(manifest, part.value), cfg),
                            cfg)
-  sound = np.zeros((0, cfg.n_mels), np.float32)
-  if part.sound is not None:
+  if part.sound is None:    # the file's own sound track, if it has one
+    sound = video_io.own_sound_frames(manifest_lib.resolve(manifest, part.value), len(tokens), cfg)
+  else:
     try:
       sound = video_io.sound_frames(manifest_lib.resolve(manifest, part.sound), len(tokens), cfg)
     except image_io.MediaError as e:   # name the sound file, not the video
@@ -312,6 +313,7 @@ def _card(manifest: pathlib.Path, cfg: DataConfig, tok, w: _Written, sizes: dict
       "manifest": str(manifest.absolute()),
       "prepared_with": {"seq_len": cfg.seq_len, "heldout_fraction": cfg.heldout_fraction,
                         **{k: getattr(cfg, k) for k in PREPARED_KEYS + VIDEO_KEYS},
+                        "video_max_seconds": cfg.video_max_seconds,
                         "tokenizer": tok.fingerprint, "tokenizer_path": tok.path,
                         "text_tokens": tok.size},
       "feature_widths": {"image": image_patch_dim(cfg), "audio": cfg.n_mels,
