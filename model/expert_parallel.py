@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from omnimoe.model import grouped_matmul as gmm
+from omnimoe.model.fused_experts import blocked_swiglu
 from omnimoe.model import ragged_exchange as rx
 from omnimoe.model.sharding import fit_spec
 from omnimoe.model.token_layout import TOKEN_AXES
@@ -113,9 +114,13 @@ def swiglu_experts(x_SxD, expert_SxK, valid_SxK, weight_SxK, w_gate_ExDxH, w_up_
   plan = gmm.plan_dispatch(expert_SxK, w_gate_ExDxH.shape[0], valid_SxK=valid_SxK,
                            backend=backend, block_rows=block_rows)
   x_RxD = gmm.dispatch(plan, x_SxD)
-  gate_RxH = plan.matmul(x_RxD, w_gate_ExDxH)
-  up_RxH = plan.matmul(x_RxD, w_up_ExDxH)
-  y_RxD = plan.matmul(jax.nn.silu(gate_RxH) * up_RxH, w_down_ExHxD)
+  if isinstance(plan, gmm.BlockedDispatch) and x_RxD.shape[0] > 0:
+    # One tile loop for the whole SwiGLU (model/fused_experts.py): the same rows and function.
+    y_RxD = blocked_swiglu(x_RxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, plan.tiles)
+  else:
+    gate_RxH = plan.matmul(x_RxD, w_gate_ExDxH)
+    up_RxH = plan.matmul(x_RxD, w_up_ExDxH)
+    y_RxD = plan.matmul(jax.nn.silu(gate_RxH) * up_RxH, w_down_ExHxD)
   return gmm.combine(plan, y_RxD, weight_SxK)
 
 

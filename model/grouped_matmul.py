@@ -31,6 +31,8 @@ Backends:
 Gradients avoid row scatters (slow on XLA:CPU): the row moves have custom VJPs that gather through
 the inverse permutation; the blocked backward runs the same tile loop, adding each tile's
 x^T dy into its expert's slice of the weight gradient in place (O(tiles), no scatter over blocks).
+The MoE layer's SwiGLU on the blocked backend runs all three matmuls in one tile loop
+(model/fused_experts.py); `BlockedDispatch.matmul` is the single matmul.
 """
 import dataclasses
 
