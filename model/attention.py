@@ -15,8 +15,9 @@ Backends:
   cudnn      jax.nn.dot_product_attention(implementation="cudnn"): GPU, bf16/fp16 only; causal via
              is_causal in array order (else an explicit mask), segments via an explicit boolean
              mask (cuDNN adds it as a bias)
-  auto       cudnn on GPU with bfloat16 in array order; otherwise xla when Lk <= block, else
-             blockwise
+  auto       cudnn on GPU with bfloat16 in array order, once it has passed bench/accelerator_check.py
+             on that device kind and jax version (model/hardware_paths.py); otherwise xla when
+             Lk <= block, else blockwise
 """
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,9 @@ def resolve_implementation(implementation: str, L: int, dtype, block: int) -> st
   if implementation != "auto":
     return implementation
   if jax.default_backend() == "gpu" and jnp.dtype(dtype) == jnp.bfloat16:
-    return "cudnn"
+    from omnimoe.model.hardware_paths import has_passed
+    if has_passed("cudnn"):      # only once bench/accelerator_check.py passed it here
+      return "cudnn"
   return "xla" if L <= block else "blockwise"
 
 

@@ -31,7 +31,9 @@ Modes (`model.moe.dispatch`):
               not yet run on a GPU or TPU. With no expert
               axis (G = 1) nothing is exchanged and it runs as all_gather does.
   auto        local without a mesh of several devices; on GPU or TPU (`Platform`, passed down
-              from where the model is built) with an expert axis, ragged_all_to_all; else
+              from where the model is built) with an expert axis, ragged_all_to_all once it has
+              passed bench/accelerator_check.py on that device kind and jax version
+              (model/hardware_paths.py; `omnimoe plan --platform` assumes it has); else
               all_gather.
 
 Inside shard_map the tokens are split over the batch axes that divide them (data, fsdp, expert),
@@ -102,7 +104,11 @@ def resolve_dispatch(mode: str, mesh, num_experts: int, platform: Platform = Pla
     return "local"
   split = expert_groups(mesh, num_experts) > 1
   if mode == "auto":
-    return "ragged_all_to_all" if platform.kind in ("gpu", "tpu") and split else "all_gather"
+    ragged = platform.kind in ("gpu", "tpu") and split
+    if ragged and platform.name is None:   # running there (not planning): only once it passed
+      from omnimoe.model.hardware_paths import has_passed
+      ragged = has_passed("ragged_all_to_all")
+    return "ragged_all_to_all" if ragged else "all_gather"
   if mode == "ragged_all_to_all" and not split:
     return "all_gather"          # no expert axis: every device runs all experts, nothing moves
   return mode

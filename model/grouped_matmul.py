@@ -25,8 +25,9 @@ Backends:
               O(rows + experts) whatever the number of experts.
   megablox    jax's Pallas TPU grouped matmul (jax.experimental.pallas.ops.tpu.megablox.gmm) on TPU;
               elsewhere it runs in Pallas interpret mode (slow: for the tests only)
-  auto        blocked on CPU; megablox on TPU; tokamax on GPU when it is importable, else
-              ragged_dot
+  auto        blocked on CPU; on a TPU megablox, on a GPU tokamax (when importable) or else
+              ragged_dot, each only once it has passed bench/accelerator_check.py on that device
+              kind and jax version (model/hardware_paths.py); blocked until then
 
 Gradients avoid row scatters (slow on XLA:CPU): the row moves have custom VJPs that gather through
 the inverse permutation; the blocked backward runs the same tile loop, adding each tile's
@@ -66,9 +67,14 @@ def resolve_backend(backend: str) -> str:
     return backend
   if jax.default_backend() == "cpu":
     return "blocked"
+  # On an accelerator, a hardware path only once it has passed bench/accelerator_check.py here
+  # (model/hardware_paths.py); until then the blocked loop, which the CPU tests cover.
+  from omnimoe.model.hardware_paths import has_passed
   if jax.default_backend() == "tpu":
-    return "megablox"
-  return "tokamax" if _tokamax() is not None else "ragged_dot"
+    return "megablox" if has_passed("megablox") else "blocked"
+  if _tokamax() is not None and has_passed("tokamax"):
+    return "tokamax"
+  return "ragged_dot" if has_passed("ragged_dot") else "blocked"
 
 
 def _megablox_matmul(x_RxK, w_ExKxN, group_sizes_E):
