@@ -17,22 +17,44 @@ Public API (the trainer depends on these names):
   prompt_set(cfg, *, modality, seed, max_new_tokens, limit=None) -> PromptSet
   retrieval_sets(cfg, *, batch_size, seed) -> [RetrievalSet]: held-out needle documents by length
   video_prompt_sets(cfg, *, seed, limit) -> {name: PromptSet}: fresh clips, video->text and sync
-"""
-from omnimoe.data.builtin.captions import EVAL_PROMPT
-from omnimoe.data.config import DataConfig
-from omnimoe.data.packing import BATCH_KEYS
-from omnimoe.data.pipeline.api import (DatasetInfo, dataset_info, eval_batches,
-                                       eval_batches_by_source, train_iterator)
-from omnimoe.data.pipeline.needle import RetrievalSet, retrieval_sets
-from omnimoe.data.pipeline.heldout_text import heldout_text_batches, heldout_text_bytes
-from omnimoe.data.pipeline.prompts import PromptSet, prompt_set
-from omnimoe.data.pipeline.sources import has_default as has_default_source
-from omnimoe.data.pipeline.video_prompts import video_prompt_sets
-from omnimoe.data.vocab import Vocab
 
-__all__ = [
-    "BATCH_KEYS", "DataConfig", "DatasetInfo", "EVAL_PROMPT", "PromptSet", "RetrievalSet", "Vocab",
-    "dataset_info", "eval_batches", "eval_batches_by_source", "has_default_source",
-    "heldout_text_batches", "heldout_text_bytes", "prompt_set", "retrieval_sets", "train_iterator",
-    "video_prompt_sets",
-]
+The names load on first use (PEP 562), so `omnimoe.data.config` and the modules that need only it
+(the train config, the model-only benchmarks on a machine without grain) import without the
+pipeline's dependencies.
+"""
+import importlib
+
+_WHERE = {
+    "EVAL_PROMPT": ("omnimoe.data.builtin.captions", "EVAL_PROMPT"),
+    "DataConfig": ("omnimoe.data.config", "DataConfig"),
+    "BATCH_KEYS": ("omnimoe.data.packing", "BATCH_KEYS"),
+    "DatasetInfo": ("omnimoe.data.pipeline.api", "DatasetInfo"),
+    "dataset_info": ("omnimoe.data.pipeline.api", "dataset_info"),
+    "eval_batches": ("omnimoe.data.pipeline.api", "eval_batches"),
+    "eval_batches_by_source": ("omnimoe.data.pipeline.api", "eval_batches_by_source"),
+    "train_iterator": ("omnimoe.data.pipeline.api", "train_iterator"),
+    "RetrievalSet": ("omnimoe.data.pipeline.needle", "RetrievalSet"),
+    "retrieval_sets": ("omnimoe.data.pipeline.needle", "retrieval_sets"),
+    "heldout_text_batches": ("omnimoe.data.pipeline.heldout_text", "heldout_text_batches"),
+    "heldout_text_bytes": ("omnimoe.data.pipeline.heldout_text", "heldout_text_bytes"),
+    "PromptSet": ("omnimoe.data.pipeline.prompts", "PromptSet"),
+    "prompt_set": ("omnimoe.data.pipeline.prompts", "prompt_set"),
+    "has_default_source": ("omnimoe.data.pipeline.sources", "has_default"),
+    "video_prompt_sets": ("omnimoe.data.pipeline.video_prompts", "video_prompt_sets"),
+    "Vocab": ("omnimoe.data.vocab", "Vocab"),
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+  if name not in _WHERE:
+    raise AttributeError(f"module 'omnimoe.data' has no attribute {name!r}")
+  module, attr = _WHERE[name]
+  value = getattr(importlib.import_module(module), attr)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_WHERE))

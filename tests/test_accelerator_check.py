@@ -90,3 +90,30 @@ def test_a_broken_record_is_named_in_one_line(on_a_gpu):
   record.write_text("not json")
   with pytest.raises(ValueError, match=r"paths.json is not a hardware-path record"):
     grouped_matmul.resolve_backend("auto")
+
+
+def test_the_benchmarks_import_on_a_machine_without_the_data_pipeline():
+  """The lent GPU machine has jax, torch and transformers but no grain, array-record or tokamax:
+  the check and the peer's omnimoe side (the train config, state and step) must import there."""
+  import subprocess
+  import sys
+  code = (
+      "import importlib.abc, sys\n"
+      "class Block(importlib.abc.MetaPathFinder):\n"
+      "  def find_spec(self, name, path, target=None):\n"
+      "    if name.split('.')[0] in ('grain', 'array_record', 'tokamax'):\n"
+      "      raise ImportError('no ' + name + ' on this machine')\n"
+      "sys.meta_path.insert(0, Block())\n"
+      "import bench.accelerator_check, bench.peer\n"
+      "from omnimoe.train import config, state, step\n"
+      "config.load(None, ['model.dtype=bfloat16'])\n"
+      "from omnimoe import data\n"
+      "try:\n"
+      "  data.train_iterator\n"
+      "except ImportError as e:\n"
+      "  print('pipeline needs grain:', e)\n")
+  import pathlib
+  root = pathlib.Path(check.__file__).resolve().parent.parent
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "pipeline needs grain: no grain on this machine" in done.stdout
