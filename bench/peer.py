@@ -46,6 +46,10 @@ SHAPES = {   # name -> config overrides on the tiny default (d 128, 4 layers, 8 
     "tiny": [],
     "d256": ["model.d_model=256", "model.num_heads=8", "model.num_kv_heads=4",
              "model.moe.expert_hidden=512"],
+    # configs/rack_nvl72.yaml's model: 0.9B parameters, 0.16B active (bench/gpu.py)
+    "nvl72": ["model.num_layers=8", "model.d_model=1024", "model.num_heads=16",
+              "model.num_kv_heads=4", "model.head_dim=64", "model.rope_sections=[16,8,8]",
+              "model.moe.num_experts=64", "model.moe.top_k=8", "model.moe.expert_hidden=512"],
 }
 VOCAB = 512          # the default dataset's vocabulary
 FEATURES = 24        # the batch's feature width (unused by text-only rows)
@@ -75,9 +79,10 @@ def median_seconds(step, warmup: int, steps: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def omnimoe_config(shape: str, batch: int, seq: int):
+def omnimoe_config(shape: str, batch: int, seq: int, dtype: str = "float32", extra=()):
   from omnimoe.train import config as config_lib
-  return config_lib.load(None, [*SHAPES[shape], f"train.batch_size={batch}", f"data.seq_len={seq}"])
+  return config_lib.load(None, [*SHAPES[shape], f"train.batch_size={batch}", f"data.seq_len={seq}",
+                                f"model.dtype={dtype}", *extra])
 
 
 def omnimoe_side(cfg, host_batch: dict, warmup: int, steps: int) -> dict:
@@ -101,7 +106,9 @@ def omnimoe_side(cfg, host_batch: dict, warmup: int, steps: int) -> dict:
   compile_s = time.perf_counter() - t0
   first_ce = float(holder["metrics"]["ce_loss"])
   med, times = median_seconds(step, warmup, steps)
+  stats = jax.devices()[0].memory_stats() or {}
   return {"median_s": med, "times_s": times, "compile_s": compile_s, "first_ce": first_ce,
+          "peak_bytes": stats.get("peak_bytes_in_use"),
           "flops_per_token": model_flops_per_token(cfg, setup.abstract_state["params"])}
 
 
@@ -138,7 +145,10 @@ def peer_side(cfg, host_batch: dict, warmup: int, steps: int, experts: str) -> d
   with tempfile.TemporaryDirectory() as folder:      # omnimoe's initial weights, as HF tensors
     write_initial_weights(cfg, keys, pathlib.Path(folder))
     model = transformers.Qwen3MoeForCausalLM.from_pretrained(folder, config=hf_cfg)
-  model = model.float().train()
+  cuda = torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
+  model = model.float().to(device).train()      # float32 masters, as omnimoe keeps them
+  bf16 = cfg.model.dtype == "bfloat16"          # then compute in bfloat16 under autocast
   t = cfg.train
   decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
   keep = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -146,40 +156,50 @@ def peer_side(cfg, host_batch: dict, warmup: int, steps: int, experts: str) -> d
                            {"params": keep, "weight_decay": 0.0}],
                           lr=t.learning_rate, betas=(t.b1, t.b2), eps=1e-8)
   ids = torch.from_numpy(np.concatenate([host_batch["tokens"], host_batch["targets"][:, -1:]], 1)).long()
-  inputs, labels = ids[:, :-1].contiguous(), ids[:, :-1].contiguous()
+  inputs = ids[:, :-1].contiguous().to(device)
+  labels = inputs
   holder = {}
 
   def step():
-    out = model(input_ids=inputs, labels=labels)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+      out = model(input_ids=inputs, labels=labels)
     out.loss.backward()
     holder.setdefault("first_ce", float(out.loss - hf_cfg.router_aux_loss_coef * out.aux_loss))
     if t.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if cuda:
+      torch.cuda.synchronize()
   t0 = time.perf_counter()
   step()
   first_s = time.perf_counter() - t0
   med, times = median_seconds(step, warmup, steps)
   return {"median_s": med, "times_s": times, "first_step_s": first_s,
           "first_ce": holder["first_ce"],
+          "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
           "attention": getattr(hf_cfg, "_attn_implementation", None),
           "experts": getattr(hf_cfg, "_experts_implementation", None)}
 
 
-def jax_ceiling(n: int = 1024, repeats: int = 5) -> float:
-  """float32 GFLOP/s of an n x n x n matmul in jax (best of `repeats`)."""
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+def jax_ceiling(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+  """GFLOP/s of an n x n x n matmul in jax (best of `repeats`)."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   return 2.0 * n ** 3 / min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats)) / 1e9
 
 
-def torch_ceiling(n: int = 1024, repeats: int = 5) -> float:
+def torch_ceiling(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
   import torch
   b = torch.from_numpy(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
-  torch.mm(b, b)
-  return 2.0 * n ** 3 / min(_timed(lambda: torch.mm(b, b)) for _ in range(repeats)) / 1e9
+  if torch.cuda.is_available():
+    b = b.cuda()
+  b = b.to(getattr(torch, dtype))
+  sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+  mm = lambda: (torch.mm(b, b), sync())
+  mm()
+  return 2.0 * n ** 3 / min(_timed(mm) for _ in range(repeats)) / 1e9
 
 
 def _timed(fn) -> float:
@@ -191,23 +211,26 @@ def _timed(fn) -> float:
 def worker(side: str, shape: str, args) -> dict:
   """One side at one shape, in a process of its own (neither framework's thread pool is left
   spinning beside the other's): its step times and its framework's matmul ceiling."""
-  cfg = omnimoe_config(shape, args.batch, args.seq)
+  cfg = omnimoe_config(shape, args.batch, args.seq, args.dtype, args.extra)
   host = text_batch(args.batch, args.seq)
+  n = 1024 if jax.default_backend() == "cpu" else 8192
   if side == "omnimoe":
     out = omnimoe_side(cfg, host, args.warmup, args.steps)
-    out["ceiling_gflops"] = jax_ceiling()
+    out["ceiling_gflops"] = jax_ceiling(n, dtype=args.dtype)
     return out
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   out = {impl: peer_side(cfg, host, args.warmup, args.steps, impl)
          for impl in args.peer_experts.split(",")}
-  return {"variants": out, "ceiling_gflops": torch_ceiling(), "threads": torch.get_num_threads()}
+  return {"variants": out, "ceiling_gflops": torch_ceiling(n, dtype=args.dtype),
+          "threads": torch.get_num_threads()}
 
 
 def _run_worker(side: str, shape: str, args) -> dict:
   cmd = [sys.executable, "-m", "bench.peer", "--worker", side, "--shapes", shape,
          "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-         "--warmup", str(args.warmup), "--peer-experts", args.peer_experts]
+         "--warmup", str(args.warmup), "--peer-experts", args.peer_experts,
+         "--dtype", args.dtype, *[f"--extra={e}" for e in args.extra]]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                         cwd=pathlib.Path(__file__).resolve().parent.parent)
   if done.returncode != 0:
@@ -228,6 +251,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--peer-experts", default="grouped_mm,eager",
                       help="transformers' experts implementations to time (grouped_mm is its "
                            "default); the ratio is against the fastest")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="compute dtype of both sides (masters stay float32 on both)")
+  parser.add_argument("--extra", action="append", default=[],
+                      help="a config override of the shape (e.g. model.remat=full, which the peer ignores)")
   parser.add_argument("--worker", choices=["omnimoe", "peer"], help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
@@ -242,7 +269,7 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):          # interleaved: omnimoe, peer, omnimoe, peer, ...
       ours.append(_run_worker("omnimoe", shape, args))
       peers.append(_run_worker("peer", shape, args))
-    cfg = omnimoe_config(shape, args.batch, args.seq)
+    cfg = omnimoe_config(shape, args.batch, args.seq, args.dtype, args.extra)
     med = lambda xs: statistics.median(xs)
     ours_s = med([t for o in ours for t in o["times_s"]])
     by_impl = {impl: med([t for p in peers for t in p["variants"][impl]["times_s"]])
@@ -260,6 +287,13 @@ def main(argv=None) -> dict:
            "jax_ceiling_gflops": jax_ceil, "torch_ceiling_gflops": torch_ceil,
            "flops_per_token": ours[0]["flops_per_token"], "runs": {"omnimoe": ours, "peer": peers}}
     row["ratio"] = row["omnimoe_tokens_per_s"] / row["peer_tokens_per_s"]
+    from omnimoe.train.mfu import datasheet_peak_tflops
+    peak = datasheet_peak_tflops(jax.devices()[0].device_kind) if jax.default_backend() != "cpu" else None
+    if peak:
+      row["omnimoe_mfu"] = flops / ours_s / (peak * 1e12)
+      row["peer_mfu"] = flops / by_impl[fastest] / (peak * 1e12)
+    row["peak_bytes"] = {"omnimoe": ours[0].get("peak_bytes"),
+                         "peer": peers[0]["variants"][fastest].get("peak_bytes")}
     row["first_ce"] = {"omnimoe": ours[0]["first_ce"],
                        "peer": peers[0]["variants"][fastest]["first_ce"]}
     rows.append(row)
@@ -268,7 +302,8 @@ def main(argv=None) -> dict:
                         "transformers": transformers.__version__,
                         "torch_threads": peers[0]["threads"],
                         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
-            "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+            "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "extra": args.extra,
+            "steps": args.steps, "warmup": args.warmup,
             "repeats": args.repeats, "rows": rows}
   print(f"{'shape':6s} {'omnimoe tok/s':>14s} {'peer tok/s':>11s} {'ratio':>6s} "
         f"{'omnimoe ms':>11s} {'peer ms':>8s} {'omni/ceil':>9s} {'peer/ceil':>9s}  peer experts")
@@ -278,9 +313,14 @@ def main(argv=None) -> dict:
           f"{r['ratio']:5.2f}x {r['omnimoe_step_s'] * 1e3:11.0f} "
           f"{r['peer_step_s'][r['peer_experts']] * 1e3:8.0f} {r['omnimoe_of_ceiling']:9.1%} "
           f"{r['peer_of_ceiling']:9.1%}  fastest {r['peer_experts']} ({others})")
+  for r in rows:
+    if "omnimoe_mfu" in r:
+      gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "-"
+      print(f"{r['shape']}: MFU omnimoe {r['omnimoe_mfu']:.1%}, peer {r['peer_mfu']:.1%}; peak "
+            f"memory omnimoe {gib(r['peak_bytes']['omnimoe'])}, peer {gib(r['peak_bytes']['peer'])}")
   print("the same function: first step's cross entropy, omnimoe / peer: " + ", ".join(
       f"{r['shape']} {r['first_ce']['omnimoe']:.6f} / {r['first_ce']['peer']:.6f}" for r in rows))
-  print("float32 matmul ceilings (GFLOP/s, 1024^3): " + ", ".join(
+  print(f"{args.dtype} matmul ceilings (GFLOP/s): " + ", ".join(
       f"{r['shape']}: jax {r['jax_ceiling_gflops']:.0f}, torch {r['torch_ceiling_gflops']:.0f}"
       for r in rows))
   if args.json:
