@@ -9,14 +9,14 @@ from bench import peer
 
 
 def test_both_sides_compute_the_same_first_loss_and_the_ratio_is_the_step_times():
-  args = types.SimpleNamespace(batch=8, seq=32, steps=2, warmup=1,
+  args = types.SimpleNamespace(batch=8, seq=32, steps=1, warmup=0,
                                peer_experts="grouped_mm,eager", dtype="float32", extra=[])
   cfg = peer.omnimoe_config("tiny", args.batch, args.seq)
   host = peer.text_batch(args.batch, args.seq)
   assert (host["targets"][:, :-1] == host["tokens"][:, 1:]).all()   # next-token targets
   ours = peer.omnimoe_side(cfg, host, args.warmup, args.steps)
   theirs = peer.worker("peer", "tiny", args)
-  assert len(ours["times_s"]) == 2 and ours["median_s"] > 0
+  assert len(ours["times_s"]) == 1 and ours["median_s"] > 0
   # The same weights (omnimoe's initial ones through a safetensors folder), the same tokens: the
   # cross entropy of step 1 matches to float32 rounding, under both experts implementations.
   for impl in ("grouped_mm", "eager"):
