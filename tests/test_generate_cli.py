@@ -63,3 +63,35 @@ def test_generate_bad_input_is_one_line(run, tmp_path, capsys):
   assert "no run in" in capsys.readouterr().err
   assert main(["generate", "--workdir", str(run), "--image", str(tmp_path / "ok.png"),
                "--prompt", "the digit ", "--max-new-tokens", "3"]) == 0
+
+
+def test_the_codebooks_and_tokenizer_travel_with_the_run(run, tmp_path, capsys, monkeypatch):
+  """The run folder holds its codebooks (the default dataset's, equal to the data's own); with the
+  data folders gone (resolving them fails), generate still codes a prompt and writes an image."""
+  from omnimoe.data.pipeline import sources as sources_lib
+  from omnimoe.train import config as config_lib
+  from omnimoe.train import media_files
+  saved = media_files.load(run)
+  mix = sources_lib.resolve(config_lib.load(str(run / "config.yaml"), []).data)
+  assert set(saved.codebooks) == set(mix.codebooks)
+  for k in mix.codebooks:
+    np.testing.assert_array_equal(saved.codebooks[k], mix.codebooks[k])
+  assert saved.vocab == mix.vocab and saved.feature_dim == mix.feature_dim
+  import shutil
+  moved = tmp_path / "moved"
+  shutil.copytree(run, moved)
+
+  def gone(cfg):
+    raise ValueError("data.sources: the prepared folders are gone")
+  monkeypatch.setattr(sources_lib, "resolve", gone)
+  monkeypatch.setattr("omnimoe.data.dataset_info", lambda *a, **k: gone(None))
+  out = tmp_path / "out"
+  png = tmp_path / "seven.png"
+  write_png(png, np.full((8, 8), 128, np.uint8))
+  assert main(["generate", "--workdir", str(moved), "--image", str(png), "--prompt", "draw:",
+               "--media", "image", "--max-new-tokens", "6", "--out", str(out)]) == 0
+  assert f"wrote {out / 'image_1.png'}" in capsys.readouterr().out.splitlines()
+  (moved / "media" / "codebooks.npz").write_bytes(b"broken")
+  assert main(["generate", "--workdir", str(moved), "--prompt", "x", "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "media is damaged" in err[0]

@@ -24,7 +24,8 @@ from omnimoe.data.pipeline import sources as sources_lib
 from omnimoe.data.prepare import audio_io, image_io
 from omnimoe.data.prepare import folder as folder_lib
 from omnimoe.data.vocab import EOS
-from omnimoe.train import config as config_lib, effort as effort_lib, loop, media_out, media_spans
+from omnimoe.train import config as config_lib, effort as effort_lib, loop, media_files, media_out
+from omnimoe.train import media_spans
 from omnimoe.train.config import Config
 from omnimoe.train.generate import feature_table, make_generate
 from omnimoe.train.sampling import Sampler
@@ -130,8 +131,9 @@ def generate(cfg: Config, workdir: str | pathlib.Path, req: Request,
              log: Callable[[str], None] = lambda _: None) -> list[str]:
   """Runs the request on the latest checkpoint of `workdir`; the lines to print."""
   sampler = check(req)
-  with loop._data_errors():
-    mix = sources_lib.resolve(cfg.data)
+  with loop._data_errors():        # the run's own codebooks and tokenizer (train/media_files.py)
+    saved = media_files.load(workdir)
+    mix = saved if saved is not None else sources_lib.resolve(cfg.data)
   spans = media_spans.spans_for(mix.vocab, cfg.data)
   force = 0
   if req.media:
@@ -140,7 +142,8 @@ def generate(cfg: Config, workdir: str | pathlib.Path, req: Request,
                                    f"'{req.media}'")
     force = spans.index(req.media)
   example = prompt_example(req, cfg, mix)
-  step, state, setup, info, mesh = loop.restore_latest(cfg, workdir)
+  step, state, setup, info, mesh = loop.restore_latest(
+      cfg, workdir, info=None if saved is None else media_files.info(saved))
   params, router = state["params"], state.get("router")
 
   def heldout():

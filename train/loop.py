@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 from omnimoe import data
+from omnimoe.data.pipeline import sources as sources_lib
 from omnimoe.train import coactivation, config as config_lib
-from omnimoe.train import context_batch
+from omnimoe.train import context_batch, media_files
 from omnimoe.train.checkpoint import Checkpoints
 from omnimoe.train.config import Config
 from omnimoe.train.evaluate import Evaluator
@@ -224,6 +225,9 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
   setup = make_setup(cfg, mesh, info)
+  if jax.process_index() == 0 and cfg.data.task == "mixture":   # codebooks and tokenizer travel
+    with _data_errors():                                          # with the checkpoints
+      media_files.save(workdir, sources_lib.resolve(cfg.data))
   ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   latest = ckpts.latest_step()
@@ -335,16 +339,18 @@ def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict, tuple
   return latest, evaluator(state["params"], state.get("router")), evaluator.notes
 
 
-def restore_latest(cfg: Config, workdir: str | pathlib.Path):
-  """The latest checkpoint of `workdir` for evaluation: (step, state, setup, dataset info, mesh)."""
+def restore_latest(cfg: Config, workdir: str | pathlib.Path, info=None):
+  """The latest checkpoint of `workdir` for evaluation: (step, state, setup, dataset info, mesh);
+  `info` (a data.DatasetInfo) instead of the data config's, e.g. the run's saved media."""
   workdir = pathlib.Path(workdir).absolute()
   ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.checkpoint.keep, async_save=False)
   latest = ckpts.latest_step()
   if latest is None:
     raise WorkdirError(f"no checkpoint in '{workdir / 'checkpoints'}' to evaluate")
   mesh = make_mesh(cfg.mesh)
-  with _data_errors():
-    info = data.dataset_info(cfg.data, cfg.train.seed)
+  if info is None:
+    with _data_errors():
+      info = data.dataset_info(cfg.data, cfg.train.seed)
   setup = make_setup(cfg, mesh, info)
   state, _ = ckpts.restore(latest, setup)
   ckpts.close()
