@@ -24,13 +24,14 @@ failed.
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench.timing import median_seconds
 
 F32_TOL, BF16_TOL = 1e-4, 3e-2
 
@@ -55,13 +56,7 @@ FULL = Shapes(8192, 8, 64, 1024, 512, 4, 2048, 16, 4, 128, 4)
 
 
 def _timed(fn, repeats: int = 5) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_seconds(fn, repeats, sync=jax.block_until_ready)[0]
 
 
 def _error(got, want) -> float:

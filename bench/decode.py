@@ -19,14 +19,13 @@ Prints a table; `--json` writes rows {"context", "cached_tokens_per_s", "recompu
 import argparse
 import json
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.timing import median_seconds
 from omnimoe.model import kv_cache
 from omnimoe.model.config import ModelConfig
 from omnimoe.model.decoder import Decoder, head_logits
@@ -41,16 +40,6 @@ def _batch(C: int, seed: int = 0) -> dict:
           "features": np.zeros((1, C, FEATURES), np.float32),
           "modality": np.ones((1, C), np.int8), "segment_ids": np.ones((1, C), np.int32),
           "positions": pos}
-
-
-def _median_s(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())                       # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def measure(C: int, cfg: ModelConfig, repeats: int) -> dict:
@@ -78,8 +67,10 @@ def measure(C: int, cfg: ModelConfig, repeats: int) -> dict:
   cache = prefill(params, head)
   np.testing.assert_allclose(np.asarray(step(params, last, cache)),
                              np.asarray(recompute(params, batch)), rtol=1e-4, atol=1e-4)
-  cached_s = _median_s(lambda: step(params, last, cache), repeats)
-  recompute_s = _median_s(lambda: recompute(params, batch), repeats)
+  cached_s = median_seconds(lambda: step(params, last, cache), repeats,
+                               sync=jax.block_until_ready)[0]
+  recompute_s = median_seconds(lambda: recompute(params, batch), repeats,
+                                  sync=jax.block_until_ready)[0]
   per_token = kv_cache.bytes_per_token(cfg)
   return {"context": C, "cached_tokens_per_s": 1 / cached_s,
           "recompute_tokens_per_s": 1 / recompute_s, "speedup": recompute_s / cached_s,

@@ -41,6 +41,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench.timing import median_seconds, seconds
 
 SHAPES = {   # name -> config overrides on the tiny default (d 128, 4 layers, 8 experts top-2, 256)
     "tiny": [],
@@ -66,17 +67,6 @@ def text_batch(batch: int, seq: int, seed: int = 0) -> dict:
           "features": np.zeros((batch, seq, FEATURES), np.float32),
           "modality": np.ones((batch, seq), np.int8), "segment_ids": np.ones((batch, seq), np.int32),
           "positions": np.ascontiguousarray(pos), "loss_weights": weights}
-
-
-def median_seconds(step, warmup: int, steps: int) -> tuple[float, list[float]]:
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
 
 
 def omnimoe_config(shape: str, batch: int, seq: int, dtype: str = "float32", extra=()):
@@ -105,7 +95,7 @@ def omnimoe_side(cfg, host_batch: dict, warmup: int, steps: int) -> dict:
   step()
   compile_s = time.perf_counter() - t0
   first_ce = float(holder["metrics"]["ce_loss"])
-  med, times = median_seconds(step, warmup, steps)
+  med, times = median_seconds(step, steps, warmup)
   stats = jax.devices()[0].memory_stats() or {}
   return {"median_s": med, "times_s": times, "compile_s": compile_s, "first_ce": first_ce,
           "peak_bytes": stats.get("peak_bytes_in_use"),
@@ -174,7 +164,7 @@ def peer_side(cfg, host_batch: dict, warmup: int, steps: int, experts: str) -> d
   t0 = time.perf_counter()
   step()
   first_s = time.perf_counter() - t0
-  med, times = median_seconds(step, warmup, steps)
+  med, times = median_seconds(step, steps, warmup)
   return {"median_s": med, "times_s": times, "first_step_s": first_s,
           "first_ce": holder["first_ce"],
           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
@@ -187,7 +177,7 @@ def jax_ceiling(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> floa
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  return 2.0 * n ** 3 / min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats)) / 1e9
+  return 2.0 * n ** 3 / min(seconds(lambda: f(a).block_until_ready()) for _ in range(repeats)) / 1e9
 
 
 def torch_ceiling(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
@@ -199,13 +189,7 @@ def torch_ceiling(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> fl
   sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
   mm = lambda: (torch.mm(b, b), sync())
   mm()
-  return 2.0 * n ** 3 / min(_timed(mm) for _ in range(repeats)) / 1e9
-
-
-def _timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
+  return 2.0 * n ** 3 / min(seconds(mm) for _ in range(repeats)) / 1e9
 
 
 def worker(side: str, shape: str, args) -> dict:

@@ -58,17 +58,19 @@ def _text_positions(start: int, n: int) -> np.ndarray:
 
 
 def make_example(text_ids: np.ndarray, feature_dim: int, media: Media | None = None,
-                 eos: bool = True) -> Example:
-  """`[BOS] [media] text [EOS]`; `eos=False` for a piece cut out of a longer document."""
-  tail = np.concatenate([text_ids, [vocab_lib.EOS]] if eos else [text_ids]).astype(np.int32)
+                 eos: bool = True, *, specials=None) -> Example:
+  """`[BOS] [media] text [EOS]`; `eos=False` for a piece cut out of a longer document.
+  `specials`: the run's Vocab (its `bos` and `eos` ids; None: byte-level text's)."""
+  bos_id, eos_id = _ends(specials)
+  tail = np.concatenate([text_ids, [eos_id]] if eos else [text_ids]).astype(np.int32)
   if media is None:
-    head = np.asarray([vocab_lib.BOS], np.int32)
+    head = np.asarray([bos_id], np.int32)
     tokens = np.concatenate([head, tail])
     return Example(tokens, np.zeros((len(tokens), feature_dim), np.float32),
                    np.full(len(tokens), TEXT.code, np.int8),
                    _text_positions(0, len(tokens)))
   m = len(media.tokens_M)
-  tokens = np.concatenate([[vocab_lib.BOS], media.tokens_M, tail]).astype(np.int32)
+  tokens = np.concatenate([[bos_id], media.tokens_M, tail]).astype(np.int32)
   features = np.zeros((len(tokens), feature_dim), np.float32)
   features[1:1 + m] = media.features_MxF
   modality = np.full(len(tokens), TEXT.code, np.int8)
@@ -78,14 +80,20 @@ def make_example(text_ids: np.ndarray, feature_dim: int, media: Media | None = N
   return Example(tokens, features, modality, positions)
 
 
-def make_sequence(parts, feature_dim: int, eos: bool = True) -> Example:
+def _ends(specials) -> tuple[int, int]:
+  return (vocab_lib.BOS, vocab_lib.EOS) if specials is None else (specials.bos, specials.eos)
+
+
+def make_sequence(parts, feature_dim: int, eos: bool = True, *, specials=None) -> Example:
   """`[BOS] part part ... [EOS]` for parts in any order: int32 text ids or Media.
 
   Positions follow the same rules as `make_example` (each part starts at the running index, media
   advance it by their span), so `make_sequence([media, text_ids], F)` is `make_example(text_ids,
-  F, media)`. `eos=False` for a piece cut out of a longer text.
+  F, media)`. `eos=False` for a piece cut out of a longer text. `specials`: the run's Vocab (its
+  `bos` and `eos` ids; None: byte-level text's).
   """
-  tokens = [np.asarray([vocab_lib.BOS], np.int32)]
+  bos_id, eos_id = _ends(specials)
+  tokens = [np.asarray([bos_id], np.int32)]
   features = [np.zeros((1, feature_dim), np.float32)]
   modality = [np.full(1, TEXT.code, np.int8)]
   positions = [_text_positions(0, 1)]
@@ -105,7 +113,7 @@ def make_sequence(parts, feature_dim: int, eos: bool = True) -> Example:
       positions.append(_text_positions(start, n))
       start += n
   if eos:
-    tokens.append(np.asarray([vocab_lib.EOS], np.int32))
+    tokens.append(np.asarray([eos_id], np.int32))
     features.append(np.zeros((1, feature_dim), np.float32))
     modality.append(np.full(1, TEXT.code, np.int8))
     positions.append(_text_positions(start, 1))

@@ -1,12 +1,17 @@
 """A Hugging Face `tokenizer.json` as omnimoe's text tokenizer (`data.tokenizer=.../tokenizer.json`),
 read with the `tokenizers` library, offline.
 
-Its text ids are the Hugging Face token ids as they are (0..size-1); data/vocab.py places them
-after omnimoe's specials like any tokenizer's, so omnimoe id = Hugging Face id + 4 and an imported
-model's embedding rows move by that offset (train/hf_grow.py). `size` is the model's vocabulary
-when a `config.json` beside the file says it (`vocab_size`, which may exceed the tokenizer's own
-ids: Qwen pads its table), else the tokenizer's, added tokens included. omnimoe adds its own
-BOS/EOS: the tokenizer's special tokens are never inserted (`add_special_tokens=False`).
+Its text ids are the Hugging Face token ids, and they stay so in the unified vocabulary
+(data/vocab.py `hf_layout`): omnimoe id = Hugging Face id, so an imported model's embedding rows
+stay where they are (train/hf_grow.py). `size` is the model's vocabulary when a `config.json` beside
+the file says it (`vocab_size`, which may exceed the tokenizer's own ids: Qwen pads its table), else
+the tokenizer's, added tokens included.
+
+`specials` names the model's own BOS, EOS and padding ids: `bos_token_id`, `eos_token_id` (the
+first, when it is a list) and `pad_token_id` of that `config.json`, else the `bos_token`,
+`eos_token` and `pad_token` of a `tokenizer_config.json` beside the file, looked up in the
+tokenizer. omnimoe writes BOS and EOS itself where an example begins and ends: the tokenizer never
+inserts its special tokens (`add_special_tokens=False`).
 """
 import hashlib
 import json
@@ -26,6 +31,31 @@ class HfTokenizer:
     config = path.parent / "config.json"
     model_rows = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
     self.size = max(own, int(model_rows or 0))
+    self.specials = self._specials(path.parent)
+
+  def _specials(self, folder: pathlib.Path) -> dict:
+    """{"bos", "eos", "pad"} -> the model's id or None, from config.json, else tokenizer_config.json."""
+    found = dict.fromkeys(("bos", "eos", "pad"))
+    sources = [(folder / "config.json", lambda d, k: d.get(f"{k}_token_id")),
+               (folder / "tokenizer_config.json", lambda d, k: self._token_id(d.get(f"{k}_token")))]
+    for file, read in sources:
+      if not file.is_file():
+        continue
+      try:
+        data = json.loads(file.read_text())
+      except (OSError, ValueError):
+        continue            # not ours to judge: the model's files are checked where they are read
+      for key in found:
+        value = read(data, key) if found[key] is None else found[key]
+        if isinstance(value, list):
+          value = value[0] if value else None
+        found[key] = int(value) if isinstance(value, int) and value >= 0 else None
+    return found
+
+  def _token_id(self, token) -> int | None:
+    if isinstance(token, dict):            # {"content": "<|endoftext|>", ...}
+      token = token.get("content")
+    return self._tok.token_to_id(token) if isinstance(token, str) else None
 
   @staticmethod
   def _text(text: str | bytes) -> str:

@@ -43,6 +43,88 @@ def test_hf_tokenizer_round_trips_cuts_and_takes_the_model_vocabulary(tmp_path):
     tokenizer_lib.load(tmp_path / "bad.json")
 
 
+def test_hf_ids_stay_as_they_are_and_specials_map_onto_the_models_own(tmp_path):
+  """The unified vocabulary of a tokenizer.json: text id = Hugging Face id (the `tokenizers`
+  library is the oracle); EOS/BOS/PAD the model's own where it has them, else appended."""
+  import dataclasses
+  from tokenizers import Tokenizer
+  from omnimoe.data.config import DataConfig
+  from omnimoe.data.examples import make_sequence
+  from omnimoe.data.vocab import Vocab
+  write_tokenizer(tmp_path)
+  path = tmp_path / "tokenizer.json"
+  oracle = Tokenizer.from_file(str(path))
+  end = oracle.token_to_id("<|endoftext|>")
+  cfg = DataConfig(tokenizer=str(path))
+  (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 512, "bos_token_id": end,
+                                                    "eos_token_id": [end, 7]}))
+  vocab = Vocab.from_config(cfg)
+  # Qwen's way: BOS = EOS = <|endoftext|>: EOS is the model's, BOS and PAD are new ids after the text
+  assert (vocab.text_offset, vocab.text_tokens, vocab.eos, vocab.pad, vocab.bos) == (0, 512, end, 512, 513)
+  assert vocab.image_offset == 514
+  text = "seven eight nine zero: Every image is a digit"
+  want = oracle.encode(text, add_special_tokens=False).ids
+  np.testing.assert_array_equal(vocab.encode_text(text), want)
+  assert vocab.decode_text([vocab.bos, *want, vocab.eos, vocab.pad]) == text.encode()
+  example = make_sequence([vocab.encode_text(text)], 4, specials=vocab)
+  np.testing.assert_array_equal(example.tokens_N, [513, *want, end])
+  assert list(vocab.modality_of(np.asarray([end, 512, 513, want[0], 514]))) == [0, 0, 0, 1, 2]
+  # a model with its own BOS, EOS and padding token (tokenizer_config.json names them)
+  (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 512}))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "a", "eos_token": {"content": "<|endoftext|>"}, "pad_token": "b"}))
+  path.touch()
+  vocab = Vocab.from_config(dataclasses.replace(cfg))
+  assert (vocab.bos, vocab.eos, vocab.pad, vocab.appended) == (
+      oracle.token_to_id("a"), end, oracle.token_to_id("b"), 0)
+  assert not vocab.is_text(np.asarray([vocab.bos, vocab.eos, vocab.pad])).any()
+  # byte-level text keeps its layout: PAD, BOS, EOS, reserved, then the 256 bytes
+  byte = Vocab.from_config(DataConfig())
+  assert (byte.pad, byte.bos, byte.eos, byte.text_offset, byte.appended) == (0, 1, 2, 4, 0)
+
+
+def test_imported_weights_learn_at_their_share_of_the_rate(tmp_path):
+  """AdamW's update with train.init_lr_scale=s is s times the full-rate update on every imported
+  weight (the embedding's and head's imported rows only) and equal elsewhere, leaf by leaf."""
+  import jax
+  from omnimoe.data.vocab import Vocab, hf_layout
+  from omnimoe.train import config as config_lib
+  from omnimoe.train.hf_grow import lr_scales
+  from omnimoe.train.state import _new_model, make_optimizer
+  from flax import nnx
+  keys = [f"{k}={v}" for k, v in hf_tiny.OMNIMOE_KEYS.items()]
+  cfg = config_lib.load(None, keys + ["model.rope_sections=[2,2,2]", f"train.init_from={tmp_path}",
+                                      "train.init_lr_scale=0.25",
+                                      "model.scan_layers=false"])
+  vocab = Vocab(image_codes=16, audio_codes=8, **hf_layout(300, eos=0))
+  params = nnx.to_pure_dict(nnx.state(_new_model(cfg, vocab.size, 8, 0)))
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+  full, part = make_optimizer(cfg), make_optimizer(cfg, lr_scales(cfg, vocab, params))
+  def step(opt):                           # the second step: the warmup starts at a rate of 0
+    _, state = opt.update(grads, opt.init(params), params)
+    return opt.update(grads, state, params)[0]
+  u_full, u_part = step(full), step(part)
+  flat_full = dict(jax.tree_util.tree_leaves_with_path(u_full))
+  seen = set()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(u_part):
+    name = jax.tree_util.keystr(path)
+    want = np.asarray(flat_full[path])
+    if "table_VxD" in name or "head_DxV" in name:
+      axis = 0 if "table_VxD" in name else 1
+      rows = np.arange(vocab.size) < vocab.text_end
+      np.testing.assert_allclose(np.compress(rows, leaf, axis), 0.25 * np.compress(rows, want, axis), rtol=1e-6)
+      np.testing.assert_array_equal(np.compress(~rows, leaf, axis), np.compress(~rows, want, axis))
+      seen.add("vocab")
+    elif "blocks" in name or "final_norm" in name:
+      np.testing.assert_allclose(leaf, 0.25 * want, rtol=1e-6)
+      seen.add("imported")
+    else:                                   # the media embedders: the run's own, full rate
+      np.testing.assert_array_equal(leaf, want)
+      seen.add("new")
+    assert np.abs(want).max() > 0, name
+  assert seen == {"vocab", "imported", "new"}
+
+
 def test_grown_rows_keep_the_import_and_rescale_the_rest():
   rng = np.random.default_rng(0)
   fresh, imported = rng.normal(size=(64, 12)), 0.1 * rng.normal(size=(64, 6))
@@ -56,8 +138,10 @@ def test_grown_rows_keep_the_import_and_rescale_the_rest():
 @pytest.mark.slow
 def test_imported_model_grows_trains_on_the_default_data_and_exports(tmp_path, capsys):
   hf = tmp_path / "hf"
-  model = hf_tiny.write(hf)
+  hf.mkdir()
   write_tokenizer(hf)
+  end = json.loads((hf / "tokenizer.json").read_text())["added_tokens"][0]["id"]  # <|endoftext|>
+  model = hf_tiny.write(hf, bos_token_id=end, eos_token_id=end)
   imported, run = tmp_path / "imported", tmp_path / "run"
   assert main(["import-hf", str(hf), "--out", str(imported)]) == 0
   assert main(["train", str(imported / "config.yaml"), "--init-from", str(imported), "--workdir",
@@ -74,12 +158,49 @@ def test_imported_model_grows_trains_on_the_default_data_and_exports(tmp_path, c
   assert losses[-1] < losses[0] - 0.5
   assert "eval/image_to_text_accuracy" in evals and "eval/audio_to_text_accuracy" in evals
   record = json.loads((run / "hf_import.json").read_text())
-  assert record["text_offset"] == 4 and record["vocab_size"] == hf_tiny.VOCAB
+  assert record["text_offset"] == 0 and record["vocab_size"] == hf_tiny.VOCAB
+  media = json.loads((run / "media" / "media.json").read_text())
+  assert (media["eos"], media["pad"], media["bos"]) == (end, hf_tiny.VOCAB, hf_tiny.VOCAB + 1)
   out = tmp_path / "exported"
   assert main(["export-hf", "--workdir", str(run), "--out", str(out), "--dtype", "float32"]) == 0
   assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
   ids = np.random.default_rng(3).integers(0, hf_tiny.VOCAB, (8, 24))
-  ours = hf_tiny.omnimoe_logits(run, ids + 4, vocab=768)[..., 4:4 + hf_tiny.VOCAB]
+  ours = hf_tiny.omnimoe_logits(run, ids, vocab=768)[..., :hf_tiny.VOCAB]     # ids as they are
   theirs = hf_tiny.logits(hf_tiny.load(out), ids)
   np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
   assert np.abs(theirs - hf_tiny.logits(model, ids)).max() > 1e-2   # training moved it
+
+
+@pytest.mark.slow
+def test_imported_weights_stay_put_at_a_learning_rate_share_of_zero(tmp_path):
+  """train.init_lr_scale=0 through the CLI: after two steps every imported weight (every exported
+  tensor) is bit-identical to the import, while the new rows and the media embedders moved."""
+  from safetensors.numpy import load_file
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  write_tokenizer(hf)
+  hf_tiny.write(hf)
+  imported, run, out = tmp_path / "imported", tmp_path / "run", tmp_path / "exported"
+  assert main(["import-hf", str(hf), "--out", str(imported)]) == 0
+  assert main(["train", str(imported / "config.yaml"), "--init-from", str(imported), "--workdir",
+               str(run), "train.init_lr_scale=0", "train.steps=3", "train.batch_size=8",
+               "data.seq_len=64", "train.warmup_steps=1", "checkpoint.every_steps=1",
+               "checkpoint.keep=3", "eval.every_steps=0",
+               "eval.batch_size=8", "eval.num_batches=1", "eval.image_limit=8",
+               "eval.audio_limit=8", "eval.text_limit=2"]) == 0
+  assert main(["export-hf", "--workdir", str(run), "--out", str(out), "--dtype", "float32"]) == 0
+  before, after = load_file(hf / "model.safetensors"), load_file(out / "model.safetensors")
+  assert sorted(before) == sorted(after)
+  for name in before:
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  # warmup_steps=1: step 0's rate is 0, so checkpoint 1 holds the grown start exactly
+  from omnimoe.train.hf_export import latest_params
+  (_, start), (_, end) = latest_params(run, step=1), latest_params(run, step=3)
+  V = hf_tiny.VOCAB
+  for path, axis in ((("embed", "table_VxD"), 0), (("head_DxV",), 1)):
+    old, new = start, end
+    for key in path:
+      old, new = old[key], new[key]
+    np.testing.assert_array_equal(np.take(new, np.arange(V), axis), np.take(old, np.arange(V), axis))
+    assert np.abs(np.take(new, np.arange(V, 768), axis) - np.take(old, np.arange(V, 768), axis)).max() > 1e-4
+  assert np.abs(end["embed"]["proj_MxFxD"] - start["embed"]["proj_MxFxD"]).max() > 1e-4

@@ -36,6 +36,9 @@ class TrainConfig:
   init_from: str = ""             # a folder of `omnimoe import-hf`: a new run starts from its
                                   # weights, grown to this run's vocabulary, with a fresh optimizer
                                   # (train/hf_grow.py; docs/huggingface.md); "" = a random start
+  init_lr_scale: float = 1.0      # with init_from: the imported weights' learning rate as a share
+                                  # of learning_rate (the new vocabulary rows and the media
+                                  # embedders train at the full rate)
   learning_rate: float = 3e-3     # peak AdamW learning rate
   warmup_steps: int = 20          # linear warmup from 0 to the peak
   min_lr_ratio: float = 0.1       # cosine decay ends at learning_rate * min_lr_ratio
@@ -289,6 +292,9 @@ def _check_run(cfg: Config) -> None:
        f"must divide train.batch_size={t.batch_size}, got {t.microbatches}")
   context_batch.check_length(cfg.data.seq_len, cfg.mesh.within_rack.context, t.context_balance)
   need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
+  need(0 <= t.init_lr_scale <= 1, "train.init_lr_scale", f"must lie in [0, 1], got {t.init_lr_scale}")
+  need(t.init_lr_scale == 1 or bool(t.init_from), "train.init_lr_scale",
+       f"is {t.init_lr_scale} but train.init_from is empty: there are no imported weights to slow")
   positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
   positive("checkpoint.keep", cfg.checkpoint.keep)
   positive("eval.batch_size", cfg.eval.batch_size)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from omnimoe import data
-from omnimoe.data.vocab import EOS
 from omnimoe.train import coactivation, media_spans
 from omnimoe.train.config import Config
 from omnimoe.train.state import Setup, merge
@@ -109,7 +108,7 @@ def word_accuracy(decode, params, prompts, vocab, router=None) -> float:
   generated = np.asarray(decode(params, batch, jnp.asarray(prompts.next_position), router))
   correct = 0
   for row, expected in zip(generated, prompts.expected, strict=True):
-    ends = np.flatnonzero(row == EOS)
+    ends = np.flatnonzero(row == vocab.eos)
     if len(ends) == 0:
       continue
     correct += vocab.decode_text(np.concatenate([prompts.prompt_ids, row[:ends[0]]])) == expected

@@ -23,7 +23,6 @@ from omnimoe.data.examples import make_sequence
 from omnimoe.data.pipeline import sources as sources_lib
 from omnimoe.data.prepare import audio_io, image_io
 from omnimoe.data.prepare import folder as folder_lib
-from omnimoe.data.vocab import EOS
 from omnimoe.train import config as config_lib, effort as effort_lib, loop, media_files, media_out
 from omnimoe.train import media_spans
 from omnimoe.train.config import Config
@@ -84,12 +83,12 @@ def prompt_example(req: Request, cfg: Config, mix):
                                      mix.feature_dim))
   if req.prompt:
     parts.append(mix.vocab.encode_text(req.prompt))
-  return make_sequence(parts, mix.feature_dim, eos=False)
+  return make_sequence(parts, mix.feature_dim, eos=False, specials=mix.vocab)
 
 
 def _pieces(tokens, vocab, spans) -> list[tuple[str, np.ndarray]]:
   """A sample's tokens up to EOS as consecutive ("text" | media name, ids) pieces."""
-  ends = np.flatnonzero(tokens == EOS)
+  ends = np.flatnonzero(tokens == vocab.eos)
   tokens = tokens[:ends[0]] if len(ends) else tokens
   kinds = ["text"] * len(tokens)
   for name, lo, hi in zip(spans.names, spans.lo, spans.hi):

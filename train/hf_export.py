@@ -42,12 +42,15 @@ def _run_config(workdir: pathlib.Path):
   return config_lib.load(path)
 
 
-def latest_params(workdir: pathlib.Path) -> tuple[int, dict]:
-  """(step, the latest checkpoint's parameters as numpy arrays), without the optimizer state."""
+def latest_params(workdir: pathlib.Path, step: int | None = None) -> tuple[int, dict]:
+  """(step, the latest checkpoint's parameters as numpy arrays), without the optimizer state;
+  `step`: that checkpoint's instead."""
   import orbax.checkpoint as ocp
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
-  if not steps:
-    raise HfError(f"--workdir {workdir}: no checkpoint in {workdir / 'checkpoints'}")
+  if not steps or (step is not None and step not in steps):
+    raise HfError(f"--workdir {workdir}: no checkpoint{'' if step is None else f' {step}'} in "
+                  f"{workdir / 'checkpoints'}")
+  steps = steps if step is None else [step]
   path = workdir / "checkpoints" / str(steps[-1]) / "state"
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ckptr.metadata(path).item_metadata

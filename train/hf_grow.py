@@ -4,16 +4,17 @@
 The run's model keys that config.json decides must be the folder's (train/hf_config.py
 `model_keys`; the others, such as `model.remat` or the dispatch, are the run's), and its text
 tokenizer must hold the imported vocabulary: `data.tokenizer=HF_DIR/tokenizer.json`
-(data/hf_tokenizer.py) gives text ids = Hugging Face ids, so Hugging Face id i, row i of the
-imported embedding and column i of its head, becomes omnimoe id `text_offset + i` (4: after the
-specials PAD, BOS, EOS and one reserved id, data/vocab.py).
+(data/hf_tokenizer.py) keeps the Hugging Face ids as they are (data/vocab.py `hf_layout`), so row i
+of the imported embedding and column i of its head stay row and column i; omnimoe's EOS (and BOS
+and PAD, where the model has its own) are the model's own tokens, already trained.
 
-The rows with no imported counterpart (the specials, the image and audio codes, the padding rows up
-to a multiple of 128) keep the run's own random draw, rescaled to the standard deviation of the
-imported rows (the embedding's rows and the head's columns each to their own), so a new id starts
-at the scale of the known ones. The media embedders are the run's own. Every other parameter is the
-import's. The run folder gets an hf_import.json with the text offset, so that `omnimoe export-hf`
-writes the text rows back at their Hugging Face ids.
+The rows with no imported counterpart (the specials the model lacks, the image, audio and video
+codes, the padding rows up to a multiple of 128) keep the run's own random draw, rescaled to the
+standard deviation of the imported rows (the embedding's rows and the head's columns each to their
+own), so a new id starts at the scale of the known ones. The media embedders are the run's own.
+Every other parameter is the import's. With `train.init_lr_scale` < 1 the imported weights learn
+at that share of the learning rate (`lr_scales`). The run folder gets an hf_import.json with the
+text offset, so that `omnimoe export-hf` writes the text rows back at their Hugging Face ids.
 """
 import json
 import pathlib
@@ -64,6 +65,26 @@ def grown(fresh: np.ndarray, imported: np.ndarray, rows: np.ndarray, axis: int) 
   return out
 
 
+def lr_scales(cfg, vocab, params: dict) -> dict:
+  """A tree like `params`: `train.init_lr_scale` for every imported weight (on the embedding's and
+  the head's imported rows only: an array that broadcasts along the vocabulary axis), 1.0 for
+  the rest (the new rows, the media embedders). Multiplies AdamW's updates (train/state.py)."""
+  import jax
+  scale = float(cfg.train.init_lr_scale)
+  out = jax.tree.map(lambda _: 1.0, params)
+  imported = np.zeros(vocab.size, bool)
+  imported[vocab.text_offset:vocab.text_end] = True
+  for w in hf_names.weights(cfg.model, vocab.text_tokens):
+    if w.path in VOCAB_AXIS:
+      shape = [1, 1]
+      shape[VOCAB_AXIS[w.path]] = vocab.size
+      value = np.where(imported, scale, 1.0).astype(np.float32).reshape(shape)
+    else:
+      value = scale
+    hf_names.put(out, w.path, value)
+  return out
+
+
 def grow(state: dict, cfg, vocab, workdir: pathlib.Path) -> dict:
   """The run's freshly initialised state with the imported weights in place (jax arrays in the
   state's shardings); writes `workdir/hf_import.json`."""
@@ -95,3 +116,16 @@ def grow(state: dict, cfg, vocab, workdir: pathlib.Path) -> dict:
     (workdir / RECORD).write_text(json.dumps(
         {**record, "text_offset": vocab.text_offset, "init_from": str(folder)}, indent=1))
   return state
+
+
+def check_resume(workdir: pathlib.Path, vocab) -> None:
+  """A grown run resumed must lay out its vocabulary as it started (runs grown before 2026-12-02
+  placed the Hugging Face ids after omnimoe's four specials); raises ConfigError otherwise."""
+  path = pathlib.Path(workdir) / RECORD
+  if not path.is_file():
+    return
+  offset = json.loads(path.read_text()).get("text_offset", 0)
+  if offset != vocab.text_offset:
+    raise ConfigError(f"{path} says the Hugging Face ids start at row {offset}, but this omnimoe "
+                      f"places them at row {vocab.text_offset}; start a new --workdir from the "
+                      "import, or export this run with `omnimoe export-hf`")

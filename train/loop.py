@@ -237,6 +237,9 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
       from omnimoe.train import hf_grow
       state = hf_grow.grow(state, cfg, info.vocab, workdir)
   else:
+    if cfg.train.init_from:
+      from omnimoe.train import hf_grow
+      hf_grow.check_resume(workdir, info.vocab)
     state, data_state = ckpts.restore(latest, setup)
     if data_state is not None:     # None: an imported checkpoint, the data starts afresh
       batches.set_state(data_state)

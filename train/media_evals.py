@@ -52,7 +52,8 @@ class MediaEvals:
     self.sets = {}
     for name in ("image", "audio"):
       asked = [(render(t, d), d) for t, _ in TEMPLATES[name] for d in range(len(WORDS))]
-      examples = [make_sequence([mix.vocab.encode_text(text)], mix.feature_dim, eos=False)
+      examples = [make_sequence([mix.vocab.encode_text(text)], mix.feature_dim, eos=False,
+                                specials=mix.vocab)
                   for text, _ in asked]
       prompt, next_position = left_padded(examples, mix.feature_dim)
       k = self.spans.index(name)

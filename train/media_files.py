@@ -19,6 +19,7 @@ from omnimoe.data.vocab import Vocab
 
 FOLDER = "media"
 VOCAB_FIELDS = ("image_codes", "audio_codes", "video_codes", "text_tokens", "tokenizer_fingerprint")
+LAYOUT_FIELDS = ("text_offset", "appended", "pad", "bos", "eos")   # absent before 2026-12-02: bytes'
 
 
 def save(workdir: pathlib.Path, mix) -> None:
@@ -27,7 +28,7 @@ def save(workdir: pathlib.Path, mix) -> None:
   folder.mkdir(parents=True, exist_ok=True)
   np.savez(folder / "codebooks.npz", **{k: np.asarray(v, np.float32)
                                         for k, v in mix.codebooks.items()})
-  record = {k: getattr(mix.vocab, k) for k in VOCAB_FIELDS}
+  record = {k: getattr(mix.vocab, k) for k in VOCAB_FIELDS + LAYOUT_FIELDS}
   record["feature_dim"] = int(mix.feature_dim)
   record["tokenizer_file"] = ""
   if mix.vocab.tokenizer:
@@ -50,7 +51,8 @@ def load(workdir: pathlib.Path):
     with np.load(folder / "codebooks.npz") as z:
       codebooks = {k: z[k] for k in z.files}
     tok = str(folder / record["tokenizer_file"]) if record["tokenizer_file"] else ""
-    vocab = Vocab(**{k: record[k] for k in VOCAB_FIELDS}, tokenizer=tok)
+    vocab = Vocab(**{k: record[k] for k in VOCAB_FIELDS},
+                  **{k: record[k] for k in LAYOUT_FIELDS if k in record}, tokenizer=tok)
     if tok:
       tokenizer_lib.get(tok, vocab.tokenizer_fingerprint)     # the copy is the model it names
   except (OSError, ValueError, KeyError, TypeError) as e:

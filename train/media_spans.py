@@ -29,7 +29,7 @@ from omnimoe.data.builtin import dtmf
 from omnimoe.data.config import DataConfig
 from omnimoe.data.examples import audio_media, image_media
 from omnimoe.data.prepare import image_io
-from omnimoe.data.vocab import EOS, PAD
+from omnimoe.data.vocab import BOS, EOS, PAD
 from omnimoe.model.modality import BY_NAME, MEDIA
 
 
@@ -64,6 +64,9 @@ class Spans:
   text_lo: int               # first text id
   text_hi: int               # one past the last text id
   size: int                  # V, columns of the logits
+  pad: int = PAD             # the vocabulary's special ids (data/vocab.py)
+  bos: int = BOS
+  eos: int = EOS
 
   def index(self, name: str) -> int:
     """1-based index of a modality in the table (the value of `State.span` and of `force`)."""
@@ -82,8 +85,8 @@ def spans_for(vocab, cfg: DataConfig) -> Spans:
   count = np.asarray([getattr(vocab, f"{m.name}_codes") for m in GENERATED], np.int32)
   return Spans(tuple(m.name for m in GENERATED), tuple(m.code for m in GENERATED), lo, lo + count,
                np.asarray([len(p) for p, _ in items], np.int32), offsets,
-               np.asarray([a for _, a in items], np.int32), vocab.text_offset, vocab.image_offset,
-               vocab.size)
+               np.asarray([a for _, a in items], np.int32), vocab.text_offset, vocab.text_end,
+               vocab.size, vocab.pad, vocab.bos, vocab.eos)
 
 
 class State(NamedTuple):
@@ -110,14 +113,15 @@ def allowed(spans: Spans, state: State, free: tuple[str, ...]) -> jax.Array:
   """bool [B, V]: the ids each row may write next (`free`: the media a text state may open)."""
   ids_V = jnp.arange(spans.size)
   in_KxV = (ids_V >= spans.lo[:, None]) & (ids_V < spans.hi[:, None])
-  text_V = ((ids_V >= spans.text_lo) & (ids_V < spans.text_hi)) | (ids_V == EOS)
+  text_V = (((ids_V >= spans.text_lo) & (ids_V < spans.text_hi) & (ids_V != spans.pad)
+             & (ids_V != spans.bos)) | (ids_V == spans.eos))
   opens_V = jnp.zeros_like(text_V)
   for name in free:
     opens_V = opens_V | in_KxV[spans.index(name) - 1]
   in_span_BxV = jnp.take(in_KxV, jnp.maximum(state.span - 1, 0), axis=0)
   text_BxV = text_V[None] | (opens_V[None] & ~state.closed[:, None])
   out = jnp.where((state.span > 0)[:, None], in_span_BxV, text_BxV)
-  return jnp.where(state.done[:, None], (ids_V == PAD)[None], out)
+  return jnp.where(state.done[:, None], (ids_V == spans.pad)[None], out)
 
 
 def advance(spans: Spans, state: State, token_B: jax.Array):
@@ -143,7 +147,7 @@ def advance(spans: Spans, state: State, token_B: jax.Array):
   new = State(keep(running_B, state.running), keep(span_B, state.span),
               keep(jnp.where(span_B > 0, filled_B + 1, 0), state.filled),
               keep(start_B, state.start), keep(complete_B, state.closed),
-              state.done | (token_B == EOS))
+              state.done | (token_B == spans.eos))
   return new, position_Bx3.astype(jnp.int32), live_B
 
 
@@ -152,4 +156,4 @@ def modality_of(spans: Spans, token_B: jax.Array) -> jax.Array:
   out = jnp.full(token_B.shape, BY_NAME["text"].code, jnp.int32)
   for k, code in enumerate(spans.codes):
     out = jnp.where((token_B >= spans.lo[k]) & (token_B < spans.hi[k]), code, out)
-  return jnp.where(token_B == PAD, BY_NAME["pad"].code, out)
+  return jnp.where(token_B == spans.pad, BY_NAME["pad"].code, out)

@@ -43,12 +43,20 @@ def learning_rate_schedule(cfg: Config) -> optax.Schedule:
       decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.learning_rate * t.min_lr_ratio)
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def make_optimizer(cfg: Config, lr_scales=None) -> optax.GradientTransformation:
+  """AdamW on the schedule, after a global-norm clip. `lr_scales`: a tree like the parameters of
+  factors (scalars, or arrays that broadcast against the leaf) that multiply each update: a
+  per-parameter learning rate (train/hf_grow.py `lr_scales`)."""
   t = cfg.train
   decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   adamw = optax.adamw(learning_rate_schedule(cfg), b1=t.b1, b2=t.b2,
                       weight_decay=t.weight_decay, mask=decay_matrices)
-  return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+  parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+  parts.append(adamw)
+  if lr_scales is not None:
+    parts.append(optax.stateless(lambda updates, params=None: jax.tree.map(
+        lambda u, s: (u * jnp.asarray(s, u.dtype)).astype(u.dtype), updates, lr_scales)))
+  return optax.chain(*parts) if len(parts) > 1 else adamw
 
 
 def has_router_state(cfg: Config) -> bool:
@@ -70,7 +78,11 @@ def make_setup(cfg: Config, mesh: Mesh, info, platform: Platform = Platform()) -
       lambda: _new_model(cfg, vocab_size, feature_dim, 0, mesh.abstract_mesh, platform)))
   params_sh = nnx.to_pure_dict(param_shardings(abstract_params, mesh))
   abstract_params = nnx.to_pure_dict(abstract_params)
-  optimizer = make_optimizer(cfg)
+  lr_scales = None
+  if cfg.train.init_from and cfg.train.init_lr_scale != 1:
+    from omnimoe.train import hf_grow
+    lr_scales = hf_grow.lr_scales(cfg, info.vocab, abstract_params)
+  optimizer = make_optimizer(cfg, lr_scales)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   replicated = NamedSharding(mesh, P())
   opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, params_sh,

@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from omnimoe.data import vocab as vocab_lib
 from omnimoe.data.builtin import text_corpus
 
 KEY_LETTERS = (4, 6)        # a key is 4..6 random lowercase letters
@@ -149,7 +148,7 @@ def make_document(rng: np.random.Generator, vocab, docs: tuple[bytes, ...], *, n
     wanted[i] = d
   starts = _starts(rng, [len(f) for f in fact_ids], H, wanted)
   text = filler(rng, docs, vocab, H - 1 - sum(len(f) for f in fact_ids))
-  pieces, at, used = [np.asarray([vocab_lib.BOS], np.int32)], 1, 0
+  pieces, at, used = [np.asarray([vocab.bos], np.int32)], 1, 0
   for start, i in sorted((s, i) for i, s in enumerate(starts)):
     gap = start - at
     pieces += [text[used:used + gap], fact_ids[i]]

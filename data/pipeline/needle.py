@@ -98,9 +98,9 @@ def length_at(cfg: DataConfig, batch: int) -> int:
 
 def pack_documents(rows: list[list[needle.Document]], cfg: DataConfig, seq_len: int) -> dict:
   """Rows of documents -> the batch contract; loss weight 1 where the target is an answer token."""
-  f = feature_dim(cfg)
-  batch = pack([[make_sequence([d.tokens_N[1:]], f, eos=False) for d in row] for row in rows],
-                seq_len, f, loss_weight_table(cfg))
+  f, vocab = feature_dim(cfg), Vocab.from_config(cfg)
+  batch = pack([[make_sequence([d.tokens_N[1:]], f, eos=False, specials=vocab) for d in row]
+                for row in rows], seq_len, f, loss_weight_table(cfg))
   answer = np.zeros(batch["tokens"].shape, bool)
   for i, row in enumerate(rows):
     if row:

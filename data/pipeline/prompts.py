@@ -98,7 +98,7 @@ def prompt_set(cfg: DataConfig, *, modality: str, seed: int, max_new_tokens: int
   prompt_ids = eval_prompt_ids(mix.vocab)
   media: list[Media] = [folder_lib.media_of(p, mix.vocab, mix.codebooks, mix.feature_dim)
                         for p in parts]
-  examples = [make_sequence([m, prompt_ids], mix.feature_dim, eos=False) for m in media]
+  examples = [make_sequence([m, prompt_ids], mix.feature_dim, eos=False, specials=mix.vocab) for m in media]
   prompt_len = len(examples[0].tokens_N) if examples else 0
   batch = pack([[e] for e in examples], prompt_len + max_new_tokens, mix.feature_dim,
                loss_weight_table(cfg))

@@ -76,7 +76,8 @@ def video_prompt_sets(cfg: DataConfig, *, seed: int, limit: int) -> dict[str, Pr
       elif name == "sync_video_only":
         part = records.VideoPart(part.tokens_UxMxD, part.grid, part.sound_AxD[:0])
       media = folder_lib.media_of(part, mix.vocab, mix.codebooks, mix.feature_dim, clock)
-      rows.append(make_sequence([media, prompt[question]], mix.feature_dim, eos=False))
+      rows.append(make_sequence([media, prompt[question]], mix.feature_dim, eos=False,
+                                specials=mix.vocab))
       expected.append((clips_lib.motion_caption(digit, motion.direction) if question == "video"
                        else clips_lib.sync_caption(in_sync)).encode())
     out[name] = _prompt_set(cfg, mix, rows, prompt[question], expected,

@@ -122,4 +122,4 @@ def to_example(record: records.Record, vocab: Vocab, codebooks: dict,
   `codebooks`; a video is laid out on `clock`."""
   parts = [vocab.encode_text(part) if isinstance(part, bytes)
            else media_of(part, vocab, codebooks, feature_dim, clock) for part in record.parts]
-  return make_sequence(parts, feature_dim, eos=record.eos)
+  return make_sequence(parts, feature_dim, eos=record.eos, specials=vocab)
