@@ -204,3 +204,18 @@ def test_imported_weights_stay_put_at_a_learning_rate_share_of_zero(tmp_path):
     np.testing.assert_array_equal(np.take(new, np.arange(V), axis), np.take(old, np.arange(V), axis))
     assert np.abs(np.take(new, np.arange(V, 768), axis) - np.take(old, np.arange(V, 768), axis)).max() > 1e-4
   assert np.abs(end["embed"]["proj_MxFxD"] - start["embed"]["proj_MxFxD"]).max() > 1e-4
+
+
+def test_a_run_grown_with_the_old_layout_is_refused_on_resume(tmp_path):
+  """Runs grown before the ids stayed as they are (text offset 4) cannot resume under the new
+  layout: one line naming the record."""
+  from omnimoe.data.vocab import Vocab, hf_layout
+  from omnimoe.train.config import ConfigError
+  from omnimoe.train.hf_grow import check_resume
+  vocab = Vocab(image_codes=4, audio_codes=4, **hf_layout(300, eos=0))
+  check_resume(tmp_path, vocab)                       # no record: not a grown run
+  (tmp_path / "hf_import.json").write_text(json.dumps({"text_offset": 0}))
+  check_resume(tmp_path, vocab)
+  (tmp_path / "hf_import.json").write_text(json.dumps({"text_offset": 4}))
+  with pytest.raises(ConfigError, match="start at row 4.*at row 0"):
+    check_resume(tmp_path, vocab)
