@@ -71,13 +71,14 @@ def text_batch(ids: np.ndarray, feature_dim: int) -> dict:
 
 
 def omnimoe_logits(workdir: pathlib.Path, ids: np.ndarray, vocab: int = VOCAB) -> np.ndarray:
-  """The logits of the run's latest checkpoint, restored the way `omnimoe train`/`eval` do."""
+  """The logits of the run's latest checkpoint, restored the way `omnimoe train`/`eval` do (its
+  moving average of the weights where it keeps one, as evaluation and export use)."""
   import jax
   from omnimoe.data.config import feature_dim
   from omnimoe.train import config as config_lib
   from omnimoe.train.checkpoint import Checkpoints
   from omnimoe.train.mesh import make_mesh
-  from omnimoe.train.state import make_setup, merge
+  from omnimoe.train.state import eval_params, make_setup, merge
   cfg = config_lib.load(workdir / "config.yaml")
   info = types.SimpleNamespace(vocab=types.SimpleNamespace(size=vocab),
                                feature_dim=feature_dim(cfg.data))
@@ -86,4 +87,4 @@ def omnimoe_logits(workdir: pathlib.Path, ids: np.ndarray, vocab: int = VOCAB) -
   state, _ = ckpts.restore(ckpts.latest_step(), setup)
   ckpts.close()
   run = jax.jit(lambda params, batch: merge(setup, params)(batch)[0])
-  return np.asarray(run(state["params"], text_batch(ids, info.feature_dim)))
+  return np.asarray(run(eval_params(state), text_batch(ids, info.feature_dim)))

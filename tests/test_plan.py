@@ -47,6 +47,8 @@ def test_plan_of_an_expert_parallel_mesh():
   # AdamW's mu and nu are laid out like the parameters, plus two int32 step counters (Adam's and
   # the learning-rate schedule's).
   assert p["optimizer_bytes_per_device"] == 2 * p["param_bytes_per_device"] + 2 * 4
+  # The weight average (train.ema_decay, on by default) is laid out like the parameters.
+  assert p["ema_bytes_per_device"] == p["param_bytes_per_device"]
   # The model's count: 6 x the matmul parameters a token uses (2 of the 8 experts) + attention.
   active = ATTENTION + D * E + 3 * D * H * K + D * V
   assert p["model_flops_per_token"] == 6 * active + 6 * HEADS * DH * L

@@ -46,8 +46,16 @@ class Checkpoints:
         self.directory / str(step) / "state").item_metadata
     self._check_layer_form(step, saved_tree, setup)
     self._check_modalities(step, saved_tree, setup)
-    fresh_optimizer = "opt_state" not in saved_tree
-    kept = lambda tree: {k: v for k, v in tree.items() if k != "opt_state" or not fresh_optimizer}
+    # Started afresh when the checkpoint lacks them: the optimizer (an import) and the moving
+    # average (train.ema_decay set on a run without one: it starts at the parameters). A moving
+    # average the run no longer keeps is left on disk.
+    fresh = {k for k in ("opt_state", "ema") if k in setup.abstract_state and k not in saved_tree}
+    extra = "ema" in saved_tree and "ema" not in setup.abstract_state   # read like the params,
+                                                                         # then dropped
+
+    def kept(tree):
+      out = {k: v for k, v in tree.items() if k not in fresh}
+      return {**out, "ema": tree["params"]} if extra else out
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           kept(setup.abstract_state), kept(setup.shardings))
     items = {"state": ocp.args.StandardRestore(target)}
@@ -55,10 +63,14 @@ class Checkpoints:
     if has_data:
       items["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    state = out.state
-    if fresh_optimizer:
+    state = {k: v for k, v in out.state.items() if not (extra and k == "ema")}
+    if "opt_state" in fresh:
       init = jax.jit(setup.optimizer.init, out_shardings=setup.shardings["opt_state"])
       state = {**state, "opt_state": init(state["params"])}
+    if "ema" in fresh:
+      from omnimoe.train.state import ema_start
+      start = jax.jit(ema_start, out_shardings=setup.shardings["ema"])
+      state = {**state, "ema": start(state["params"])}
     return state, out.data if has_data else None
 
   def _check_layer_form(self, step: int, saved_tree, setup: Setup) -> None:

@@ -46,6 +46,9 @@ class TrainConfig:
   b1: float = 0.9                 # AdamW beta1
   b2: float = 0.95                # AdamW beta2
   grad_clip: float = 1.0          # global gradient-norm clip (0 = off)
+  ema_decay: float = 0.97         # > 0: the state keeps an exponential moving average of the
+                                  # parameters (decay per step, min(d, (1 + t) / (10 + t)) at step
+                                  # t), and evaluation, generation and export use it; 0 = off
   log_every: int = 10             # steps between metrics.jsonl lines
   loss_chunk: int = 0             # cross entropy over chunks of this many positions, each chunk's
                                   # logits recomputed in the backward, so [B, L, V] never exists
@@ -291,6 +294,7 @@ def _check_run(cfg: Config) -> None:
   need(t.batch_size % t.microbatches == 0, "train.microbatches",
        f"must divide train.batch_size={t.batch_size}, got {t.microbatches}")
   context_batch.check_length(cfg.data.seq_len, cfg.mesh.within_rack.context, t.context_balance)
+  need(0 <= t.ema_decay < 1, "train.ema_decay", f"must lie in [0, 1) (0 = off), got {t.ema_decay}")
   need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
   need(0 <= t.init_lr_scale <= 1, "train.init_lr_scale", f"must lie in [0, 1], got {t.init_lr_scale}")
   need(t.init_lr_scale == 1 or bool(t.init_from), "train.init_lr_scale",
@@ -305,6 +309,7 @@ def _check_data(d: DataConfig) -> None:
   positive("data.seq_len", d.seq_len)
   need(0 < d.heldout_fraction < 1, "data.heldout_fraction",
        f"must lie in (0, 1), got {d.heldout_fraction}")
+  need(d.image_shift >= 0, "data.image_shift", f"must be >= 0 (0 = off), got {d.image_shift}")
   weights = (d.weight_image, d.weight_audio, d.weight_text, d.weight_video)
   need(min(weights) >= 0 and sum(weights) > 0, "data.weight_text",
        "mixture weights (data.weight_image/audio/text/video) must be >= 0 and not all zero")

@@ -38,7 +38,7 @@ from omnimoe.train import config as config_lib, loop
 from omnimoe.train.config import Config
 from omnimoe.train.evaluate import Evaluator
 from omnimoe.model.modality import CODES, NAMES as MODALITIES
-from omnimoe.train.state import Setup, make_setup, merge
+from omnimoe.train.state import Setup, eval_params, make_setup, merge
 
 NAMED = {"low": 0.5, "medium": 1.0, "high": 2.0, "xhigh": 4.0}   # multiples of f0, the trained
 LEVELS = ("none", *NAMED)                                            # active fraction; none: 1/E
@@ -254,7 +254,7 @@ def evaluate_efforts(cfg: Config, workdir: str | pathlib.Path, labels: list[str]
   "top_k" (topk) or "k_max" and "threshold" [per MoE layer] (dynamic), "active_fraction",
   "active_fraction/<m>", "eval/...": ...}}, "notes" (when there are any)}."""
   step, state, setup, info, mesh = loop.restore_latest(cfg, workdir)
-  params, router = state["params"], state.get("router")
+  params, router = eval_params(state), state.get("router")
   graphs = _Graphs(cfg, setup, mesh, info)
   batches = graphs.base[1].sets.mixed
   results, notes = {}, list(graphs.base[1].notes)

@@ -28,6 +28,7 @@ from omnimoe.train import media_spans
 from omnimoe.train.config import Config
 from omnimoe.train.generate import feature_table, make_generate
 from omnimoe.train.sampling import Sampler
+from omnimoe.train.state import eval_params
 
 MediaError = image_io.MediaError          # unreadable --image / --audio: exit 3
 
@@ -143,7 +144,7 @@ def generate(cfg: Config, workdir: str | pathlib.Path, req: Request,
   example = prompt_example(req, cfg, mix)
   step, state, setup, info, mesh = loop.restore_latest(
       cfg, workdir, info=None if saved is None else media_files.info(saved))
-  params, router = state["params"], state.get("router")
+  params, router = eval_params(state), state.get("router")
 
   def heldout():
     from omnimoe.train.evaluate import load_eval_data

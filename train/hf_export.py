@@ -43,7 +43,8 @@ def _run_config(workdir: pathlib.Path):
 
 
 def latest_params(workdir: pathlib.Path, step: int | None = None) -> tuple[int, dict]:
-  """(step, the latest checkpoint's parameters as numpy arrays), without the optimizer state;
+  """(step, the latest checkpoint's parameters as numpy arrays: its moving average when it keeps
+  one, train.ema_decay), without the optimizer state;
   `step`: that checkpoint's instead."""
   import orbax.checkpoint as ocp
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
@@ -54,10 +55,11 @@ def latest_params(workdir: pathlib.Path, step: int | None = None) -> tuple[int, 
   path = workdir / "checkpoints" / str(steps[-1]) / "state"
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ckptr.metadata(path).item_metadata
-    args = {"params": _numpy_args(meta["params"])}
+    key = "ema" if "ema" in meta else "params"    # train.ema_decay: the moving average
+    args = {key: _numpy_args(meta[key])}
     restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item={"params": meta["params"]}, restore_args=args, partial_restore=True))
-  return steps[-1], restored["params"]
+        item={key: meta[key]}, restore_args=args, partial_restore=True))
+  return steps[-1], restored[key]
 
 
 def _numpy_args(tree):

@@ -28,7 +28,7 @@ from omnimoe.train.preemption import StopFlag
 from omnimoe.train.profiling import Profile
 from omnimoe.train.metrics import MetricsWriter, Progress
 from omnimoe.train.plan import model_flops_per_token
-from omnimoe.train.state import Setup, init_state, make_setup
+from omnimoe.train.state import Setup, ema_start, eval_params, init_state, make_setup
 from omnimoe.model.modality import NAMES as MODALITIES
 from omnimoe.train.step import MOE_STATS, make_train_step
 
@@ -236,6 +236,8 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
     if cfg.train.init_from:        # a Hugging Face import's weights, grown to this run's vocabulary
       from omnimoe.train import hf_grow
       state = hf_grow.grow(state, cfg, info.vocab, workdir)
+      if "ema" in state:         # the average starts at the grown weights
+        state["ema"] = jax.jit(ema_start, out_shardings=setup.shardings["ema"])(state["params"])
   else:
     if cfg.train.init_from:
       from omnimoe.train import hf_grow
@@ -316,7 +318,7 @@ def _steps(cfg: Config, run: _Run, writer: MetricsWriter, bar: Progress,
 
 def _evaluate(evaluator: Evaluator, state: dict, step: int, writer: MetricsWriter,
               bar: Progress) -> dict:
-  result = evaluator(state["params"], state.get("router"))
+  result = evaluator(eval_params(state), state.get("router"))
   writer.write(step, result)
   bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
   return result
@@ -326,7 +328,7 @@ def _save_coactivation(evaluator: Evaluator, state: dict, step: int, workdir: pa
                        counts: coactivation.TrainCounts) -> None:
   """Writes `<workdir>/coactivation.npz` (train/coactivation.py): the train steps' counts since
   the last evaluation and the held-out batches'."""
-  heldout, choices = evaluator.coactivation(state["params"], state.get("router"))
+  heldout, choices = evaluator.coactivation(eval_params(state), state.get("router"))
   train, steps = counts.take(heldout.shape)
   if jax.process_index() == 0:
     layers = range(evaluator.cfg.model.num_dense_layers, evaluator.cfg.model.num_layers)
@@ -339,7 +341,7 @@ def evaluate(cfg: Config, workdir: str | pathlib.Path) -> tuple[int, dict, tuple
   skipped)."""
   latest, state, setup, info, _ = restore_latest(cfg, workdir)
   evaluator = Evaluator(cfg, setup, info.vocab)
-  return latest, evaluator(state["params"], state.get("router")), evaluator.notes
+  return latest, evaluator(eval_params(state), state.get("router")), evaluator.notes
 
 
 def restore_latest(cfg: Config, workdir: str | pathlib.Path, info=None):

@@ -51,6 +51,8 @@ def permute_state(state: dict, perms_MxE: np.ndarray, *, num_dense_layers: int,
   out = dict(state)
   out["params"] = jax.tree.map(apply, state["params"], movers)
   out["opt_state"] = optax.tree_map_params(optimizer, apply, state["opt_state"], movers)
+  if "ema" in state:                   # the moving average moves like the parameters
+    out["ema"] = jax.tree.map(apply, state["ema"], movers)
   if "bias" in state.get("router", {}):          # [M, 3, E]
     bias = state["router"]["bias"]
     idx = jnp.broadcast_to(jnp.asarray(perms_MxE)[:, None, :], bias.shape)

@@ -147,6 +147,8 @@ def plan(cfg: Config, platform: str = "cpu", placement: dict | None = None) -> d
       "param_bytes_per_device": _bytes_per_device(params, setup.shardings["params"]),
       "optimizer_bytes_per_device": _bytes_per_device(setup.abstract_state["opt_state"],
                                                       setup.shardings["opt_state"]),
+      "ema_bytes_per_device": (_bytes_per_device(setup.abstract_state["ema"], setup.shardings["ema"])
+                               if "ema" in setup.abstract_state else 0),   # train.ema_decay
       "activation_bytes_per_device": int(memory.temp_size_in_bytes),
       "flops_per_token": float(cost.get("flops", 0.0)) * devices / (b * l),
       "model_flops_per_token": model_flops_per_token(cfg, params),
@@ -198,7 +200,7 @@ def describe_lengths(rows: list[dict]) -> str:
 
 def _total(p: dict) -> int:
   return (p["param_bytes_per_device"] + p["optimizer_bytes_per_device"]
-          + p["activation_bytes_per_device"])
+          + p.get("ema_bytes_per_device", 0) + p["activation_bytes_per_device"])
 
 
 def _compile(cfg: Config, target):
@@ -240,6 +242,7 @@ def describe(p: dict) -> str:
            f"parameters:                {p['parameters'] / 1e6:.1f} M",
            f"params per device:         {_gib(p['param_bytes_per_device'])}",
            f"optimizer per device:      {_gib(p['optimizer_bytes_per_device'])}",
+           f"weight average per device: {_gib(p['ema_bytes_per_device'])} (train.ema_decay)",
            f"activations per device:    {_gib(p['activation_bytes_per_device'])} (compiled step's "
            f"temporaries){bound}",
            f"FLOPs per token:           {p['model_flops_per_token'] / 1e9:.3f} GFLOP (model count, "

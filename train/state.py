@@ -91,6 +91,8 @@ def make_setup(cfg: Config, mesh: Mesh, info, platform: Platform = Platform()) -
                     "step": jax.ShapeDtypeStruct((), jnp.int32),
                     "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   shardings = {"params": params_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+  if cfg.train.ema_decay > 0:     # the parameters' moving average: like the parameters
+    abstract_state["ema"], shardings["ema"] = abstract_params, params_sh
   if has_router_state(cfg):
     abstract_state["router"] = jax.eval_shape(
         lambda: init_router_state(cfg.model.num_moe_layers, cfg.model.moe))
@@ -100,8 +102,8 @@ def make_setup(cfg: Config, mesh: Mesh, info, platform: Platform = Platform()) -
 
 def init_state(cfg: Config, setup: Setup, *, optimizer: bool = True) -> dict:
   """Initialises parameters and optimizer directly into their shardings (no host copy). With
-  `optimizer=False` the state has no `opt_state` (what `omnimoe import-hf` writes: restoring it
-  starts a fresh optimizer, train/checkpoint.py)."""
+  `optimizer=False` the state has no `opt_state` and no moving average (what `omnimoe import-hf`
+  writes: restoring it starts both afresh, train/checkpoint.py)."""
   def init():
     seed = cfg.train.seed
     params = nnx.to_pure_dict(nnx.state(_new_model(cfg, setup.vocab_size, setup.feature_dim, seed)))
@@ -109,11 +111,34 @@ def init_state(cfg: Config, setup: Setup, *, optimizer: bool = True) -> dict:
              "rng": jax.random.PRNGKey(seed + 1)}
     if optimizer:
       state["opt_state"] = setup.optimizer.init(params)
+    if optimizer and "ema" in setup.abstract_state:
+      state["ema"] = ema_start(params)
     if has_router_state(cfg):
       state["router"] = init_router_state(cfg.model.num_moe_layers, cfg.model.moe)
     return state
-  shardings = {k: v for k, v in setup.shardings.items() if optimizer or k != "opt_state"}
+  shardings = {k: v for k, v in setup.shardings.items()
+               if optimizer or k not in ("opt_state", "ema")}
   return jax.jit(init, out_shardings=shardings)()
+
+
+def ema_start(params: dict) -> dict:
+  """The moving average's first value: a copy of the parameters (its own buffers)."""
+  return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+
+
+def ema_update(ema: dict, params: dict, step, decay: float) -> dict:
+  """One step of the moving average after the update that made `params` (step t = the step count
+  before it): decay min(d, (1 + t) / (10 + t)), so the early average follows the fast-moving start."""
+  t = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  # e + (1 - d)(p - e), the same as d e + (1 - d) p, but exactly e where a weight stands still
+  return jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(e.dtype), ema, params)
+
+
+def eval_params(state: dict) -> dict:
+  """The parameters evaluation, generation and export use: the moving average when the run keeps
+  one (train.ema_decay > 0), else the parameters."""
+  return state.get("ema", state["params"])
 
 
 def merge(setup: Setup, params: dict) -> Decoder:

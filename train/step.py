@@ -19,7 +19,7 @@ from omnimoe.model.decoder import Decoder, head_logits
 from omnimoe.model.modality import MODALITIES
 from omnimoe.model.router import update_router_state
 from omnimoe.train.config import Config
-from omnimoe.train.state import Setup, learning_rate_schedule, merge
+from omnimoe.train.state import Setup, ema_update, learning_rate_schedule, merge
 
 
 def cross_entropy_BxL(logits_BxLxV, targets_BxL):
@@ -127,6 +127,8 @@ def make_train_step(cfg: Config, setup: Setup, batch_sharding):
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state["step"]), **aux,
                "real_tokens": jnp.sum(batch["segment_ids"] > 0)}    # not padding (train/mfu.py)
+    if "ema" in state:
+      new_state["ema"] = ema_update(state["ema"], params, state["step"], cfg.train.ema_decay)
     if "router" in state:   # the controller sees this step's global-batch statistics
       new_state["router"] = update_router_state(state["router"], aux, cfg.model.moe)
       if cfg.model.moe.router == "dynamic":
