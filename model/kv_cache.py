@@ -8,8 +8,9 @@ The cache is a pytree laid out like the decoder's parameters (model/decoder.py):
   end           int32 scalar: slots filled so far (the same for every row)
 in the compute dtype (`model.dtype`). Keys and values carry the logical names
 ("batch", "length", "act_heads", None) (with "layers" in front when stacked): rows split over the
-batch axes, kv heads over `tensor`, and the length over `context` (once decoding runs context
-parallel; today a context axis > 1 is not supported by the cached path).
+batch axes, kv heads over `tensor`, and the length over `context`: with a context axis > 1 each
+device holds a share of the slots, and the attention over them is GSPMD's partitioned reduction
+(tests/test_kv_cache.py checks the logits against the recompute on data 2 x expert 2 x context 2).
 
 A call appends its L new positions at slots end .. end + L - 1 and their queries attend over all S
 slots (with the `xla` backend when L <= model.attention_block, else `model.attention`): the query at slot i sees slot j iff j <= i and both lie in the same segment != 0 (and

@@ -1,6 +1,7 @@
 """The KV cache (model/kv_cache.py, Decoder.decode): prefilling a prefix and then feeding one
 position per step gives the logits of one forward pass over the whole sequence (the oracle), to
-1e-5 in float32, on one device and on a (data 2 x expert 4) mesh with dropless dispatches."""
+1e-5 in float32, on one device, on a (data 2 x expert 4) mesh with dropless dispatches, and with the
+cache's length split over a context axis of 2."""
 import dataclasses
 
 import jax
@@ -86,6 +87,22 @@ def test_cached_decoding_equals_recompute_on_data2_expert4(dispatch, cfg):
   platform = Platform(emulate_ragged=dispatch == "ragged_all_to_all")
   cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=dispatch))
   _compare(cfg, (2, 1, 4, 1, 1), platform, batch_size=8)
+
+
+def test_cached_decoding_equals_recompute_with_the_length_over_context():
+  """data 2 x expert 2 x context 2: the cache's slots split over `context` (its "length" axis),
+  the dynamic router, scanned MoE blocks and a local layer; the same logits as the recompute."""
+  cfg = dataclasses.replace(DYNAMIC, moe=dataclasses.replace(DYNAMIC.moe, dispatch="all_gather"))
+  mesh = jax.make_mesh((2, 1, 2, 1, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+  with jax.set_mesh(mesh):
+    prefill = jax.jit(lambda m, b, c: m.decode(b, c, _router(cfg))[2])
+    model = Decoder(cfg, vocab_size=V, feature_dim=F, rngs=nnx.Rngs(0))
+    batch = synthetic_batch(8, L, V, F, seed=4, max_doc=14, pad=2)
+    cache = prefill(model, {k: np.asarray(batch[k])[:, :PREFIX] for k in CONTRACT},
+                    kv_cache.init_cache(cfg, 8, L))
+  assert cache["blocks"][0]["k"].sharding.spec[:2] == (("data", "expert"), "context")
+  assert cache["moe_stack"]["k"].sharding.spec[2] == "context"
+  _compare(cfg, (2, 1, 2, 1, 2), Platform(), batch_size=8)
 
 
 def test_cache_shapes_and_bytes_per_token():
