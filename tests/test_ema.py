@@ -4,7 +4,8 @@ Three train steps of the tiny model on the 8 simulated devices (data 4 x expert 
 after each step equals, leaf by leaf, d_t * previous + (1 - d_t) * the step's parameters with
 d_t = min(d, (1 + t) / (10 + t)), starting from the initial parameters, computed in numpy float64
 from the parameters the steps produced. Checkpoints keep it; a checkpoint without one starts it
-at the parameters; a run that no longer keeps one still restores; evaluation reads it."""
+at the parameters; a run that no longer keeps one still restores; evaluation reads it; a placement
+moves it like the parameters."""
 import jax
 import numpy as np
 import pytest
@@ -71,22 +72,19 @@ def test_moving_average_equals_a_float64_loop_and_checkpoints_keep_it(tmp_path):
     np.testing.assert_array_equal(v, _leaves(state["params"])[k], err_msg=k)
   ckpts.close()
 
+  # a placement (train/permute.py) moves the average like the parameters
+  from omnimoe.train import permute
+  perms = np.asarray([[2, 0, 3, 1]])
+  placed = permute.permute_state(state, perms, num_dense_layers=1, optimizer=setup.optimizer)
+  moved = permute.permute_state({**state, "params": state["ema"]}, perms, num_dense_layers=1,
+                                optimizer=setup.optimizer)["params"]
+  placed, moved = _leaves(placed["ema"]), _leaves(moved)
+  assert any(not np.array_equal(placed[k], got[k]) for k in got)      # the experts moved
+  for k in moved:
+    np.testing.assert_array_equal(placed[k], moved[k], err_msg=k)
+
 
 def test_a_decay_outside_zero_to_one_is_refused():
   with pytest.raises(ConfigError, match="train.ema_decay"):
     config_lib.load(None, ["train.ema_decay=1.0"])
 
-
-def test_a_placement_moves_the_moving_average_like_the_parameters():
-  from omnimoe.train import permute
-  cfg, _, setup = _setup(DECAY)
-  state = init_state(cfg, setup)
-  state["ema"] = jax.tree.map(lambda p: p * 0.5 + 1.0, state["params"])   # differs from params
-  perms = np.asarray([[2, 0, 3, 1]])
-  placed = permute.permute_state(state, perms, num_dense_layers=1, optimizer=setup.optimizer)
-  want = permute.permute_state({**state, "params": state["ema"]}, perms, num_dense_layers=1,
-                               optimizer=setup.optimizer)["params"]
-  got, want = _leaves(placed["ema"]), _leaves(want)
-  assert any(not np.array_equal(got[k], _leaves(state["ema"])[k]) for k in got)   # it moved
-  for k in want:
-    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
