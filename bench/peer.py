@@ -71,8 +71,9 @@ def text_batch(batch: int, seq: int, seed: int = 0) -> dict:
 
 def omnimoe_config(shape: str, batch: int, seq: int, dtype: str = "float32", extra=()):
   from omnimoe.train import config as config_lib
+  # No moving average of the weights (train.ema_decay): the peer's step keeps none.
   return config_lib.load(None, [*SHAPES[shape], f"train.batch_size={batch}", f"data.seq_len={seq}",
-                                f"model.dtype={dtype}", *extra])
+                                f"model.dtype={dtype}", "train.ema_decay=0", *extra])
 
 
 def omnimoe_side(cfg, host_batch: dict, warmup: int, steps: int) -> dict:
