@@ -34,6 +34,10 @@ class DataConfig:
   loss_weight_audio: float = 1.0  # ... whose target is an audio code
   loss_weight_video: float = 0.0  # ... a video code (0: like images, the clips' text carries the loss)
   image_shift: int = 0           # training images move by up to this many pixels (zero fill); 0 = off
+  image_loss: str = "all"         # which training records' image codes carry data.loss_weight_image:
+                                  # "all", or "caption_first" (only records shown text first: text ->
+                                  # image is learnt, an image from nothing is not, so the loss
+                                  # cannot memorise the training digits as they are read)
   caption_first: float = 0.0      # share of training records "media, text" shown text first ("the
                                   # digit seven" then the image): teaches text -> image / audio
                                   # (with loss_weight_image > 0 for images); 0 = off

@@ -30,6 +30,7 @@ class Example(NamedTuple):
   features_NxF: np.ndarray    # float32 [N, F]
   modality_N: np.ndarray      # int8 [N]; BOS/EOS count as text
   positions_Nx3: np.ndarray   # int32 [N, 3], running index 0 at BOS
+  image_loss: bool = True     # False: no loss on this example's image codes (data.image_loss)
 
 
 def pad_features(x_MxD: np.ndarray, feature_dim: int) -> np.ndarray:

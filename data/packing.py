@@ -2,12 +2,13 @@
 
 Each row holds whole examples back to back (segment ids 1, 2, ...) and padding after them.
 `targets` is the next token of the same segment (PAD at a segment's last position and on padding);
-`loss_weights` is 0 there and otherwise the configured weight of the target's modality.
+`loss_weights` is 0 there and otherwise the configured weight of the target's modality (0 on the
+image codes of an example whose `image_loss` is False: data.image_loss).
 """
 import numpy as np
 
 from omnimoe.data.examples import Example
-from omnimoe.model.modality import MODALITIES
+from omnimoe.model.modality import IMAGE, MODALITIES
 
 BATCH_KEYS = ("tokens", "features", "modality", "segment_ids", "positions", "targets",
               "loss_weights")
@@ -32,6 +33,7 @@ def pack(rows: list[list[Example]], seq_len: int, feature_dim: int,
   modality = np.zeros((b, seq_len), np.int8)
   segment_ids = np.zeros((b, seq_len), np.int32)
   positions = np.zeros((b, seq_len, 3), np.int32)
+  image_loss = np.ones((b, seq_len), bool)
   for i, examples in enumerate(rows):
     if not examples:
       continue
@@ -44,6 +46,7 @@ def pack(rows: list[list[Example]], seq_len: int, feature_dim: int,
     modality[i, :n] = np.concatenate([e.modality_N for e in examples])
     positions[i, :n] = np.concatenate([e.positions_Nx3 for e in examples])
     segment_ids[i, :n] = np.repeat(np.arange(1, len(examples) + 1, dtype=np.int32), lengths)
+    image_loss[i, :n] = np.repeat([e.image_loss for e in examples], lengths)
 
   has_next_BxL = np.zeros((b, seq_len), bool)
   has_next_BxL[:, :-1] = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
@@ -53,6 +56,9 @@ def pack(rows: list[list[Example]], seq_len: int, feature_dim: int,
   next_modality_BxL = np.zeros((b, seq_len), np.int8)
   next_modality_BxL[:, :-1] = modality[:, 1:]
   loss_weights = np.where(has_next_BxL, loss_weight_by_modality[next_modality_BxL], 0.0)
+  no_image_loss = np.zeros((b, seq_len), bool)
+  no_image_loss[:, :-1] = ~image_loss[:, 1:] & (modality[:, 1:] == IMAGE.code)
+  loss_weights = np.where(no_image_loss, 0.0, loss_weights)
   return dict(tokens=tokens, features=features, modality=modality, segment_ids=segment_ids,
               positions=positions, targets=targets,
               loss_weights=loss_weights.astype(np.float32))

@@ -196,3 +196,37 @@ def test_plan_rows_is_first_fit():
     items = [mixture.Item(0, i, int(rng.integers(1, seq_len + 1)))
              for i in range(int(rng.integers(0, 400)))]
     assert first_fit.plan_rows(iter(items), seq_len, num_rows) == scan(items, seq_len, num_rows)
+
+
+def test_an_example_without_image_loss_weighs_its_image_codes_zero():
+  """data.image_loss=caption_first: an image-first example keeps its text loss and loses its
+  image codes' loss; a caption-first one keeps both (counted by hand on one row)."""
+  table = loss_weight_table(CFG)                       # text 1.0, image 0.5, audio 2.0
+  grid = (2, 2)
+  image = image_media(np.arange(4, dtype=np.int32) + 300, np.ones((4, 3), np.float32), grid, 3)
+  text = np.asarray([10, 11, 12], np.int32)
+  plain = make_example(text, 3, image)                  # BOS img img img img t t t EOS: 9 tokens
+  quiet = plain._replace(image_loss=False)
+  batch = pack([[plain, quiet]], 20, 3, table)
+  w = batch["loss_weights"][0]
+  # targets of positions 0..3 are image codes (0.5 each, or 0), 4..7 text/EOS (1.0), 8 none
+  np.testing.assert_array_equal(w[:9], [0.5] * 4 + [1.0] * 4 + [0.0])
+  np.testing.assert_array_equal(w[9:18], [0.0] * 4 + [1.0] * 4 + [0.0])
+  np.testing.assert_array_equal(w[18:], 0.0)
+
+
+def test_caption_first_only_keeps_image_loss_on_the_flipped_records():
+  cfg = DataConfig(caption_first=0.5, loss_weight_image=1.0, image_loss="caption_first")
+  builder = mixture.MixedBatches(cfg, batch_size=8, seed=0, process_index=0,
+                                 process_count=1).builder
+  seen = set()
+  for position in range(40):
+    item = builder.item(0, position % 20, position)
+    example = builder.example(item)
+    if not (example.modality_N == IMAGE.code).any():
+      continue
+    first_image = int(np.flatnonzero(example.modality_N == IMAGE.code)[0])
+    caption_first = first_image > 1                     # text between BOS and the image
+    assert example.image_loss == caption_first
+    seen.add(caption_first)
+  assert seen == {True, False}

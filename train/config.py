@@ -310,6 +310,8 @@ def _check_data(d: DataConfig) -> None:
   need(0 < d.heldout_fraction < 1, "data.heldout_fraction",
        f"must lie in (0, 1), got {d.heldout_fraction}")
   need(d.image_shift >= 0, "data.image_shift", f"must be >= 0 (0 = off), got {d.image_shift}")
+  need(d.image_loss in ("all", "caption_first"), "data.image_loss",
+       f"must be 'all' or 'caption_first', got '{d.image_loss}'")
   weights = (d.weight_image, d.weight_audio, d.weight_text, d.weight_video)
   need(min(weights) >= 0 and sum(weights) > 0, "data.weight_text",
        "mixture weights (data.weight_image/audio/text/video) must be >= 0 and not all zero")

@@ -10,7 +10,8 @@ The global example stream is a grain MapDataset of keys (folder, record index):
   position, so a resumed run sees the same shifts;
 - `data.caption_first` > 0 shows that share of the training records made of one image or tone
   then text in the other order (text, then the media), drawn per stream position: the same
-  tokens, so the same length and packing.
+  tokens, so the same length and packing; with `data.image_loss=caption_first` only those records'
+  image codes carry loss.
 
 Packing is global and deterministic: global batch b takes the next examples of the stream in order
 and puts each into the first of its `batch_size` rows with room (data/pipeline/first_fit.py); the
@@ -113,11 +114,16 @@ class Builder:
     record = self.mix.folders[item.folder].folder.record(item.key)
     if item.position >= 0 and self.mix.cfg.image_shift > 0:
       record = self.shifted(record, item.position)
+    flipped = False
     if item.position >= 0 and self.mix.cfg.caption_first > 0:
       draw = stream_rng(CAPTION_FIRST_STREAM, self.seed, item.position).uniform()
-      record = caption_first(record) if draw < self.mix.cfg.caption_first else record
-    return folder_lib.to_example(record, self.mix.vocab, self.mix.codebooks, self.mix.feature_dim,
-                                 Clock.from_config(self.mix.cfg))
+      flipped = draw < self.mix.cfg.caption_first
+      record = caption_first(record) if flipped else record
+    example = folder_lib.to_example(record, self.mix.vocab, self.mix.codebooks,
+                                    self.mix.feature_dim, Clock.from_config(self.mix.cfg))
+    if self.mix.cfg.image_loss == "caption_first" and not flipped:
+      example = example._replace(image_loss=False)
+    return example
 
   def shifted(self, record: records.Record, position: int) -> records.Record:
     """Training augmentation: each image moved by up to data.image_shift pixels each way (zero
