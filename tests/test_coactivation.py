@@ -9,7 +9,7 @@ from omnimoe.train import coactivation
 from omnimoe.train.checkpoint import Checkpoints
 from omnimoe.train.evaluate import load_eval_data
 from omnimoe.train.mesh import global_batch, make_mesh
-from omnimoe.train.state import init_state, make_setup
+from omnimoe.train.state import eval_params, init_state, make_setup
 from oracles import moe_inputs, recount_coactivation, routed_expert_sets
 from placement_run import STEPS, config, trained_workdir
 
@@ -67,9 +67,11 @@ def test_a_training_run_saves_train_and_heldout_counts_at_its_evaluation():
   want = sum(_recount(cfg, setup, states[s]["params"], global_batch(next(it), mesh))[0]
              for s in range(STEPS))
   np.testing.assert_array_equal(stats["train"], want)
-  # held-out: the eval batches at the last step's parameters
+  # held-out: the eval batches at the weights evaluation uses after the last step (the moving
+  # average, train.ema_decay)
+  assert "ema" in states[-1]
   batches = load_eval_data(cfg).mixed
-  recounts = [_recount(cfg, setup, states[-1]["params"], b) for b in batches]
+  recounts = [_recount(cfg, setup, eval_params(states[-1]), b) for b in batches]
   np.testing.assert_array_equal(stats["heldout"], sum(c for c, _ in recounts))
   want_sets = [sum((s[m] for _, s in recounts), []) for m in range(2)]
   got_sets = [[set(int(e) for e in row if e >= 0) for row in layer]

@@ -50,7 +50,7 @@ def _cached_logits(model, batch, router):
     logits, cache = step(model, cut(i, i + 1), cache, router)
     out.append(np.asarray(logits))
   assert int(cache["end"]) == L
-  return np.concatenate(out, axis=1)
+  return np.concatenate(out, axis=1), cache
 
 
 def _compare(cfg, mesh_shape=None, platform=Platform(), batch_size=2):
@@ -62,19 +62,19 @@ def _compare(cfg, mesh_shape=None, platform=Platform(), batch_size=2):
   model = lambda p: nnx.merge(graphdef, p)
   if mesh_shape is None:
     want = np.asarray(full(params, batch, router))
-    got = _cached_logits(model(params), batch, router)
+    got, cache = _cached_logits(model(params), batch, router)
   else:
     mesh = jax.make_mesh(mesh_shape, MESH_AXES, axis_types=(AxisType.Auto,) * 5)
     with jax.set_mesh(mesh):
       want = np.asarray(full(params, batch, router))
-      got = _cached_logits(model(params), batch, router)
+      got, cache = _cached_logits(model(params), batch, router)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  return want
+  return want, cache
 
 
 def test_cached_decoding_equals_recompute_on_one_device():
   """Dynamic router with balance biases, a dense first block, scanned MoE blocks, a local layer."""
-  logits = _compare(DYNAMIC)
+  logits, _ = _compare(DYNAMIC)
   assert np.abs(logits).max() > 0.1        # not trivially equal
 
 
@@ -93,16 +93,9 @@ def test_cached_decoding_equals_recompute_with_the_length_over_context():
   """data 2 x expert 2 x context 2: the cache's slots split over `context` (its "length" axis),
   the dynamic router, scanned MoE blocks and a local layer; the same logits as the recompute."""
   cfg = dataclasses.replace(DYNAMIC, moe=dataclasses.replace(DYNAMIC.moe, dispatch="all_gather"))
-  mesh = jax.make_mesh((2, 1, 2, 1, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
-  with jax.set_mesh(mesh):
-    prefill = jax.jit(lambda m, b, c: m.decode(b, c, _router(cfg))[2])
-    model = Decoder(cfg, vocab_size=V, feature_dim=F, rngs=nnx.Rngs(0))
-    batch = synthetic_batch(8, L, V, F, seed=4, max_doc=14, pad=2)
-    cache = prefill(model, {k: np.asarray(batch[k])[:, :PREFIX] for k in CONTRACT},
-                    kv_cache.init_cache(cfg, 8, L))
+  _, cache = _compare(cfg, (2, 1, 2, 1, 2), Platform(), batch_size=8)
   assert cache["blocks"][0]["k"].sharding.spec[:2] == (("data", "expert"), "context")
   assert cache["moe_stack"]["k"].sharding.spec[2] == "context"
-  _compare(cfg, (2, 1, 2, 1, 2), Platform(), batch_size=8)
 
 
 def test_cache_shapes_and_bytes_per_token():
