@@ -163,7 +163,7 @@ def test_imported_model_grows_trains_on_the_default_data_and_exports(imported_ti
                str(run), f"data.tokenizer={hf / 'tokenizer.json'}", "train.steps=40",
                "train.batch_size=8", "data.seq_len=64", "train.warmup_steps=5", "train.log_every=5",
                "eval.every_steps=0", "eval.batch_size=8", "eval.num_batches=2",
-               "eval.image_limit=64", "eval.audio_limit=64", "eval.text_limit=4"]) == 0
+               "eval.image_limit=16", "eval.audio_limit=16", "eval.text_limit=4"]) == 0
   lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   losses = [line["loss"] for line in lines if "loss" in line]
   evals = {k: v for line in lines for k, v in line.items() if k.startswith("eval/")}
