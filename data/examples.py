@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from omnimoe.data import vocab as vocab_lib
 from omnimoe.model.modality import AUDIO, IMAGE, TEXT
 
 
@@ -59,10 +58,10 @@ def _text_positions(start: int, n: int) -> np.ndarray:
 
 
 def make_example(text_ids: np.ndarray, feature_dim: int, media: Media | None = None,
-                 eos: bool = True, *, specials=None) -> Example:
+                 eos: bool = True, *, specials) -> Example:
   """`[BOS] [media] text [EOS]`; `eos=False` for a piece cut out of a longer document.
-  `specials`: the run's Vocab (its `bos` and `eos` ids; None: byte-level text's)."""
-  bos_id, eos_id = _ends(specials)
+  `specials`: the run's Vocab (its `bos` and `eos` ids)."""
+  bos_id, eos_id = specials.bos, specials.eos
   tail = np.concatenate([text_ids, [eos_id]] if eos else [text_ids]).astype(np.int32)
   if media is None:
     head = np.asarray([bos_id], np.int32)
@@ -81,19 +80,15 @@ def make_example(text_ids: np.ndarray, feature_dim: int, media: Media | None = N
   return Example(tokens, features, modality, positions)
 
 
-def _ends(specials) -> tuple[int, int]:
-  return (vocab_lib.BOS, vocab_lib.EOS) if specials is None else (specials.bos, specials.eos)
-
-
-def make_sequence(parts, feature_dim: int, eos: bool = True, *, specials=None) -> Example:
+def make_sequence(parts, feature_dim: int, eos: bool = True, *, specials) -> Example:
   """`[BOS] part part ... [EOS]` for parts in any order: int32 text ids or Media.
 
   Positions follow the same rules as `make_example` (each part starts at the running index, media
   advance it by their span), so `make_sequence([media, text_ids], F)` is `make_example(text_ids,
   F, media)`. `eos=False` for a piece cut out of a longer text. `specials`: the run's Vocab (its
-  `bos` and `eos` ids; None: byte-level text's).
+  `bos` and `eos` ids).
   """
-  bos_id, eos_id = _ends(specials)
+  bos_id, eos_id = specials.bos, specials.eos
   tokens = [np.asarray([bos_id], np.int32)]
   features = [np.zeros((1, feature_dim), np.float32)]
   modality = [np.full(1, TEXT.code, np.int8)]

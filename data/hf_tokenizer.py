@@ -20,6 +20,21 @@ import pathlib
 import numpy as np
 
 
+def _read_json(file: pathlib.Path) -> dict:
+  """A JSON object file beside the tokenizer ({} when there is none); a corrupt one is a one-line
+  TokenizerError naming it (its ids would otherwise be silently missed)."""
+  from omnimoe.data.tokenizer import TokenizerError
+  if not file.is_file():
+    return {}
+  try:
+    data = json.loads(file.read_text())
+  except (OSError, ValueError) as e:
+    raise TokenizerError(f"{file}: not readable JSON ({str(e).splitlines()[0]})") from None
+  if not isinstance(data, dict):
+    raise TokenizerError(f"{file}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
 class HfTokenizer:
   def __init__(self, path: pathlib.Path, raw: bytes):
     from tokenizers import Tokenizer
@@ -28,8 +43,8 @@ class HfTokenizer:
     self.fingerprint = f"hf:{self.sha256[:16]}"
     self._tok = Tokenizer.from_str(raw.decode("utf-8"))
     own = int(self._tok.get_vocab_size(with_added_tokens=True))
-    config = path.parent / "config.json"
-    model_rows = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
+    config = _read_json(path.parent / "config.json")
+    model_rows = config.get("vocab_size")
     self.size = max(own, int(model_rows or 0))
     self.specials = self._specials(path.parent)
 
@@ -39,12 +54,7 @@ class HfTokenizer:
     sources = [(folder / "config.json", lambda d, k: d.get(f"{k}_token_id")),
                (folder / "tokenizer_config.json", lambda d, k: self._token_id(d.get(f"{k}_token")))]
     for file, read in sources:
-      if not file.is_file():
-        continue
-      try:
-        data = json.loads(file.read_text())
-      except (OSError, ValueError):
-        continue            # not ours to judge: the model's files are checked where they are read
+      data = _read_json(file)
       for key in found:
         value = read(data, key) if found[key] is None else found[key]
         if isinstance(value, list):

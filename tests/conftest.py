@@ -15,8 +15,12 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+# The tests' programs are tiny, so compiling them costs more than running them: LLVM's cheap
+# passes only (XLA's own graph passes all run; a reduction may round differently in its last bit,
+# never by more than the tests' tolerances). Processes a test starts inherit this.
+FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + FAST_COMPILE
+                           + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "OMNIMOE_CACHE" not in os.environ:
   os.environ["OMNIMOE_CACHE"] = tempfile.mkdtemp(prefix="omnimoe-test-cache-")

@@ -8,9 +8,10 @@ from omnimoe.data.config import DataConfig
 from omnimoe.data.examples import audio_media, image_media, make_example
 from omnimoe.data.packing import pack
 from omnimoe.data.packing import loss_weight_table
-from omnimoe.data.vocab import BOS, EOS
+from omnimoe.data.vocab import BOS, EOS, Vocab
 from omnimoe.model.modality import AUDIO, IMAGE, TEXT
 
+BYTES = Vocab.from_config(DataConfig())   # byte-level text: PAD 0, BOS 1, EOS 2
 # Mixture pinned (not the tuned defaults) so every modality fills a fair share of the rows.
 CFG = DataConfig(loss_weight_text=1.0, loss_weight_image=0.5, loss_weight_audio=2.0,
                  weight_image=0.4, weight_audio=0.4, weight_text=0.2)
@@ -68,9 +69,9 @@ def oracle_positions(modality_L, segment_ids_L, grid):
 
 def test_pack_small_example_by_hand():
   f = 4
-  text = make_example(np.array([10, 11], np.int32), f)                     # BOS a b EOS
+  text = make_example(np.array([10, 11], np.int32), f, specials=BYTES)                     # BOS a b EOS
   img = image_media(np.array([300, 301, 302, 303]), np.ones((4, 4), np.float32), (2, 2), f)
-  with_image = make_example(np.array([12], np.int32), f, img)                # BOS 4 patches c EOS
+  with_image = make_example(np.array([12], np.int32), f, img, specials=BYTES)                # BOS 4 patches c EOS
   out = pack([[text, with_image]], seq_len=12, feature_dim=f,
              loss_weight_by_modality=np.array([0, 1.0, 0.5, 2.0], np.float32))
   np.testing.assert_array_equal(out["tokens"][0],
@@ -89,14 +90,14 @@ def test_pack_small_example_by_hand():
 
 def test_audio_positions_by_hand():
   audio = audio_media(np.array([400, 401, 402]), np.ones((3, 2), np.float32), 4)
-  ex = make_example(np.array([20], np.int32), 4, audio)
+  ex = make_example(np.array([20], np.int32), 4, audio, specials=BYTES)
   np.testing.assert_array_equal(ex.positions_Nx3[:, 0], [0, 1, 2, 3, 4, 5])
   np.testing.assert_array_equal(ex.positions_Nx3[:, 1], ex.positions_Nx3[:, 0])
   np.testing.assert_array_equal(ex.modality_N, [1, 3, 3, 3, 1, 1])
 
 
 def test_pack_refuses_overflow():
-  ex = make_example(np.arange(10, 20, dtype=np.int32), 4)
+  ex = make_example(np.arange(10, 20, dtype=np.int32), 4, specials=BYTES)
   with pytest.raises(ValueError, match="do not fit"):
     pack([[ex, ex]], seq_len=20, feature_dim=4, loss_weight_by_modality=np.ones(4, np.float32))
 
@@ -205,7 +206,7 @@ def test_an_example_without_image_loss_weighs_its_image_codes_zero():
   grid = (2, 2)
   image = image_media(np.arange(4, dtype=np.int32) + 300, np.ones((4, 3), np.float32), grid, 3)
   text = np.asarray([10, 11, 12], np.int32)
-  plain = make_example(text, 3, image)                  # BOS img img img img t t t EOS: 9 tokens
+  plain = make_example(text, 3, image, specials=BYTES)                 # BOS img img img img t t t EOS: 9 tokens
   quiet = plain._replace(image_loss=False)
   batch = pack([[plain, quiet]], 20, 3, table)
   w = batch["loss_weights"][0]

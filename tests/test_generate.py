@@ -38,7 +38,7 @@ def _model():
 
 
 def _prompt(B, text=b"draw a seven:"):
-  example = make_sequence([VOCAB.encode_text(text)], F, eos=False)
+  example = make_sequence([VOCAB.encode_text(text)], F, eos=False, specials=VOCAB)
   rows = lambda a: np.repeat(a[None], B, axis=0)
   P = len(example.tokens_N)
   batch = {"tokens": rows(example.tokens_N), "features": rows(example.features_NxF),
@@ -55,7 +55,8 @@ def test_positions_follow_the_layout_of_real_media():
   tokens = np.concatenate([text1, image, text2, tone, [EOS, PAD, PAD]]).astype(np.int32)
   grid = (2, 2)
   want = make_sequence([VOCAB.encode_text(b"x"), text1, image_media(image, np.zeros((4, 1)), grid, F),
-                        text2, audio_media(tone, np.zeros((11, 1)), F)], F).positions_Nx3[2:]
+                        text2, audio_media(tone, np.zeros((11, 1)), F)], F,
+                       specials=VOCAB).positions_Nx3[2:]
   state = media_spans.initial_state(np.asarray([2]))
   got, live, closed_after = [], [], []
   for t in tokens:

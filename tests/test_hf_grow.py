@@ -39,6 +39,13 @@ def test_hf_tokenizer_round_trips_cuts_and_takes_the_model_vocabulary(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 512}))
   (tmp_path / "tokenizer.json").touch()   # a new mtime: read again, now beside config.json
   assert tokenizer_lib.load(tmp_path / "tokenizer.json").size == 512
+  for corrupt, what in (('{"vocab_size": 5', "not readable JSON"), ("[512]", "expected a JSON object")):
+    (tmp_path / "config.json").write_text(corrupt)      # named in one line, never silently skipped
+    (tmp_path / "tokenizer.json").touch()
+    with pytest.raises(tokenizer_lib.TokenizerError, match=f"config.json: {what}") as err:
+      tokenizer_lib.load(tmp_path / "tokenizer.json")
+    assert "\n" not in str(err.value)
+  (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 512}))
   (tmp_path / "bad.json").write_text("{}")
   with pytest.raises(tokenizer_lib.TokenizerError, match="is not a Hugging Face tokenizer.json"):
     tokenizer_lib.load(tmp_path / "bad.json")

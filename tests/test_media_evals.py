@@ -27,7 +27,7 @@ def test_left_padded_prompts_generate_what_unpadded_ones_do():
   """Prompts of 3 lengths left-padded to one: the most padded row's greedy tokens and the logits
   they came from equal those of its prompt alone (no padding)."""
   texts = [b"7", b"the digit seven", b"a seven"]
-  examples = [make_sequence([VOCAB.encode_text(t)], F, eos=False) for t in texts]
+  examples = [make_sequence([VOCAB.encode_text(t)], F, eos=False, specials=VOCAB) for t in texts]
   batch, next_position = left_padded(examples, F)
   P = batch["tokens"].shape[1]
   assert P == max(len(e.tokens_N) for e in examples)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).parent.parent
 ARGS = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",
@@ -21,7 +22,7 @@ ARGS = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.nu
 
 def env(devices: int) -> dict:
   e = dict(os.environ, JAX_PLATFORMS="cpu")
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["XLA_FLAGS"] = f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
   return e
 
 

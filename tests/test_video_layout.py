@@ -25,7 +25,8 @@ def test_the_worked_example_of_docs_video():
   vid, vfeat, aid, afeat = small_clip()
   clock = Clock(unit_ms=100, audio_hop_ms=50, step_ms=100, chunk_ms=100)
   media = clip_media(vid, vfeat, (1, 2), aid, afeat, clock, feature_dim=4)
-  ex = make_sequence([media, np.array([111, 107])], 4)
+  ex = make_sequence([media, np.array([111, 107])], 4,
+                     specials=vocab_lib.Vocab.from_config(DataConfig()))
   # Hand-written: BOS | frame 0 (2 patches), audio 0, 1 | frame 1, audio 2, 3 | "o" "k" EOS
   expected_tokens = [vocab_lib.BOS, 100, 101, 200, 201, 110, 111, 202, 203, 111, 107, vocab_lib.EOS]
   expected_modality = [1, V, V, A, A, V, V, A, A, 1, 1, 1]

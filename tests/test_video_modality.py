@@ -123,14 +123,15 @@ def test_causality_holds_with_a_clip_in_the_row():
   from omnimoe.model.config import ModelConfig
   from omnimoe.model.decoder import Decoder
   V, F = 64, 6
+  bytes_vocab = Vocab.from_config(DataConfig())
   cfg = ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                     rope_sections=(2, 1, 1), attention_block=8,
                     moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32, block_rows=8))
   r = np.random.default_rng(0)
   clip = clip_media(r.integers(0, V, (3, 2)), r.normal(size=(3, 2, 4)), (1, 2),
                     r.integers(0, V, 4), r.normal(size=(4, 5)), Clock(100, 75, 100, 200), F)
-  first = make_sequence([clip, np.array([7, 8])], F)
-  second = make_sequence([np.array([9, 10, 11])], F)
+  first = make_sequence([clip, np.array([7, 8])], F, specials=bytes_vocab)
+  second = make_sequence([np.array([9, 10, 11])], F, specials=bytes_vocab)
   batch = pack([[first, second]], 24, F, np.ones(5, np.float32))
   assert (batch["modality"] == 4).sum() == 6 and (batch["modality"] == 3).sum() == 4
   model = Decoder(cfg, vocab_size=V, feature_dim=F, rngs=nnx.Rngs(0))

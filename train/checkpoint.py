@@ -68,9 +68,8 @@ class Checkpoints:
       init = jax.jit(setup.optimizer.init, out_shardings=setup.shardings["opt_state"])
       state = {**state, "opt_state": init(state["params"])}
     if "ema" in fresh:
-      from omnimoe.train.state import ema_start
-      start = jax.jit(ema_start, out_shardings=setup.shardings["ema"])
-      state = {**state, "ema": start(state["params"])}
+      from omnimoe.train.state import placed_ema_start
+      state = {**state, "ema": placed_ema_start(setup, state["params"])}
     return state, out.data if has_data else None
 
   def _check_layer_form(self, step: int, saved_tree, setup: Setup) -> None:

@@ -28,7 +28,7 @@ from omnimoe.train.preemption import StopFlag
 from omnimoe.train.profiling import Profile
 from omnimoe.train.metrics import MetricsWriter, Progress
 from omnimoe.train.plan import model_flops_per_token
-from omnimoe.train.state import Setup, ema_start, eval_params, init_state, make_setup
+from omnimoe.train.state import Setup, eval_params, init_state, make_setup, placed_ema_start
 from omnimoe.model.modality import NAMES as MODALITIES
 from omnimoe.train.step import MOE_STATS, make_train_step
 
@@ -237,7 +237,7 @@ def _open_run(cfg: Config, workdir: str | pathlib.Path) -> _Run:
       from omnimoe.train import hf_grow
       state = hf_grow.grow(state, cfg, info.vocab, workdir)
       if "ema" in state:         # the average starts at the grown weights
-        state["ema"] = jax.jit(ema_start, out_shardings=setup.shardings["ema"])(state["params"])
+        state["ema"] = placed_ema_start(setup, state["params"])
   else:
     if cfg.train.init_from:
       from omnimoe.train import hf_grow

@@ -29,7 +29,6 @@ from omnimoe.data.builtin import dtmf
 from omnimoe.data.config import DataConfig
 from omnimoe.data.examples import audio_media, image_media
 from omnimoe.data.prepare import image_io
-from omnimoe.data.vocab import BOS, EOS, PAD
 from omnimoe.model.modality import BY_NAME, MEDIA
 
 
@@ -64,9 +63,9 @@ class Spans:
   text_lo: int               # first text id
   text_hi: int               # one past the last text id
   size: int                  # V, columns of the logits
-  pad: int = PAD             # the vocabulary's special ids (data/vocab.py)
-  bos: int = BOS
-  eos: int = EOS
+  pad: int                   # the vocabulary's special ids (data/vocab.py)
+  bos: int
+  eos: int
 
   def index(self, name: str) -> int:
     """1-based index of a modality in the table (the value of `State.span` and of `force`)."""

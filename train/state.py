@@ -126,6 +126,11 @@ def ema_start(params: dict) -> dict:
   return jax.tree.map(lambda p: jnp.array(p, copy=True), params)
 
 
+def placed_ema_start(setup: Setup, params: dict) -> dict:
+  """`ema_start` of parameters already on the mesh, placed into the moving average's shardings."""
+  return jax.jit(ema_start, out_shardings=setup.shardings["ema"])(params)
+
+
 def ema_update(ema: dict, params: dict, step, decay: float) -> dict:
   """One step of the moving average after the update that made `params` (step t = the step count
   before it): decay min(d, (1 + t) / (10 + t)), so the early average follows the fast-moving start."""
