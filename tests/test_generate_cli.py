@@ -54,7 +54,8 @@ def test_generate_bad_input_is_one_line(run, tmp_path, capsys):
            (["--audio", str(tmp_path / "missing.wav")], 3, "file not found"),
            (["--effort", "huge"], 2, "--effort item 'huge'"),
            (["--top-p", "0"], 2, "--top-p must be in (0, 1]"),
-           (["--samples", "0"], 2, "--samples must be >= 1")]
+           (["--samples", "0"], 2, "--samples must be >= 1"),
+           (["--media", "video"], 2, "--media video: this run has no video codebook")]
   for extra, code, message in cases:
     assert main(["generate", "--workdir", str(run), *extra]) == code, extra
     err = capsys.readouterr().err.strip()

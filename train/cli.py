@@ -85,9 +85,11 @@ def _generate_options(g: argparse.ArgumentParser) -> None:
   g.add_argument("--prompt", default="", help="text of the prompt (after the image/sound)")
   g.add_argument("--image", metavar="PNG", help="an image at the start of the prompt")
   g.add_argument("--audio", metavar="WAV", help="a sound at the start of the prompt")
-  g.add_argument("--media", choices=("image", "audio"),
-                 help="start the generation with one whole item of this modality")
-  g.add_argument("--out", help="folder for generated images and sounds (default WORKDIR/generated)")
+  g.add_argument("--media", choices=("image", "audio", "video"),
+                 help="start the generation with one whole item of this modality (video: one clip "
+                      "with its sound)")
+  g.add_argument("--out", help="folder for generated images, sounds and clips (default "
+                                "WORKDIR/generated)")
   g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
   g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   g.add_argument("--top-k", type=int, default=0, help="sample among the k most probable ids (0 = all)")

@@ -5,11 +5,12 @@ media: data/examples.py); the image and the tone are coded against the run's cod
 (`--samples`) run as one batch through the cached decoder (train/generate.py); each is scored by
 its mean log-probability per token (under the constrained distribution at temperature 1), the best
 one is printed and its media written: an image span as a PNG (codebook centroids -> pixels), an
-audio span as a WAV (centroid log-mel frames -> Griffin-Lim, train/media_out.py). A span cut off
-by --max-new-tokens is reported and not written. `--media image|audio` makes every sample start
-with one whole item of that modality; otherwise a sample opens image or audio spans when the model
-writes their first code. `--effort` runs the checkpoint at another active fraction
-(train/effort.py `at_effort`).
+audio span as a WAV (centroid log-mel frames -> Griffin-Lim, train/media_out.py), a video span (one
+clip with its sound, data/video_layout.py) as an animated GIF and a WAV. A span cut off by
+--max-new-tokens is reported and not written. `--media image|audio|video` makes every sample start
+with one whole item of that modality; otherwise a sample opens a span of any medium the run has a
+codebook for when the model writes its first code. `--effort` runs the checkpoint at another
+active fraction (train/effort.py `at_effort`).
 """
 import dataclasses
 import pathlib
@@ -88,20 +89,25 @@ def prompt_example(req: Request, cfg: Config, mix):
 
 
 def _pieces(tokens, vocab, spans) -> list[tuple[str, np.ndarray]]:
-  """A sample's tokens up to EOS as consecutive ("text" | media name, ids) pieces."""
+  """A sample's tokens up to EOS as consecutive ("text" | media name, ids) pieces: a code that can
+  open an item (the first slot of its kind) starts one, which then holds its next `length` tokens
+  (a clip's video and audio codes together), as constrained decoding wrote them."""
   ends = np.flatnonzero(tokens == vocab.eos)
   tokens = tokens[:ends[0]] if len(ends) else tokens
-  kinds = ["text"] * len(tokens)
-  for name, lo, hi in zip(spans.names, spans.lo, spans.hi):
-    for i in np.flatnonzero((tokens >= lo) & (tokens < hi)):
-      kinds[i] = name
-  pieces = []
-  for i, kind in enumerate(kinds):
-    if pieces and pieces[-1][0] == kind and (kind == "text" or len(pieces[-1][1]) <
-                                             spans.length[spans.index(kind) - 1]):
-      pieces[-1][1].append(tokens[i])
+  pieces, i = [], 0
+  while i < len(tokens):
+    opens = [k for k in range(len(spans.names))
+             if spans.slot_lo[k, 0] <= tokens[i] < spans.slot_hi[k, 0]]
+    if opens:
+      k = opens[0]
+      pieces.append((spans.names[k], tokens[i:i + spans.length[k]]))
+      i += spans.length[k]
+    elif pieces and pieces[-1][0] == "text":
+      pieces[-1] = ("text", np.append(pieces[-1][1], tokens[i]))
+      i += 1
     else:
-      pieces.append((kind, [tokens[i]]))
+      pieces.append(("text", tokens[i:i + 1]))
+      i += 1
   return [(k, np.asarray(ids, np.int32)) for k, ids in pieces]
 
 
@@ -120,6 +126,15 @@ def _write_media(pieces, spans, mix, cfg: Config, out: pathlib.Path, seed: int) 
     if kind == "image":
       pixels = media_out.image_pixels(codes, mix.codebooks["image"], cfg.data)
       path = media_out.write_png(out / f"image_{n}.png", pixels)
+    elif kind == "video":
+      slot = spans.slot_lo[k, :len(ids)]
+      video, sound = ids[slot == spans.lo[k]], ids[slot != spans.lo[k]]
+      frames = media_out.video_frames(video - spans.lo[k], mix.codebooks["video"], cfg.data)
+      lines.append(f"wrote {media_out.write_gif(out / f'video_{n}.gif', frames, cfg.data)}")
+      audio = spans.index("audio") - 1
+      wave = media_out.audio_waveform(sound - spans.lo[audio], mix.codebooks["audio"], cfg.data,
+                                      seed)
+      path = media_out.write_audio(out / f"video_{n}.wav", wave, cfg.data)
     else:
       wave = media_out.audio_waveform(codes, mix.codebooks["audio"], cfg.data, seed)
       path = media_out.write_audio(out / f"audio_{n}.wav", wave, cfg.data)
@@ -135,11 +150,15 @@ def generate(cfg: Config, workdir: str | pathlib.Path, req: Request,
     saved = media_files.load(workdir)
     mix = saved if saved is not None else sources_lib.resolve(cfg.data)
   spans = media_spans.spans_for(mix.vocab, cfg.data)
+  free = tuple(n for n in spans.names if n in mix.codebooks)   # the media this run has codes for
   force = 0
   if req.media:
     if req.media not in spans.names:
       raise config_lib.ConfigError(f"--media must be one of {', '.join(spans.names)}, got "
                                    f"'{req.media}'")
+    if req.media not in free:
+      raise config_lib.ConfigError(f"--media {req.media}: this run has no {req.media} codebook "
+                                   f"(it trained without {req.media}); it has {', '.join(free)}")
     force = spans.index(req.media)
   example = prompt_example(req, cfg, mix)
   step, state, setup, info, mesh = loop.restore_latest(
@@ -157,7 +176,7 @@ def generate(cfg: Config, workdir: str | pathlib.Path, req: Request,
             "modality": rows(example.modality_N), "segment_ids": np.ones((B, P), np.int32),
             "positions": rows(example.positions_Nx3)}
   run = make_generate(setup, spans, prompt_len=P, max_new_tokens=req.max_new_tokens,
-                      sampler=sampler, free=spans.names, out_shardings=setup.shardings["step"])
+                      sampler=sampler, free=free, out_shardings=setup.shardings["step"])
   out = run(params, prompt, np.full(B, example.positions_Nx3[-1, 0] + 1, np.int32),
             jax.random.PRNGKey(req.seed), router, np.full(B, force, np.int32),
             feature_table(spans, mix.codebooks, mix.feature_dim))

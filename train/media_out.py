@@ -1,5 +1,6 @@
 """Generated codes back to media files: image codes -> codebook centroid patches -> pixels -> PNG;
-audio codes -> centroid log-mel frames -> waveform -> WAV.
+audio codes -> centroid log-mel frames -> waveform -> WAV; a clip's video codes -> centroid tubelets
+-> frames -> animated GIF (its audio codes -> WAV).
 
 The waveform is recovered in two steps: the mel power of each frame is mapped back to a linear
 power spectrum by non-negative least squares against the run's own mel filterbank
@@ -15,7 +16,7 @@ from PIL import Image
 
 from omnimoe.data.builtin.demo_files import write_wav
 from omnimoe.data.config import DataConfig
-from omnimoe.data.prepare import image_io, log_mel
+from omnimoe.data.prepare import image_io, log_mel, video_io
 
 GRIFFIN_LIM_ITERS = 64
 
@@ -32,6 +33,29 @@ def write_png(path, pixels_HxWxC: np.ndarray, scale: int = 1) -> pathlib.Path:
   x = np.repeat(np.repeat(pixels_HxWxC, scale, axis=0), scale, axis=1)
   x = np.rint(x * 255).astype(np.uint8)
   Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(path)
+  return pathlib.Path(path)
+
+
+def video_frames(codes: np.ndarray, codebook_KxD: np.ndarray, cfg: DataConfig) -> np.ndarray:
+  """float32 [frames, side, side, channels] in [0, 1]: a clip's video codes (token-major, each
+  token's patches row-major, as data/video_layout.py orders them) drawn back from the centroids;
+  a token's vector is its patch in each frame of its tubelet, frame-major (data/prepare/video_io)."""
+  grid = video_io.grid(cfg)
+  M = grid[0] * grid[1]
+  book = np.asarray(codebook_KxD, np.float32)
+  x = book[np.asarray(codes)].reshape(-1, M, cfg.video_tubelet, book.shape[1] // cfg.video_tubelet)
+  frames = [image_io.unpatchify(x[u, :, f], grid, cfg.video_patch)
+            for u in range(x.shape[0]) for f in range(cfg.video_tubelet)]
+  return np.clip(np.stack(frames)[:cfg.video_frames], 0.0, 1.0)
+
+
+def write_gif(path, frames_NxHxWxC: np.ndarray, cfg: DataConfig, scale: int = 1) -> pathlib.Path:
+  """Frames in [0, 1] as an 8-bit animated GIF at `data.video_fps` (grayscale or RGB), looping."""
+  x = np.repeat(np.repeat(frames_NxHxWxC, scale, axis=1), scale, axis=2)
+  x = np.rint(x * 255).astype(np.uint8)
+  images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in x]
+  images[0].save(path, save_all=True, append_images=images[1:], loop=0,
+                 duration=int(round(1000.0 / cfg.video_fps)))
   return pathlib.Path(path)
 
 

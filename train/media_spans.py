@@ -14,9 +14,11 @@ The spans are read off the modality table (model/modality.py `MEDIA`): a media m
 are the vocabulary's `<name>_offset` .. + `<name>_codes`, and its item's shape (SHAPES) gives the
 positions, as data/examples.py lays out real media: an image patch (r, c) of a span starting at
 running index s is at (s, s + r, s + c) and the running index continues at s + max(rows, cols); an
-audio frame j at (s + j,) * 3, continuing at s + frames; text at (s,) * 3. Only the media with a
-row in SHAPES are generated (`GENERATED`): a video clip (frames and its sound interleaved on one
-clock, data/video_layout.py) has no row yet, so its codes never come.
+audio frame j at (s + j,) * 3, continuing at s + frames; text at (s,) * 3. A video item is a whole
+clip of the run's built-in size (`data.video_frames` frames and the audio frames of their time,
+interleaved on one clock as data/video_layout.py lays them out): each of its slots takes the codes
+of its own modality (a frame's video codes, then that chunk's audio codes, ...), so it opens with a
+video code and holds exactly one clip.
 """
 import dataclasses
 from typing import Callable, NamedTuple
@@ -28,25 +30,47 @@ import numpy as np
 from omnimoe.data.builtin import dtmf
 from omnimoe.data.config import DataConfig
 from omnimoe.data.examples import audio_media, image_media
-from omnimoe.data.prepare import image_io
-from omnimoe.model.modality import BY_NAME, MEDIA
+from omnimoe.data.prepare import image_io, video_io
+from omnimoe.data.prepare.log_mel import log_mel
+from omnimoe.data.video_layout import Clock, clip_media
+from omnimoe.model.modality import AUDIO, BY_NAME, IMAGE, MEDIA
 
 
 def _image_item(cfg: DataConfig):
   grid = image_io.grid(cfg)
   m = image_media(np.zeros(grid[0] * grid[1], np.int32), np.zeros((grid[0] * grid[1], 1)), grid, 1)
-  return m.positions_Mx3, m.span
+  return m.positions_Mx3, m.span, np.full(len(m.tokens_M), IMAGE.code)
 
 
 def _audio_item(cfg: DataConfig):
   m = audio_media(np.zeros(dtmf.num_frames(cfg), np.int32), np.zeros((dtmf.num_frames(cfg), 1)), 1)
-  return m.positions_Mx3, m.span
+  return m.positions_Mx3, m.span, np.full(len(m.tokens_M), AUDIO.code)
 
 
-# modality name -> data config -> (positions [n, 3] of one item's codes from running index 0, and
-# how far the item advances the running index): one whole image grid, one tone's frames
-SHAPES: dict[str, Callable[[DataConfig], tuple[np.ndarray, int]]] = {
-    "image": _image_item, "audio": _audio_item}
+def clip_size(cfg: DataConfig) -> tuple[int, int]:
+  """(video tokens, audio frames) of a clip of the built-in size: `data.video_frames` frames at
+  `data.video_fps` in tubelets, and the log-mel frames that start within their time."""
+  units = -(-cfg.video_frames // cfg.video_tubelet)
+  samples = int(round(cfg.video_frames / cfg.video_fps * cfg.sample_rate))
+  if samples < cfg.frame_len:
+    return units, 0
+  return units, len(video_io.cut_sound(log_mel(np.zeros(samples, np.float32), cfg), units, cfg))
+
+
+def _video_item(cfg: DataConfig):
+  units, frames = clip_size(cfg)
+  grid = video_io.grid(cfg)
+  m = clip_media(np.zeros((units, grid[0] * grid[1]), np.int32),
+                 np.zeros((units, grid[0] * grid[1], 1)), grid, np.zeros(frames, np.int32),
+                 np.zeros((frames, 1)), Clock.from_config(cfg), 1)
+  return m.positions_Mx3, m.span, np.asarray(m.modality, np.int32)
+
+
+# modality name -> data config -> (positions [n, 3] of one item's codes from running index 0, how
+# far the item advances the running index, the modality code of each of its n slots): one whole
+# image grid, one tone's frames, one clip with its sound
+SHAPES: dict[str, Callable[[DataConfig], tuple[np.ndarray, int, np.ndarray]]] = {
+    "image": _image_item, "audio": _audio_item, "video": _video_item}
 GENERATED = tuple(m for m in MEDIA if m.name in SHAPES)    # the media a generation may write
 
 
@@ -58,6 +82,8 @@ class Spans:
   lo: np.ndarray             # int32 [K]: first id of each modality's codes
   hi: np.ndarray             # int32 [K]: one past the last
   length: np.ndarray         # int32 [K]: codes in one item
+  slot_lo: np.ndarray        # int32 [K, N]: first id a slot of an item may take (padded to N)
+  slot_hi: np.ndarray        # int32 [K, N]: one past the last
   offsets: np.ndarray        # int32 [K, N, 3]: positions of an item's codes (padded to N)
   advance: np.ndarray        # int32 [K]: running index advance of one item
   text_lo: int               # first text id
@@ -76,15 +102,20 @@ class Spans:
 
 def spans_for(vocab, cfg: DataConfig) -> Spans:
   items = [SHAPES[m.name](cfg) for m in GENERATED]
-  n = max(len(p) for p, _ in items)
+  n = max(len(p) for p, *_ in items)
   offsets = np.zeros((len(GENERATED), n, 3), np.int32)
-  for k, (p, _) in enumerate(items):
+  for k, (p, *_) in enumerate(items):
     offsets[k, :len(p)] = p
   lo = np.asarray([getattr(vocab, f"{m.name}_offset") for m in GENERATED], np.int32)
   count = np.asarray([getattr(vocab, f"{m.name}_codes") for m in GENERATED], np.int32)
+  code_range = {m.code: (lo[k], lo[k] + count[k]) for k, m in enumerate(GENERATED)}
+  slot_lo = np.zeros((len(GENERATED), n), np.int32)
+  slot_hi = np.zeros((len(GENERATED), n), np.int32)
+  for k, (p, _, slot_modality) in enumerate(items):
+    slot_lo[k, :len(p)], slot_hi[k, :len(p)] = zip(*(code_range[int(c)] for c in slot_modality))
   return Spans(tuple(m.name for m in GENERATED), tuple(m.code for m in GENERATED), lo, lo + count,
-               np.asarray([len(p) for p, _ in items], np.int32), offsets,
-               np.asarray([a for _, a in items], np.int32), vocab.text_offset, vocab.text_end,
+               np.asarray([len(p) for p, *_ in items], np.int32), slot_lo, slot_hi, offsets,
+               np.asarray([a for _, a, _ in items], np.int32), vocab.text_offset, vocab.text_end,
                vocab.size, vocab.pad, vocab.bos, vocab.eos)
 
 
@@ -111,13 +142,16 @@ def initial_state(next_position_B, force_B=None) -> State:
 def allowed(spans: Spans, state: State, free: tuple[str, ...]) -> jax.Array:
   """bool [B, V]: the ids each row may write next (`free`: the media a text state may open)."""
   ids_V = jnp.arange(spans.size)
-  in_KxV = (ids_V >= spans.lo[:, None]) & (ids_V < spans.hi[:, None])
+  first_KxV = (ids_V >= spans.slot_lo[:, :1]) & (ids_V < spans.slot_hi[:, :1])   # opens an item
   text_V = (((ids_V >= spans.text_lo) & (ids_V < spans.text_hi) & (ids_V != spans.pad)
              & (ids_V != spans.bos)) | (ids_V == spans.eos))
   opens_V = jnp.zeros_like(text_V)
   for name in free:
-    opens_V = opens_V | in_KxV[spans.index(name) - 1]
-  in_span_BxV = jnp.take(in_KxV, jnp.maximum(state.span - 1, 0), axis=0)
+    opens_V = opens_V | first_KxV[spans.index(name) - 1]
+  k_B = jnp.maximum(state.span - 1, 0)               # the open item's next slot takes its range
+  lo_B = jnp.asarray(spans.slot_lo)[k_B, state.filled]
+  hi_B = jnp.asarray(spans.slot_hi)[k_B, state.filled]
+  in_span_BxV = (ids_V[None] >= lo_B[:, None]) & (ids_V[None] < hi_B[:, None])
   text_BxV = text_V[None] | (opens_V[None] & ~state.closed[:, None])
   out = jnp.where((state.span > 0)[:, None], in_span_BxV, text_BxV)
   return jnp.where(state.done[:, None], (ids_V == spans.pad)[None], out)
@@ -127,7 +161,8 @@ def advance(spans: Spans, state: State, token_B: jax.Array):
   """After writing `token_B` (chosen among `allowed`): (next state, its position int32 [B, 3],
   live bool [B]: the token belongs to the document, i.e. the row was not done before it)."""
   token_B = jnp.asarray(token_B, jnp.int32)
-  kind_B = jnp.sum(jnp.where((token_B[:, None] >= spans.lo) & (token_B[:, None] < spans.hi),
+  first_lo, first_hi = spans.slot_lo[:, 0], spans.slot_hi[:, 0]     # the slot that opens an item
+  kind_B = jnp.sum(jnp.where((token_B[:, None] >= first_lo) & (token_B[:, None] < first_hi),
                              jnp.arange(1, len(spans.lo) + 1), 0), axis=-1)
   open_B = jnp.where(state.span > 0, state.span, kind_B)
   media_B = open_B > 0
