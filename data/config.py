@@ -61,6 +61,7 @@ class DataConfig:
   audio_time_ids: str = "shared"  # shared: a clip's audio frames take t from the clock | decoupled:
                                   # t = h = w = their own index (the ablation; layout unchanged)
   weight_video: float = 0.0       # mixture weight of the built-in clips (0: no video in the run)
+  video_clips: int = 2000         # built-in clips written (the last heldout_fraction held out)
   tokenizer: str = ""             # text tokenizer: "" = UTF-8 bytes; else a sentencepiece .model file
                                   # (relative: from the current directory; `python -m omnimoe.data.tokenizer
                                   # train` makes one); the vocabulary grows to its pieces

@@ -23,6 +23,7 @@ from omnimoe.data import records
 from omnimoe.data.examples import make_sequence
 from omnimoe.data.pipeline import sources as sources_lib
 from omnimoe.data.prepare import audio_io, image_io
+from omnimoe.model.modality import BY_NAME
 from omnimoe.data.prepare import folder as folder_lib
 from omnimoe.train import config as config_lib, effort as effort_lib, loop, media_files, media_out
 from omnimoe.train import media_spans
@@ -127,8 +128,8 @@ def _write_media(pieces, spans, mix, cfg: Config, out: pathlib.Path, seed: int) 
       pixels = media_out.image_pixels(codes, mix.codebooks["image"], cfg.data)
       path = media_out.write_png(out / f"image_{n}.png", pixels)
     elif kind == "video":
-      slot = spans.slot_lo[k, :len(ids)]
-      video, sound = ids[slot == spans.lo[k]], ids[slot != spans.lo[k]]
+      slot = spans.slot_modality[k, :len(ids)]
+      video, sound = ids[slot == spans.codes[k]], ids[slot == BY_NAME["audio"].code]
       frames = media_out.video_frames(video - spans.lo[k], mix.codebooks["video"], cfg.data)
       lines.append(f"wrote {media_out.write_gif(out / f'video_{n}.gif', frames, cfg.data)}")
       audio = spans.index("audio") - 1

@@ -21,6 +21,7 @@ of its own modality (a frame's video codes, then that chunk's audio codes, ...),
 video code and holds exactly one clip.
 """
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -82,8 +83,8 @@ class Spans:
   lo: np.ndarray             # int32 [K]: first id of each modality's codes
   hi: np.ndarray             # int32 [K]: one past the last
   length: np.ndarray         # int32 [K]: codes in one item
-  slot_lo: np.ndarray        # int32 [K, N]: first id a slot of an item may take (padded to N)
-  slot_hi: np.ndarray        # int32 [K, N]: one past the last
+  slot_modality: np.ndarray  # int32 [K, N]: the modality code of each slot of an item (padded
+                             # to N with the item's own code)
   offsets: np.ndarray        # int32 [K, N, 3]: positions of an item's codes (padded to N)
   advance: np.ndarray        # int32 [K]: running index advance of one item
   text_lo: int               # first text id
@@ -92,6 +93,21 @@ class Spans:
   pad: int                   # the vocabulary's special ids (data/vocab.py)
   bos: int
   eos: int
+
+  @functools.cached_property
+  def slot_lo(self) -> np.ndarray:
+    """int32 [K, N]: the first id each slot of an item may take (its modality's `lo`)."""
+    return self._slot_range(self.lo)
+
+  @functools.cached_property
+  def slot_hi(self) -> np.ndarray:
+    """int32 [K, N]: one past the last id each slot may take."""
+    return self._slot_range(self.hi)
+
+  def _slot_range(self, bound_K: np.ndarray) -> np.ndarray:
+    k_of_code = {c: k for k, c in enumerate(self.codes)}
+    return np.vectorize(lambda c: bound_K[k_of_code[int(c)]], otypes=[np.int32])(
+        self.slot_modality)
 
   def index(self, name: str) -> int:
     """1-based index of a modality in the table (the value of `State.span` and of `force`)."""
@@ -108,13 +124,11 @@ def spans_for(vocab, cfg: DataConfig) -> Spans:
     offsets[k, :len(p)] = p
   lo = np.asarray([getattr(vocab, f"{m.name}_offset") for m in GENERATED], np.int32)
   count = np.asarray([getattr(vocab, f"{m.name}_codes") for m in GENERATED], np.int32)
-  code_range = {m.code: (lo[k], lo[k] + count[k]) for k, m in enumerate(GENERATED)}
-  slot_lo = np.zeros((len(GENERATED), n), np.int32)
-  slot_hi = np.zeros((len(GENERATED), n), np.int32)
-  for k, (p, _, slot_modality) in enumerate(items):
-    slot_lo[k, :len(p)], slot_hi[k, :len(p)] = zip(*(code_range[int(c)] for c in slot_modality))
+  slot_modality = np.asarray([[m.code] * n for m in GENERATED], np.int32)
+  for k, (p, _, modality) in enumerate(items):
+    slot_modality[k, :len(p)] = modality
   return Spans(tuple(m.name for m in GENERATED), tuple(m.code for m in GENERATED), lo, lo + count,
-               np.asarray([len(p) for p, *_ in items], np.int32), slot_lo, slot_hi, offsets,
+               np.asarray([len(p) for p, *_ in items], np.int32), slot_modality, offsets,
                np.asarray([a for _, a, _ in items], np.int32), vocab.text_offset, vocab.text_end,
                vocab.size, vocab.pad, vocab.bos, vocab.eos)
 

@@ -75,15 +75,15 @@ def build_inputs(cfg: DataConfig, tones_per_digit: int, limit: int | None) -> di
             "tones_per_digit": tones_per_digit, "limit": limit, "text_corpus_sha256": corpus}
   if cfg.weight_video > 0:
     inputs["video"] = {**{k: getattr(cfg, k) for k in prepare.VIDEO_KEYS},
-                       "clips": _num_clips(limit), "clips_version": CLIPS_VERSION}
+                       "clips": _num_clips(cfg, limit), "clips_version": CLIPS_VERSION}
   return inputs
 
 
 CLIPS_VERSION = 1            # bump when the clips' synthesis or files change
 
 
-def _num_clips(limit: int | None) -> int:
-  return clip_files.CLIPS if limit is None else max(2, limit)
+def _num_clips(cfg: DataConfig, limit: int | None) -> int:
+  return cfg.video_clips if limit is None else max(2, min(limit, cfg.video_clips))
 
 
 def cache_key(inputs: dict) -> str:
@@ -117,6 +117,9 @@ def check(cfg: DataConfig) -> None:
 def _check_clips(cfg: DataConfig) -> None:
   """Raises ValueError when a built-in clip cannot be drawn or does not fit in data.seq_len."""
   clips_lib.check(cfg.video_side, cfg.video_frames)
+  if cfg.video_clips < 2:
+    raise ValueError(f"data.video_clips must be >= 2 (training and held-out clips), got "
+                     f"{cfg.video_clips}")
   if abs(1000.0 / cfg.video_fps - round(1000.0 / cfg.video_fps)) > 1e-9:
     raise ValueError(f"data.video_fps={cfg.video_fps}: the built-in clips are GIFs, whose frames "
                      f"last whole milliseconds (1000 / fps must be a whole number)")

@@ -23,7 +23,6 @@ from omnimoe.data.builtin.demo_files import write_wav
 from omnimoe.data.config import DataConfig
 from omnimoe.data.prepare import video_io
 
-CLIPS = 2000                # default number of clips written
 CLIP_STREAM = 7             # rng = default_rng([seed, CLIP_STREAM, k])
 
 
@@ -46,9 +45,11 @@ def synthesize(cfg: DataConfig, rng: np.random.Generator, pixels: np.ndarray,
   return clip, motion
 
 
-def write_clips(folder: str | pathlib.Path, cfg: DataConfig, *, clips: int = CLIPS,
+def write_clips(folder: str | pathlib.Path, cfg: DataConfig, *, clips: int | None = None,
                 seed: int = 0) -> pathlib.Path:
-  """Writes the clip files and DIR/clips.jsonl; returns the manifest's path."""
+  """Writes `clips` (default data.video_clips) clip files and DIR/clips.jsonl; returns the
+  manifest's path."""
+  clips = cfg.video_clips if clips is None else clips
   folder = pathlib.Path(folder)
   (folder / "clips").mkdir(parents=True, exist_ok=True)
   held = max(1, round(cfg.heldout_fraction * clips)) if clips > 1 else 0
