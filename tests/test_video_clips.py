@@ -150,3 +150,18 @@ def test_manifest_video_lines_and_bad_videos_name_their_line(tmp_path):
   card = prepare.prepare(tmp_path / "m.jsonl", tmp_path / "out", CFG, skip_bad=True)
   assert card["skipped"]["count"] == 2 and card["media"]["video"] == 1
   assert "missing.wav: file not found" in card["skipped"]["lines"][1]["reason"]
+
+
+def test_data_video_clips_sets_how_many_clips_are_written_and_keys_the_cache(tmp_path):
+  import dataclasses
+
+  from omnimoe.data.builtin import cache
+  cfg = dataclasses.replace(CFG, video_clips=6, weight_video=0.25)
+  lines = write_clips(tmp_path / "files", cfg).read_text().splitlines()
+  assert len(lines) == 12 and sum('"heldout"' in x for x in lines) == 2 * round(0.25 * 6)
+  assert len(list((tmp_path / "files" / "clips").glob("*.gif"))) == 6
+  keys = {cache.cache_key(cache.build_inputs(dataclasses.replace(cfg, video_clips=n), 4, None))
+          for n in (2000, 4000)}
+  assert len(keys) == 2
+  with pytest.raises(ValueError, match="data.video_clips must be >= 2"):
+    cache.check(dataclasses.replace(cfg, video_clips=1))
