@@ -71,10 +71,39 @@ def test_out_of_sync_clicks_miss_the_bounces_but_keep_their_rhythm():
                            fps=10.0, sample_rate=8000)
     period_s = (16 - 8) / motion.speed / 10
     gaps = np.abs(clip.clicks_s[:, None] - clip.bounces_s[None, :]).min(axis=1)
-    assert np.all(gaps >= 0.3 * period_s)
+    assert np.all(gaps >= 1 / motion.speed / 10 - 1e-9)    # off the bounces' lattice point
     np.testing.assert_allclose(np.diff(clip.clicks_s), period_s)    # the same rhythm
     heard = click_onsets(clip.wave, 8000)
     np.testing.assert_allclose(heard, clip.clicks_s, atol=2e-3)
+
+
+@pytest.mark.parametrize("side, frames", [(12, 4), (16, 8)])
+def test_only_sound_and_picture_together_tell_whether_a_clip_is_in_sync(side, frames):
+  """The oracle is a classifier that knows nothing of how clips are made (scikit-learn's boosted
+  trees), trained on 3,000 clips and scored on 1,000 others: from the sound alone (the loudness of
+  each log-mel frame) or the picture alone (the digit's place along its way in each frame) it must stay near
+  chance, and from the two together it must tell. The continuous shift clips had before
+  CLIPS_VERSION 2 gave 0.998 from the sound alone at (12, 4)."""
+  from sklearn.ensemble import HistGradientBoostingClassifier
+
+  from omnimoe.data.prepare import audio_io
+  cfg = DataConfig(video_side=side, video_frames=frames)
+  sound, picture, in_sync = [], [], []
+  for k in range(4000):
+    rng = np.random.default_rng([3, k])
+    motion = clips.draw_motion(rng, side)
+    clip = clips.make_clip(np.full((8, 8), 255, np.uint8), motion, k % 2 == 0, rng, side=side,
+                           frames=frames, fps=10.0, sample_rate=cfg.sample_rate)
+    sound.append(audio_io.frames(clip.wave, cfg.sample_rate, cfg).sum(axis=1))
+    corner = np.asarray([[np.nonzero(f)[a].min() for a in (0, 1)] for f in clip.frames_NxHxW])
+    picture.append(corner[:, np.argmax(np.ptp(corner, axis=0))])   # the digit's place along its way
+    in_sync.append(k % 2 == 0)
+  sound, picture, in_sync = map(np.asarray, (sound, picture, in_sync))
+  def score(x):
+    return HistGradientBoostingClassifier(random_state=0).fit(x[:3000], in_sync[:3000]).score(
+        x[3000:], in_sync[3000:])
+  assert score(sound) < 0.56 and score(picture) < 0.56     # 0.5 +- 0.016 (one standard error)
+  assert score(np.concatenate([sound, picture], axis=1)) > 0.95
 
 
 def test_gif_round_trip_and_tubelets(tmp_path):

@@ -79,7 +79,7 @@ def build_inputs(cfg: DataConfig, tones_per_digit: int, limit: int | None) -> di
   return inputs
 
 
-CLIPS_VERSION = 1            # bump when the clips' synthesis or files change
+CLIPS_VERSION = 2            # bump when the clips' synthesis or files change
 
 
 def _num_clips(cfg: DataConfig, limit: int | None) -> int:

@@ -7,10 +7,15 @@ triangle wave over [0, side - 8]; across the motion it stays put). Every moment 
 wall (a bounce, between frames) the sound track has a click: a short decaying CLICK_HZ tone. Speeds
 and the canvas are chosen so that every clip bounces at least once.
 
-Out of sync: the same motion with every click moved by `shift` seconds (a SHIFT_RANGE share of the
-time between bounces, either way), counting bounces before and after the clip too. So in both cases
-the sound alone is a periodic click train with a phase that is uniform over the clips, and the
-picture alone is a bouncing digit: only sound and picture together tell whether they match.
+Out of sync: the clicks of another motion at the same speed, one whose bounces fall elsewhere.
+A speed's bounces fall on a lattice of 1/speed frames; which lattice points (the click train's
+phase, `click_phases`) depends on where the motion starts, and over `draw_motion`'s starts every
+phase of the speed is equally likely. An out-of-sync clip takes a phase drawn uniformly among the
+speed's other phases, so its clicks miss the bounces by at least 1/speed frames and keep their
+rhythm, and in both cases the sound alone is a click train whose phase is uniform over the same
+set: only sound and picture together tell whether they match. (Clicks moved by a continuous share
+of the time between bounces, as before CLIPS_VERSION 2 of data/builtin/cache.py, leave the lattice,
+and a classifier on the sound alone told the two apart 99.8% of the time.)
 
 Captions: "the digit four moves right" (its first move, `MOTION_PROMPT` + answer for
 eval/video_to_text_accuracy) and "in sync? yes" / "in sync? no" (`SYNC_PROMPT`; eval/av_sync_accuracy).
@@ -31,7 +36,6 @@ CLICK_DECAY = 0.008          # seconds: the click's amplitude envelope exp(-t / 
 CLICK_AMPLITUDE = 0.5
 NOISE_STD = 0.01
 PCM_SCALE = 32768.0
-SHIFT_RANGE = (0.35, 0.65)   # an out-of-sync shift, as a share of the time between bounces
 MOTION_PROMPT = "the digit "
 SYNC_PROMPT = "in sync? "
 SYNC_ANSWERS = {True: "yes", False: "no"}
@@ -63,6 +67,10 @@ def check(side: int, frames: int) -> None:
   travel = side - DIGIT_SIDE
   if travel <= 0:
     raise ValueError(f"data.video_side={side} leaves no room for an {DIGIT_SIDE}-pixel digit to move")
+  if travel <= max(SPEEDS):
+    raise ValueError(f"data.video_side={side} is too small for out-of-sync clicks: at speed "
+                     f"{max(SPEEDS)} every motion bounces at the same moments (needs a side over "
+                     f"{DIGIT_SIDE + max(SPEEDS)})")
   if (frames - 1) * min(SPEEDS) <= travel:
     raise ValueError(f"data.video_frames={frames} is too few for a digit to bounce on a "
                      f"{side}-pixel canvas (needs more than {travel / min(SPEEDS) + 1:.0f})")
@@ -96,6 +104,19 @@ def bounce_frames(motion: Motion, travel: int, lo: float, hi: float) -> np.ndarr
   return np.sort(f[(f >= lo) & (f < hi)])
 
 
+def click_phases(travel: int, speed: int) -> np.ndarray:
+  """The phases an in-sync click train can have at this speed: p in [0, travel) such that the
+  bounces are the frames f with f * speed = p (mod travel). A motion of sign +1 from start s has
+  p = -s mod travel, one of sign -1 has p = s mod travel; `draw_motion`'s starts give each phase
+  exactly once per sign."""
+  return np.asarray([0, *range(speed, travel)])
+
+
+def phase(motion: Motion, travel: int) -> int:
+  """The phase (`click_phases`) of a motion's bounces."""
+  return int(-sum(DIRECTIONS[motion.direction]) * motion.start % travel)
+
+
 def render(digit_pixels: np.ndarray, motion: Motion, side: int, frames: int) -> np.ndarray:
   """uint8 [frames, side, side]: the digit pasted at its position in every frame."""
   travel = side - DIGIT_SIDE
@@ -121,16 +142,18 @@ def click_track(clicks_s: np.ndarray, seconds: float, sample_rate: int,
 
 def make_clip(digit_pixels: np.ndarray, motion: Motion, in_sync: bool, rng: np.random.Generator,
               *, side: int, frames: int, fps: float, sample_rate: int) -> Clip:
-  """One clip (see the module docstring); `rng` draws the shift (out of sync) and the noise."""
+  """One clip (see the module docstring); `rng` draws the clicks' phase (out of sync) and the
+  noise."""
   check(side, frames)
   travel = side - DIGIT_SIDE
   seconds = frames / fps
-  period = travel / motion.speed        # frames between bounces
-  shift = 0.0
-  if not in_sync:
-    shift = rng.uniform(*SHIFT_RANGE) * period * rng.choice([-1.0, 1.0])
   bounces = bounce_frames(motion, travel, 0.0, frames)
-  clicks = bounce_frames(motion, travel, -abs(shift) - period, frames + abs(shift) + period) + shift
-  clicks = clicks[(clicks >= 0) & (clicks < frames)]
+  if in_sync:
+    clicks = bounces
+  else:
+    phases = click_phases(travel, motion.speed)
+    p = int(rng.choice(phases[phases != phase(motion, travel)]))
+    clicks = (p + travel * np.arange(-(-frames * motion.speed // travel) + 1)) / motion.speed
+    clicks = clicks[clicks < frames]
   return Clip(render(digit_pixels, motion, side, frames),
               click_track(clicks / fps, seconds, sample_rate, rng), bounces / fps, clicks / fps)
