@@ -2,20 +2,22 @@
 
 A clip is `data.video_frames` frames at `data.video_fps` of a `data.video_side`-pixel black canvas
 on which one 8x8 digit image (data/builtin/digits.py bytes) moves in a straight line, left, right,
-up or down, SPEEDS pixels per frame, reflecting off the walls (its position along the motion is a
-triangle wave over [0, side - 8]; across the motion it stays put). Every moment the digit touches a
-wall (a bounce, between frames) the sound track has a click: a short decaying CLICK_HZ tone. Speeds
-and the canvas are chosen so that every clip bounces at least once.
+up or down, `speeds(side)` pixels per frame, reflecting off the walls (its position along the motion
+is a triangle wave over [0, travel], travel = side - 8; across the motion it stays put). The speed
+divides the travel and the digit starts on a multiple of it, so it touches a wall exactly in a frame,
+never between two: every bounce is on screen. At every bounce the sound track has a click (a short
+decaying CLICK_HZ tone) at the time of that frame. Every clip bounces at least once.
 
-Out of sync: the clicks of another motion at the same speed, one whose bounces fall elsewhere.
-A speed's bounces fall on a lattice of 1/speed frames; which lattice points (the click train's
-phase, `click_phases`) depends on where the motion starts, and over `draw_motion`'s starts every
-phase of the speed is equally likely. An out-of-sync clip takes a phase drawn uniformly among the
-speed's other phases, so its clicks miss the bounces by at least 1/speed frames and keep their
-rhythm, and in both cases the sound alone is a click train whose phase is uniform over the same
-set: only sound and picture together tell whether they match. (Clicks moved by a continuous share
-of the time between bounces, as before CLIPS_VERSION 2 of data/builtin/cache.py, leave the lattice,
-and a classifier on the sound alone told the two apart 99.8% of the time.)
+Out of sync: the clicks of another motion at the same speed, one that bounces in other frames. The
+bounce frames recur every travel / speed frames; where the motion starts decides which (the train's
+phase, `click_phases`), and over `draw_motion`'s starts every phase of a speed is equally likely.
+An out-of-sync clip takes one of the speed's other phases, uniformly: its clicks fall on frames
+where the digit is off the walls and keep the rhythm, and in both classes the sound alone is a
+click train whose phase is uniform over the same set. The picture alone is a bouncing digit: only
+sound and picture together tell whether they match. (Before CLIPS_VERSION 2 of
+data/builtin/cache.py, bounces fell between frames and out-of-sync clicks moved by a continuous
+share of the period; in-sync clicks sat on a lattice the shifted ones left, and a classifier on the
+sound alone told the classes apart 99.8% of the time.)
 
 Captions: "the digit four moves right" (its first move, `MOTION_PROMPT` + answer for
 eval/video_to_text_accuracy) and "in sync? yes" / "in sync? no" (`SYNC_PROMPT`; eval/av_sync_accuracy).
@@ -29,7 +31,7 @@ from omnimoe.data.builtin.captions import WORDS
 
 DIGIT_SIDE = 8
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
-SPEEDS = (2, 3)              # pixels per frame
+SPEEDS = (2, 3)              # pixels per frame: those that divide the travel (`speeds`)
 CLICK_HZ = 1000.0
 CLICK_SECONDS = 0.03
 CLICK_DECAY = 0.008          # seconds: the click's amplitude envelope exp(-t / decay)
@@ -67,22 +69,30 @@ def check(side: int, frames: int) -> None:
   travel = side - DIGIT_SIDE
   if travel <= 0:
     raise ValueError(f"data.video_side={side} leaves no room for an {DIGIT_SIDE}-pixel digit to move")
-  if travel <= max(SPEEDS):
-    raise ValueError(f"data.video_side={side} is too small for out-of-sync clicks: at speed "
-                     f"{max(SPEEDS)} every motion bounces at the same moments (needs a side over "
-                     f"{DIGIT_SIDE + max(SPEEDS)})")
-  if (frames - 1) * min(SPEEDS) <= travel:
+  if not speeds(side):
+    raise ValueError(f"data.video_side={side}: the built-in clips need a travel (side - "
+                     f"{DIGIT_SIDE} = {travel}) that one of the speeds {SPEEDS} divides at least "
+                     f"twice, so that bounces fall on frames and can be out of sync (e.g. 12, 14, 16)")
+  if (frames - 1) * min(speeds(side)) <= travel:
     raise ValueError(f"data.video_frames={frames} is too few for a digit to bounce on a "
-                     f"{side}-pixel canvas (needs more than {travel / min(SPEEDS) + 1:.0f})")
+                     f"{side}-pixel canvas (needs more than {travel / min(speeds(side)) + 1:.0f})")
+
+
+def speeds(side: int) -> tuple[int, ...]:
+  """The speeds a clip on this canvas may take: those of SPEEDS that divide the travel at least
+  twice (a speed equal to the travel bounces in every frame: no clip could be out of sync)."""
+  travel = side - DIGIT_SIDE
+  return tuple(v for v in SPEEDS if travel > v and travel % v == 0)
 
 
 def draw_motion(rng: np.random.Generator, side: int) -> Motion:
-  """A motion whose first move (frame 0 to 1) goes the way its direction names: no wall is
-  reached before frame 1."""
+  """A motion whose first move (frame 0 to 1) goes the way its direction names (no wall is
+  reached before frame 1) and which starts on a multiple of its speed (it bounces in frames)."""
   travel = side - DIGIT_SIDE
-  direction, speed = str(rng.choice(list(DIRECTIONS))), int(rng.choice(SPEEDS))
+  direction, speed = str(rng.choice(list(DIRECTIONS))), int(rng.choice(speeds(side)))
   lo, hi = (0, travel - speed) if sum(DIRECTIONS[direction]) > 0 else (speed, travel)
-  return Motion(direction, speed, int(rng.integers(lo, hi + 1)), int(rng.integers(0, travel + 1)))
+  start = speed * int(rng.integers(lo // speed, hi // speed + 1))
+  return Motion(direction, speed, start, int(rng.integers(0, travel + 1)))
 
 
 def along(motion: Motion, frame: np.ndarray, travel: int) -> np.ndarray:
@@ -107,9 +117,9 @@ def bounce_frames(motion: Motion, travel: int, lo: float, hi: float) -> np.ndarr
 def click_phases(travel: int, speed: int) -> np.ndarray:
   """The phases an in-sync click train can have at this speed: p in [0, travel) such that the
   bounces are the frames f with f * speed = p (mod travel). A motion of sign +1 from start s has
-  p = -s mod travel, one of sign -1 has p = s mod travel; `draw_motion`'s starts give each phase
-  exactly once per sign."""
-  return np.asarray([0, *range(speed, travel)])
+  p = -s mod travel, one of sign -1 has p = s mod travel; `draw_motion`'s starts (multiples of the
+  speed) give each multiple of the speed exactly once per sign."""
+  return np.arange(0, travel, speed)
 
 
 def phase(motion: Motion, travel: int) -> int:
