@@ -59,7 +59,7 @@ class DataConfig:
   time_step_ms: float = 100.0     # one step of the shared clock t (a frame and its audio share t)
   video_chunk_ms: float = 400.0   # a clip is laid out chunk by chunk: its frames, then its audio
   audio_time_ids: str = "shared"  # shared: a clip's audio frames take t from the clock | decoupled:
-                                  # t = h = w = their own index (the ablation; layout unchanged)
+                                  # the clock's t plus a per-clip offset (the ablation; layout unchanged)
   weight_video: float = 0.0       # mixture weight of the built-in clips (0: no video in the run)
   video_clips: int = 2000         # built-in clips written (the last heldout_fraction held out)
   tokenizer: str = ""             # text tokenizer: "" = UTF-8 bytes; else a sentencepiece .model file

@@ -9,8 +9,10 @@ frame and the audio frames heard during it share t: multimodal RoPE sees them at
 Positions (t, h, w), relative to the running index s where the clip starts:
 - video patch (r, c) of token u: (s + t_u, s + r, s + c)   (like an image's, with t moving on);
 - audio frame j: (s + t_j, s + t_j, s + t_j)                (audio's own rule, t from the clock);
-  with `data.audio_time_ids=decoupled` (the ablation) (s + j, s + j, s + j) instead: the audio keeps
-  its own frame count, unrelated to the video's clock; the order of tokens does not change.
+  with `data.audio_time_ids=decoupled` (the ablation) t_j + d instead, where the offset d is drawn
+  per clip from its codes (`decoupling_offset`), uniform in [0, 2 T) for an audio track of T ticks:
+  the audio keeps its own timing, but where it sits against the video's clock says nothing; the
+  order of tokens does not change.
 - afterwards the running index continues at s + 1 + the largest position component of the clip.
 
 The order: the clip is cut into chunks of `data.video_chunk_ms`; chunk k holds the video tokens
@@ -18,6 +20,7 @@ whose time lies in [k * chunk_ms, (k + 1) * chunk_ms) (patches row-major), then 
 whose start lies there. docs/video.md has a worked example.
 """
 import math
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -33,7 +36,7 @@ class Clock(NamedTuple):
   audio_hop_ms: float         # time between consecutive audio frames
   step_ms: float              # one step of t
   chunk_ms: float             # the interleaving chunk
-  decoupled: bool = False     # audio t = its own index (the ablation), not the clock
+  decoupled: bool = False     # audio t = the clock's + a per-clip offset (the ablation)
 
   @classmethod
   def from_config(cls, cfg) -> "Clock":
@@ -86,6 +89,14 @@ def clip_order(num_units: int, tokens_per_unit: int, num_audio: int,
   return order
 
 
+def decoupling_offset(video_ids: np.ndarray, audio_ids: np.ndarray, ticks_: int) -> int:
+  """The ablation's offset of a clip's audio clock: uniform in [0, 2 * ticks_), drawn from a hash
+  of the clip's codes, so the same clip always gets the same one and clips differ."""
+  key = zlib.crc32(np.ascontiguousarray(video_ids, np.int64).tobytes()
+                   + np.ascontiguousarray(audio_ids, np.int64).tobytes())
+  return int(np.random.default_rng(key).integers(2 * ticks_))
+
+
 def clip_media(video_ids_UxM: np.ndarray, video_UxMxD: np.ndarray, grid: tuple[int, int],
                audio_ids_A: np.ndarray, audio_AxD: np.ndarray, clock: Clock,
                feature_dim: int) -> Media:
@@ -97,8 +108,9 @@ def clip_media(video_ids_UxM: np.ndarray, video_UxMxD: np.ndarray, grid: tuple[i
     raise ValueError(f"a video token has {M} patches; the grid {rows}x{cols} needs {rows * cols}")
   A = len(audio_ids_A)
   t_unit = ticks(np.arange(U) * clock.unit_ms, clock.step_ms)
-  t_audio = (np.arange(A, dtype=np.int32) if clock.decoupled
-             else ticks(np.arange(A) * clock.audio_hop_ms, clock.step_ms))
+  t_audio = ticks(np.arange(A) * clock.audio_hop_ms, clock.step_ms)
+  if clock.decoupled and A:
+    t_audio = t_audio + decoupling_offset(video_ids_UxM, audio_ids_A, int(t_audio[-1]) + 1)
   r, c = np.divmod(np.arange(M), cols)
   ids, feats, mods, pos = [], [], [], []
   patch = {}

@@ -50,16 +50,28 @@ def test_longer_chunks_put_all_frames_before_all_audio():
   np.testing.assert_array_equal(media.positions_Mx3[:, 0], [0, 0, 1, 1, 0, 0, 1, 1])
 
 
-def test_decoupled_audio_keeps_the_layout_and_counts_its_own_frames():
+def test_decoupled_audio_keeps_the_layout_and_its_own_timing_at_a_per_clip_offset():
   vid, vfeat, aid, afeat = small_clip()
   shared = clip_media(vid, vfeat, (1, 2), aid, afeat, Clock(100, 50, 100, 100), 4)
-  apart = clip_media(vid, vfeat, (1, 2), aid, afeat, Clock(100, 50, 100, 100, decoupled=True), 4)
-  np.testing.assert_array_equal(apart.tokens_M, shared.tokens_M)
-  np.testing.assert_array_equal(apart.modality, shared.modality)
-  is_audio = shared.modality == A
-  np.testing.assert_array_equal(apart.positions_Mx3[~is_audio], shared.positions_Mx3[~is_audio])
-  np.testing.assert_array_equal(apart.positions_Mx3[is_audio], [[j] * 3 for j in range(4)])
-  assert apart.span == 4 and shared.span == 2
+  offsets = []
+  for k in range(200):      # clips that differ in one audio code
+    a = aid.copy()
+    a[0] = 1000 + k
+    ref = clip_media(vid, vfeat, (1, 2), a, afeat, Clock(100, 50, 100, 100), 4)
+    apart = clip_media(vid, vfeat, (1, 2), a, afeat, Clock(100, 50, 100, 100, decoupled=True), 4)
+    again = clip_media(vid, vfeat, (1, 2), a, afeat, Clock(100, 50, 100, 100, decoupled=True), 4)
+    np.testing.assert_array_equal(apart.tokens_M, ref.tokens_M)
+    np.testing.assert_array_equal(apart.modality, ref.modality)
+    np.testing.assert_array_equal(apart.positions_Mx3, again.positions_Mx3)   # the same clip: same
+    is_audio = ref.modality == A
+    np.testing.assert_array_equal(apart.positions_Mx3[~is_audio], ref.positions_Mx3[~is_audio])
+    shift = apart.positions_Mx3[is_audio] - ref.positions_Mx3[is_audio]
+    assert np.all(shift == shift[0, 0])          # one offset for the whole track: its timing stays
+    offsets.append(int(shift[0, 0]))
+    assert apart.span == 1 + int(apart.positions_Mx3.max())
+  np.testing.assert_array_equal(ref.positions_Mx3, shared.positions_Mx3)
+  # The track has 2 ticks (t 0 and 1): offsets are uniform over 0..3 (200 draws, +-5 SE)
+  assert set(offsets) == {0, 1, 2, 3} and all(25 <= offsets.count(d) <= 75 for d in range(4))
 
 
 def test_the_clock_of_the_default_settings():
