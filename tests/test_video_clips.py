@@ -1,6 +1,7 @@
 """The built-in clips: motion and clicks against a step-by-step simulation, GIF/WAV files through
 `omnimoe prepare`, and the clock in the prepared batch (a click's audio at the t of its bounce)."""
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -194,5 +195,11 @@ def test_data_video_clips_sets_how_many_clips_are_written_and_keys_the_cache(tmp
   keys = {cache.cache_key(cache.build_inputs(dataclasses.replace(cfg, video_clips=n), 4, None))
           for n in (2000, 4000)}
   assert len(keys) == 2
+  # The clips' code is in the key: editing how clips are drawn builds a new folder.
+  import hashlib
+  source = hashlib.sha256(b"".join(pathlib.Path(m.__file__).read_bytes()
+                                   for m in (clips, __import__("omnimoe.data.builtin.clip_files",
+                                                               fromlist=["x"])))).hexdigest()
+  assert cache.build_inputs(cfg, 4, None)["video"]["clips_source_sha256"] == source
   with pytest.raises(ValueError, match="data.video_clips must be >= 2"):
     cache.check(dataclasses.replace(cfg, video_clips=1))

@@ -75,11 +75,19 @@ def build_inputs(cfg: DataConfig, tones_per_digit: int, limit: int | None) -> di
             "tones_per_digit": tones_per_digit, "limit": limit, "text_corpus_sha256": corpus}
   if cfg.weight_video > 0:
     inputs["video"] = {**{k: getattr(cfg, k) for k in prepare.VIDEO_KEYS},
-                       "clips": _num_clips(cfg, limit), "clips_version": CLIPS_VERSION}
+                       "clips": _num_clips(cfg, limit), "clips_version": CLIPS_VERSION,
+                       "clips_source_sha256": _clips_source()}
   return inputs
 
 
-CLIPS_VERSION = 2            # bump when the clips' synthesis or files change
+CLIPS_VERSION = 3            # the clips' format; their synthesis is keyed by its source (below)
+
+
+def _clips_source() -> str:
+  """sha256 of the code that draws and writes the built-in clips: any change to it is a new cache
+  folder (a hand-kept version number was once forgotten, and runs read clips of the old code)."""
+  return hashlib.sha256(b"".join(pathlib.Path(m.__file__).read_bytes()
+                                 for m in (clips_lib, clip_files))).hexdigest()
 
 
 def _num_clips(cfg: DataConfig, limit: int | None) -> int:
