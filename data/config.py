@@ -62,8 +62,6 @@ class DataConfig:
                                   # the clock's t plus a per-clip offset (the ablation; layout unchanged)
   weight_video: float = 0.0       # mixture weight of the built-in clips (0: no video in the run)
   video_clips: int = 2000         # built-in clips written (the last heldout_fraction held out)
-  video_caption_sound: str = "clip"  # the sound an out-of-sync built-in clip has in its copy with the
-                                  # motion caption: clip (its own) | in_sync (the clicks of its bounces)
   tokenizer: str = ""             # text tokenizer: "" = UTF-8 bytes; else a sentencepiece .model file
                                   # (relative: from the current directory; `python -m omnimoe.data.tokenizer
                                   # train` makes one); the vocabulary grows to its pieces

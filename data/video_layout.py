@@ -29,7 +29,6 @@ from omnimoe.data.examples import Media, pad_features
 from omnimoe.model.modality import AUDIO, VIDEO
 
 AUDIO_TIME_IDS = ("shared", "decoupled")
-CAPTION_SOUNDS = ("clip", "in_sync")       # data.video_caption_sound (data/builtin/clip_files.py)
 
 
 class Clock(NamedTuple):
@@ -66,9 +65,6 @@ def config_problems(cfg) -> list[tuple[str, str]]:
   if cfg.audio_time_ids not in AUDIO_TIME_IDS:
     out.append(("data.audio_time_ids", f"must be one of {', '.join(AUDIO_TIME_IDS)}, got "
                                        f"{cfg.audio_time_ids!r}"))
-  if cfg.video_caption_sound not in CAPTION_SOUNDS:
-    out.append(("data.video_caption_sound", f"must be one of {', '.join(CAPTION_SOUNDS)}, got "
-                                            f"{cfg.video_caption_sound!r}"))
   if not cfg.weight_video >= 0:
     out.append(("data.weight_video", f"must be >= 0, got {cfg.weight_video}"))
   return out

@@ -203,25 +203,3 @@ def test_data_video_clips_sets_how_many_clips_are_written_and_keys_the_cache(tmp
   assert cache.build_inputs(cfg, 4, None)["video"]["clips_source_sha256"] == source
   with pytest.raises(ValueError, match="data.video_clips must be >= 2"):
     cache.check(dataclasses.replace(cfg, video_clips=1))
-
-
-def test_caption_sound_in_sync_gives_the_motion_caption_the_clicks_of_the_bounces(tmp_path):
-  import dataclasses
-
-  from omnimoe.data.prepare.audio_io import read_wav
-  cfg = dataclasses.replace(CFG, video_clips=4, video_caption_sound="in_sync")
-  lines = [json.loads(x) for x in write_clips(tmp_path / "f", cfg).read_text().splitlines()]
-  pixels, _ = digit_images(False, cfg.heldout_fraction)
-  for k in range(3):        # the training clips: 0 in sync, 1 out of sync, 2 in sync
-    motion, sync = lines[2 * k], lines[2 * k + 1]
-    assert motion["text"].startswith("the digit ") and sync["text"].startswith("in sync? ")
-    assert sync["sound"] == f"clips/clip_{k:04d}.wav"
-    rng = np.random.default_rng([0, CLIP_STREAM, k])
-    clip, _ = synthesize(cfg, rng, pixels[int(rng.integers(len(pixels)))], k % 2 == 0)
-    for line, clicks in ((motion, clip.bounces_s), (sync, clip.clicks_s)):
-      wave, rate = read_wav(tmp_path / "f" / line["sound"])
-      np.testing.assert_allclose(click_onsets(wave, rate), clicks, atol=2e-3)
-    assert (motion["sound"] == sync["sound"]) == (k % 2 == 0)
-  bad = dataclasses.replace(cfg, video_caption_sound="synced")
-  from omnimoe.data.video_layout import config_problems
-  assert [k for k, _ in config_problems(bad)] == ["data.video_caption_sound"]

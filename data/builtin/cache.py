@@ -76,7 +76,6 @@ def build_inputs(cfg: DataConfig, tones_per_digit: int, limit: int | None) -> di
   if cfg.weight_video > 0:
     inputs["video"] = {**{k: getattr(cfg, k) for k in prepare.VIDEO_KEYS},
                        "clips": _num_clips(cfg, limit), "clips_version": CLIPS_VERSION,
-                       "caption_sound": cfg.video_caption_sound,
                        "clips_source_sha256": _clips_source()}
   return inputs
 

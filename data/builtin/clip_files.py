@@ -2,8 +2,6 @@
 
   DIR/clips/clip_KKKK.gif   the frames (data/builtin/clips.py), an animated grayscale GIF
   DIR/clips/clip_KKKK.wav   its sound, mono 16-bit PCM at data.sample_rate
-  DIR/clips/clip_KKKK_in_sync.wav  with data.video_caption_sound=in_sync, an out-of-sync clip's
-                            sound in sync: its copy with the motion caption carries this one
   DIR/clips.jsonl           two lines per clip, the clip with its sound each time: its motion
                             caption ("the digit four moves right") and its sync caption
                             ("in sync? yes" / "in sync? no")
@@ -68,14 +66,11 @@ def write_clips(folder: str | pathlib.Path, cfg: DataConfig, *, clips: int | Non
     name = f"clips/clip_{k:04d}"
     video_io.write_gif(folder / f"{name}.gif", clip.frames_NxHxW, cfg.video_fps)
     write_wav(folder / f"{name}.wav", clip.wave, cfg.sample_rate)
-    motion_sound = f"{name}.wav"
-    if cfg.video_caption_sound == "in_sync" and not in_sync:
-      motion_sound = f"{name}_in_sync.wav"
-      write_wav(folder / motion_sound, clip.wave_in_sync, cfg.sample_rate)
     split = "heldout" if heldout else "train"
-    for caption, sound in ((clips_lib.motion_caption(int(labels[i]), motion.direction), motion_sound),
-                           (clips_lib.sync_caption(in_sync), f"{name}.wav")):
-      lines.append({"video": f"{name}.gif", "sound": sound, "text": caption, "split": split})
+    for caption in (clips_lib.motion_caption(int(labels[i]), motion.direction),
+                    clips_lib.sync_caption(in_sync)):
+      lines.append({"video": f"{name}.gif", "sound": f"{name}.wav", "text": caption,
+                    "split": split})
   manifest = folder / "clips.jsonl"
   manifest.write_text("".join(json.dumps(row) + "\n" for row in lines), encoding="utf-8")
   return manifest

@@ -55,7 +55,6 @@ class Clip(NamedTuple):
   wave: np.ndarray           # float32 [samples] on the 16-bit grid
   bounces_s: np.ndarray      # float64: the moments the digit touches a wall, within the clip
   clicks_s: np.ndarray       # float64: the moments of the clicks, within the clip
-  wave_in_sync: np.ndarray   # float32: the sound it would have in sync (`wave` when it is)
 
 
 def motion_caption(digit: int, direction: str) -> str:
@@ -166,6 +165,5 @@ def make_clip(digit_pixels: np.ndarray, motion: Motion, in_sync: bool, rng: np.r
     p = int(rng.choice(phases[phases != phase(motion, travel)]))
     clicks = (p + travel * np.arange(-(-frames * motion.speed // travel) + 1)) / motion.speed
     clicks = clicks[clicks < frames]
-  wave = click_track(clicks / fps, seconds, sample_rate, rng)
-  synced = wave if in_sync else click_track(bounces / fps, seconds, sample_rate, rng)
-  return Clip(render(digit_pixels, motion, side, frames), wave, bounces / fps, clicks / fps, synced)
+  return Clip(render(digit_pixels, motion, side, frames),
+              click_track(clicks / fps, seconds, sample_rate, rng), bounces / fps, clicks / fps)

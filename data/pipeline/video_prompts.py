@@ -40,9 +40,7 @@ def common_prefix(id_lists) -> np.ndarray:
 
 
 def fresh_clip(cfg: DataConfig, i: int, seed: int, pixels, labels) -> tuple:
-  """(VideoPart with its sound, digit, motion, in_sync, the VideoPart the motion question sees) of
-  the i-th eval clip: the motion question hears the clip in sync where the training clips' motion
-  captions do (data.video_caption_sound=in_sync)."""
+  """(VideoPart with its sound, digit, motion, in_sync) of the i-th eval clip."""
   rng = stream_rng(VIDEO_PROMPT_STREAM, seed, i)
   j = int(rng.integers(len(labels)))
   in_sync = i % 2 == 0
@@ -51,12 +49,7 @@ def fresh_clip(cfg: DataConfig, i: int, seed: int, pixels, labels) -> tuple:
   tokens = video_io.tokens(frames, cfg)
   sound = video_io.cut_sound(audio_io.frames(clip.wave, cfg.sample_rate, cfg), len(tokens), cfg)
   part = records.VideoPart(tokens, video_io.grid(cfg), sound)
-  motion_part = part
-  if cfg.video_caption_sound == "in_sync" and not in_sync:
-    synced = video_io.cut_sound(audio_io.frames(clip.wave_in_sync, cfg.sample_rate, cfg),
-                                len(tokens), cfg)
-    motion_part = records.VideoPart(tokens, video_io.grid(cfg), synced)
-  return part, int(labels[j]), motion, in_sync, motion_part
+  return part, int(labels[j]), motion, in_sync
 
 
 def video_prompt_sets(cfg: DataConfig, *, seed: int, limit: int) -> dict[str, PromptSet]:
@@ -77,10 +70,8 @@ def video_prompt_sets(cfg: DataConfig, *, seed: int, limit: int) -> dict[str, Pr
   for name in SETS:
     question = "video" if name == "video" else "sync"
     rows, expected = [], []
-    for part, digit, motion, in_sync, motion_part in clips:
-      if name == "video":
-        part = motion_part
-      elif name == "sync_audio_only":
+    for part, digit, motion, in_sync in clips:
+      if name == "sync_audio_only":
         part = records.VideoPart(part.tokens_UxMxD[:0], part.grid, part.sound_AxD)
       elif name == "sync_video_only":
         part = records.VideoPart(part.tokens_UxMxD, part.grid, part.sound_AxD[:0])
