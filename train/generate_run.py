@@ -23,8 +23,8 @@ from omnimoe.data import records
 from omnimoe.data.examples import make_sequence
 from omnimoe.data.pipeline import sources as sources_lib
 from omnimoe.data.prepare import audio_io, image_io
-from omnimoe.model.modality import BY_NAME
 from omnimoe.data.prepare import folder as folder_lib
+from omnimoe.model.modality import BY_NAME
 from omnimoe.train import config as config_lib, effort as effort_lib, loop, media_files, media_out
 from omnimoe.train import media_spans
 from omnimoe.train.config import Config

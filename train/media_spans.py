@@ -105,9 +105,8 @@ class Spans:
     return self._slot_range(self.hi)
 
   def _slot_range(self, bound_K: np.ndarray) -> np.ndarray:
-    k_of_code = {c: k for k, c in enumerate(self.codes)}
-    return np.vectorize(lambda c: bound_K[k_of_code[int(c)]], otypes=[np.int32])(
-        self.slot_modality)
+    k_KxN = np.argmax(self.slot_modality[..., None] == np.asarray(self.codes), axis=-1)
+    return np.asarray(bound_K, np.int32)[k_KxN]
 
   def index(self, name: str) -> int:
     """1-based index of a modality in the table (the value of `State.span` and of `force`)."""

@@ -163,7 +163,7 @@ def make_clip(digit_pixels: np.ndarray, motion: Motion, in_sync: bool, rng: np.r
   else:
     phases = click_phases(travel, motion.speed)
     p = int(rng.choice(phases[phases != phase(motion, travel)]))
-    clicks = (p + travel * np.arange(-(-frames * motion.speed // travel) + 1)) / motion.speed
-    clicks = clicks[clicks < frames]
+    f = np.arange(frames)
+    clicks = f[(f * motion.speed - p) % travel == 0].astype(np.float64)   # that phase's bounces
   return Clip(render(digit_pixels, motion, side, frames),
               click_track(clicks / fps, seconds, sample_rate, rng), bounces / fps, clicks / fps)
